@@ -1,0 +1,174 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Data layer: MSD-style datalists, up-front checks of the NIfTI files they name, and the MONAI
+preprocessing chains that bring every case onto the model grid.
+
+Checks run before any training or inference starts, so a bad file stops the command with one
+line naming it instead of failing an hour later inside a data-loader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.data import load_decathlon_datalist
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+from tqdm import tqdm
+
+from scripts.errors import BundleInputError
+from scripts.labels import LabelContract, LabelContractd
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "load_datalist",
+    "read_nifti",
+    "check_case",
+    "check_cases",
+    "preprocessing_transforms",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: Largest world-coordinate difference (mm) tolerated between an image affine and its label's.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def load_datalist(
+    datalist: str, dataset_dir: str, section: str = "training", keys: Sequence[str] = ("image", "label")
+) -> list[dict[str, str]]:
+    """Read one section of an MSD-style datalist, paths made absolute against ``dataset_dir``.
+
+    An empty or absent section gives ``[]``: callers decide whether that is an error.
+    """
+    if not os.path.isfile(datalist):
+        raise BundleInputError(f"{datalist}: datalist not found (set --datalist or --dataset_dir)")
+    try:
+        with open(datalist) as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleInputError(f"{datalist}: not valid JSON ({e})") from e
+    if not isinstance(content, dict):
+        raise BundleInputError(f"{datalist}: expected a JSON object with 'training'/'validation'/'test' lists")
+    entries = content.get(section) or []
+    if not isinstance(entries, list):
+        raise BundleInputError(f"{datalist}: section '{section}' must be a list of {{'image': ..., 'label': ...}}")
+    for i, entry in enumerate(entries):
+        missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise BundleInputError(f"{datalist}: entry {i} of '{section}' lacks {missing}")
+    if not entries:
+        return []
+    # MONAI's reader resolves every path against base_dir, the MSD convention.
+    return load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=section, base_dir=dataset_dir)
+
+
+def read_nifti(path: str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI fully (so truncated files fail here) and return ``(array, affine)``.
+
+    A trailing singleton 4th dimension is accepted (common in converted scans) and dropped.
+    """
+    if not os.path.isfile(path):
+        raise BundleInputError(f"{path}: {role} file not found")
+    if not path.endswith(NIFTI_SUFFIXES):
+        raise BundleInputError(f"{path}: {role} is not a NIfTI file (expected {' or '.join(NIFTI_SUFFIXES)})")
+    try:
+        img = nib.load(path)
+        array = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for damaged files; all mean the same here
+        raise BundleInputError(f"{path}: cannot read {role} as NIfTI ({type(e).__name__}: {e})") from e
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise BundleInputError(f"{path}: {role} must be a 3D volume, got shape {tuple(array.shape)}")
+    return array, np.asarray(img.affine, dtype=np.float64)
+
+
+def check_case(item: dict[str, str], contract: LabelContract, image_key: str = "image", label_key: str = "label") -> None:
+    """Check one datalist entry: readable 3D NIfTIs, finite image, matching grids, valid labels.
+
+    ``image_key`` may be absent from ``item`` (label-only inputs, as in inference).
+    """
+    label, label_affine = read_nifti(item[label_key], role="label")
+    contract.check(label, item[label_key])
+    if image_key not in item:
+        return
+    image, image_affine = read_nifti(item[image_key], role="image")
+    if not np.all(np.isfinite(image)):
+        raise BundleInputError(f"{item[image_key]}: image contains NaN or Inf values")
+    if image.shape != label.shape:
+        raise BundleInputError(
+            f"{item[label_key]}: label shape {label.shape} differs from its image {item[image_key]} shape {image.shape}"
+        )
+    # Compare where the two grids put voxel corners in the world, in mm.
+    corners = np.array([[i, j, k, 1.0] for i in (0, image.shape[0]) for j in (0, image.shape[1]) for k in (0, image.shape[2])])
+    offset = np.abs(corners @ image_affine.T - corners @ label_affine.T).max()
+    if offset > AFFINE_TOLERANCE_MM:
+        raise BundleInputError(
+            f"{item[label_key]}: label affine differs from its image {item[image_key]} by up to {offset:.3g} mm"
+        )
+
+
+def check_cases(
+    items: Sequence[dict[str, str]], contract: LabelContract, what: str = "datalist", progress: bool = True
+) -> int:
+    """Check every entry (see :func:`check_case`); raise on the first bad one. Returns the count."""
+    if not items:
+        raise BundleInputError(f"{what}: no cases to use")
+    for item in tqdm(items, desc=f"checking {what}", unit="case", disable=not progress):
+        check_case(item, contract)
+    return len(items)
+
+
+def preprocessing_transforms(
+    contract: LabelContract,
+    spacing: Sequence[float],
+    spatial_size: Sequence[int],
+    with_image: bool = True,
+    lower_percentile: float = 0.0,
+    upper_percentile: float = 99.5,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> Compose:
+    """Load and bring a case onto the model grid, all with MONAI transforms.
+
+    RAS orientation, resampling to ``spacing`` (linear for images, nearest for labels), labels
+    checked and mapped to bundle ids, image intensities scaled by percentiles to ``[0, 1]``,
+    then a centred crop or zero pad to ``spatial_size``. ``with_image=False`` builds the
+    label-only chain used for conditioning masks. One factory serves both so the two can never
+    drift apart.
+    """
+    keys = [image_key, label_key] if with_image else [label_key]
+    modes = ["bilinear", "nearest"] if with_image else ["nearest"]
+    chain: list[Any] = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        LabelContractd(keys=label_key, contract=contract),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),  # None: axis labels from the MetaTensor's space
+        Spacingd(keys=keys, pixdim=spacing, mode=modes),
+    ]
+    if with_image:
+        chain.append(
+            ScaleIntensityRangePercentilesd(
+                keys=image_key, lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True
+            )
+        )
+    chain += [
+        ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size),
+        EnsureTyped(keys=image_key, dtype="float32", allow_missing_keys=True),
+        EnsureTyped(keys=label_key, dtype="uint8"),
+    ]
+    return Compose(chain)

@@ -1,0 +1,58 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""User-facing errors: one line that names the file and the problem, and a non-zero exit.
+
+``python -m monai.bundle run`` lets exceptions escape with the full traceback, and MONAI wraps
+errors raised while a config expression is evaluated in ``RuntimeError("Failed to evaluate ...")``.
+A researcher who pointed the bundle at a bad file needs the one sentence at the bottom of that
+chain, so every config installs :func:`install_error_hook` in its ``initialize`` section.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+__all__ = ["BundleInputError", "install_error_hook", "find_input_error"]
+
+
+class BundleInputError(ValueError):
+    """A problem with something the user gave (a file, a folder or a config value).
+
+    The message must say which file or setting is wrong and what is wrong with it, in one line.
+    """
+
+
+#: Exceptions whose message is already a complete sentence for the user.
+_USER_FACING = (BundleInputError, FileExistsError, FileNotFoundError, PermissionError)
+
+
+def find_input_error(exc: BaseException | None) -> BaseException | None:
+    """Return the first user-facing error in ``exc``'s cause/context chain, or ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, _USER_FACING):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    user_error = find_input_error(exc)
+    if user_error is None:
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    message = " ".join(str(user_error).split())  # force a single line
+    if isinstance(user_error, OSError) and user_error.filename and str(user_error.filename) not in message:
+        message = f"{user_error.filename}: {message}"
+    print(f"ERROR: {message}", file=sys.stderr)
+
+
+def install_error_hook() -> bool:
+    """Print user-facing errors as one ``ERROR:`` line instead of a traceback; Python still exits 1.
+
+    Returns ``True`` so it can sit in a config's ``initialize`` list.
+    """
+    sys.excepthook = _one_line_hook
+    return True
