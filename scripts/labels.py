@@ -44,9 +44,10 @@ class LabelContract:
     Args:
         labels: class name -> bundle id. Ids must be ``0..N-1`` with ``0`` the background,
             because the conditioning is a one-hot map with one channel per id.
-        label_map: dataset id -> bundle id, applied before validation. Ids not listed keep
-            their value, so only ids whose meaning differs need listing (including organs that
-            must become background ``0``).
+        label_map: dataset id -> bundle id, applied before validation. When given, it must list
+            every id the dataset uses except background ``0`` (organs to drop map to ``0``); an
+            unlisted id is an error rather than being taken at face value, because a dataset
+            with its own numbering (spleen = 1, say) would otherwise pass as liver silently.
     """
 
     def __init__(self, labels: Mapping[str, int], label_map: Mapping[int, int] | None = None) -> None:
@@ -92,13 +93,18 @@ class LabelContract:
         if fractional.size:
             raise BundleInputError(f"{source}: label map has non-integer values {_listed(fractional.tolist())}")
         unique = unique.astype(np.int64)
-        accepted = set(self.labels.values()) if remapped else set(self.labels.values()) | set(self.label_map)
-        unknown = [int(u) for u in unique if u not in accepted]
-        if unknown:
-            raise BundleInputError(
-                f"{source}: unknown label ids {_listed(unknown)}; bundle ids are {self.labels}"
-                + ("" if remapped else "; map dataset ids with the 'label_map' override, e.g. --label_map \"{7: 1}\"")
-            )
+        if remapped or not self.label_map:
+            unknown = [int(u) for u in unique if u not in self.labels.values()]
+            hint = "" if remapped else "; map dataset ids with the 'label_map' override, e.g. --label_map \"{7: 1}\""
+            if unknown:
+                raise BundleInputError(f"{source}: unknown label ids {_listed(unknown)}; bundle ids are {self.labels}{hint}")
+        else:
+            unmapped = [int(u) for u in unique if u != 0 and u not in self.label_map]
+            if unmapped:
+                raise BundleInputError(
+                    f"{source}: label ids {_listed(unmapped)} are not in 'label_map' {self.label_map}; "
+                    "list every dataset id (map organs to drop to 0)"
+                )
         final = unique if remapped or not self.label_map else np.array([self.label_map.get(int(u), u) for u in unique])
         if not np.any(final != 0):
             raise BundleInputError(f"{source}: label map has no foreground (every voxel is background 0)")

@@ -142,7 +142,7 @@ def test_label_map_applies_in_the_chain(tmp_path, common_config):
 
     label = toy_label()
     label[label == 4] = 9  # the dataset calls HCC 9
-    contract = LabelContract(common_config["labels"], {9: 4})
+    contract = LabelContract(common_config["labels"], {1: 1, 2: 2, 3: 3, 9: 4})
     item = {"label": write_nifti(tmp_path / "m.nii.gz", label)}
     out = preprocessing_transforms(contract, (1.0, 1.0, 1.0), (24, 24, 16), with_image=False)(item)
     np.testing.assert_array_equal(out["label"][0].numpy(), toy_label())

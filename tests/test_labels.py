@@ -28,7 +28,7 @@ def test_valid_map_passes_unchanged():
 
 def test_label_map_remaps_all_pairs_at_once():
     # swap 1 <-> 2 and drop 7: a sequential remap would turn every 1 into 1 again
-    contract = LabelContract(LABELS, {1: 2, 2: 1, 7: 0})
+    contract = LabelContract(LABELS, {1: 2, 2: 1, 7: 0, 4: 4})
     out = contract.prepare(np.array([0, 1, 2, 7, 4], dtype=np.float32), "a.nii.gz")
     np.testing.assert_array_equal(out, [0, 2, 1, 0, 4])
 
@@ -49,6 +49,14 @@ def test_bad_label_maps_name_file_and_values(values, expected):
     message = str(err.value)
     assert message.startswith("case_7.nii.gz: ") and expected in message
     assert "\n" not in message
+
+
+def test_label_map_must_list_every_dataset_id():
+    # a dataset numbering spleen 1 and liver 6 must not have its spleen taken for liver
+    contract = LabelContract(LABELS, {6: 1})
+    with pytest.raises(BundleInputError, match=r"^amos.nii.gz: label ids 1, 3 are not in 'label_map'"):
+        contract.prepare(np.array([0, 1, 3, 6], dtype=np.float32), "amos.nii.gz")
+    np.testing.assert_array_equal(contract.prepare(np.array([0, 6], dtype=np.float32), "amos.nii.gz"), [0, 1])
 
 
 def test_mapping_to_background_only_counts_as_empty():
