@@ -39,6 +39,7 @@ __all__ = [
     "check_case",
     "check_cases",
     "preprocessing_transforms",
+    "check_patch_size",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -172,3 +173,13 @@ def preprocessing_transforms(
         EnsureTyped(keys=label_key, dtype="uint8"),
     ]
     return Compose(chain)
+
+
+def check_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int]) -> bool:
+    """Every preprocessed volume has ``spatial_size``; a larger training patch cannot be cut from it."""
+    if len(patch_size) != len(spatial_size) or any(p > s for p, s in zip(patch_size, spatial_size)):
+        raise BundleInputError(
+            f"config 'patch_size' {list(patch_size)} does not fit in the preprocessed volume size "
+            f"'spatial_size' {list(spatial_size)}: lower --patch_size or raise --spatial_size"
+        )
+    return True

@@ -1,0 +1,166 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Checkpoints: atomic writes, ``weights_only`` loads, and resume-on-rerun for every stage.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed while saving can
+leave a truncated file behind that the next run would try to resume from. Here every write goes
+to a temporary file in the same folder and is renamed over the target, which the OS does
+atomically. Loading for resume reuses MONAI's ``CheckpointLoader`` (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.handlers import CheckpointLoader
+
+from scripts.errors import BundleInputError
+
+__all__ = ["save_atomic", "load_checkpoint", "load_network_weights", "StageCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+
+def save_atomic(obj: Any, path: str) -> str:
+    """``torch.save`` to ``path`` through a temporary sibling file and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, what: str = "checkpoint", hint: str = "") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; one-line errors name the file."""
+    if not os.path.isfile(path):
+        raise BundleInputError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickling-policy errors all mean "not a usable checkpoint"
+        raise BundleInputError(f"{path}: cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(checkpoint, dict):
+        raise BundleInputError(f"{path}: {what} is not a dict of state dicts")
+    return checkpoint
+
+
+def load_network_weights(network: torch.nn.Module, path: str, key: str, what: str, hint: str = "") -> dict[str, Any]:
+    """Load ``checkpoint[key]`` into ``network`` strictly; a mismatch is one line naming the file.
+
+    Returns the whole checkpoint so callers can read extra entries (``scale_factor``, ...).
+    """
+    checkpoint = load_checkpoint(path, what, hint)
+    state = checkpoint.get(key, checkpoint)
+    target = network.module if hasattr(network, "module") else network  # unwrap DDP
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise BundleInputError(
+            f"{path}: {what} does not fit the configured network ({detail[:300]}{'...' if len(detail) > 300 else ''})"
+        ) from e
+    return checkpoint
+
+
+class StageCheckpointer:
+    """Ignite handler keeping ``<stage>_last.pt`` (every epoch) and ``<stage>_best.pt`` (on improvement).
+
+    Attach it to the trainer. When ``<stage>_last.pt`` exists as training starts, every object of
+    ``save_dict`` (trainer included: epoch and iteration counters) is restored from it, so
+    re-running an interrupted command continues where it stopped; a larger ``max_epochs`` on the
+    command line extends a finished run. ``evaluator`` (optional) supplies the key metric. A kill
+    mid-epoch loses at most that epoch: attach this handler after the validation handler so
+    ``last`` holds the epoch's validation result too.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        stage: file prefix, e.g. ``"autoencoder"``.
+        save_dict: name -> object with ``state_dict``/``load_state_dict`` (networks, optimizers,
+            schedulers); the trainer it is attached to is added as ``trainer``.
+        evaluator: the validation engine whose ``state.best_metric`` decides ``best``.
+        extra: plain values stored alongside (``scale_factor``, the network config, ...).
+        is_main_process: only the main process writes (distributed training).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        stage: str,
+        save_dict: Mapping[str, Any],
+        evaluator: Any | None = None,
+        extra: Mapping[str, Any] | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        self.save_dir = save_dir
+        self.stage = stage
+        self.save_dict = dict(save_dict)
+        self.evaluator = evaluator
+        self.extra = dict(extra or {})
+        self.is_main_process = is_main_process
+        self.last_path = os.path.join(save_dir, f"{stage}_last.pt")
+        self.best_path = os.path.join(save_dir, f"{stage}_best.pt")
+        # read a leftover checkpoint now, so a damaged one stops the command before training starts
+        self._resume_from = load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        self.save_dict["trainer"] = engine
+        engine.add_event_handler(Events.STARTED, self.resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, lambda _: self.save_best(engine))
+
+    def _payload(self, engine: Any) -> dict[str, Any]:
+        payload = {name: obj.state_dict() for name, obj in self.save_dict.items()}
+        for name, obj in self.save_dict.items():  # store bare weights, loadable without DDP
+            if hasattr(obj, "module"):
+                payload[name] = obj.module.state_dict()
+        payload.update(self.extra)
+        payload["epoch"] = int(engine.state.epoch)
+        payload["iteration"] = int(engine.state.iteration)
+        if self.evaluator is not None:
+            payload["best_metric"] = float(self.evaluator.state.best_metric)
+            payload["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
+        return payload
+
+    def resume(self, engine: Any) -> None:
+        checkpoint = self._resume_from
+        if checkpoint is None:
+            return
+        max_epochs = engine.state.max_epochs
+        loadable = {k: (v.module if hasattr(v, "module") else v) for k, v in self.save_dict.items()}
+        # MONAI's loader restores every object, trainer counters included, with weights_only=True.
+        CheckpointLoader(load_path=self.last_path, load_dict=loadable, map_location="cpu")(engine)
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        if self.evaluator is not None and "best_metric" in checkpoint:
+            self.evaluator.state.best_metric = checkpoint["best_metric"]
+            self.evaluator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
+        logger.info(f"resumed {self.stage} from {self.last_path} at epoch {engine.state.epoch}, "
+                    f"iteration {engine.state.iteration}")
+
+    def save_last(self, engine: Any) -> None:
+        if self.is_main_process:
+            save_atomic(self._payload(engine), self.last_path)
+
+    def save_best(self, engine: Any) -> None:
+        state = self.evaluator.state
+        if self.is_main_process and state.best_metric_epoch == engine.state.epoch:
+            save_atomic(self._payload(engine), self.best_path)
+            logger.info(f"new best {self.stage} ({state.best_metric:.4f}) saved to {self.best_path}")
