@@ -2,6 +2,30 @@
 # SPDX-License-Identifier: Apache-2.0
 """Python package of the 3D-LLDM bundle, imported from configs as ``scripts.<module>``."""
 
-from . import data, dataset_report, errors, labels
+from . import (
+    checkpoints,
+    data,
+    dataset_report,
+    errors,
+    feature_networks,
+    figures,
+    labels,
+    networks,
+    perceptual,
+    phantom,
+    trainers,
+)
 
-__all__ = ["data", "dataset_report", "errors", "labels"]
+__all__ = [
+    "checkpoints",
+    "data",
+    "dataset_report",
+    "errors",
+    "feature_networks",
+    "figures",
+    "labels",
+    "networks",
+    "perceptual",
+    "phantom",
+    "trainers",
+]

@@ -10,7 +10,6 @@ handlers, AMP scaler, checkpointable state dict) is inherited.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,8 +34,8 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 class AutoencoderTrainer(AdversarialTrainer):
     """VAE-GAN training of ``AutoencoderKL`` against a ``PatchDiscriminator``.
 
-    Generator loss = ``recon_loss_function`` (L1) + ``kl_weight`` * KL + ``perceptual_weight`` *
-    perceptual (when a perceptual loss is given) + ``adv_weight`` * adversarial. The
+    Generator loss = ``recon_loss_function`` (L1) + ``kl_weight`` * KL + ``perceptual_loss``
+    (already weighted; ``None`` to train without it) + ``adv_weight`` * adversarial. The
     discriminator and the adversarial term start only after ``adversarial_warmup_epochs`` epochs,
     so the discriminator does not overpower a generator that cannot reconstruct yet.
 
@@ -48,8 +47,7 @@ class AutoencoderTrainer(AdversarialTrainer):
         self,
         *args: Any,
         kl_weight: float = 1e-6,
-        perceptual_loss: Callable | None = None,
-        perceptual_weight: float = 0.3,
+        perceptual_loss: torch.nn.Module | None = None,
         adv_weight: float = 0.1,
         adversarial_warmup_epochs: int = 0,
         **kwargs: Any,
@@ -59,8 +57,7 @@ class AutoencoderTrainer(AdversarialTrainer):
         kwargs.setdefault("recon_loss_function", torch.nn.L1Loss())
         super().__init__(*args, **kwargs)
         self.kl_weight = kl_weight
-        self.perceptual_loss = perceptual_loss
-        self.perceptual_weight = perceptual_weight
+        self.perceptual_loss = None if perceptual_loss is None else perceptual_loss.to(self.state.device)
         self.adv_weight = adv_weight
         self.adversarial_warmup_epochs = adversarial_warmup_epochs
         # AdversarialTrainer puts the network and optimizer objects into the engine's state dict,
@@ -98,7 +95,7 @@ class AutoencoderTrainer(AdversarialTrainer):
             perceptual = torch.zeros((), device=images.device)
             if engine.perceptual_loss is not None:
                 perceptual = engine.perceptual_loss(reconstruction.float(), images.float())
-                g_loss = g_loss + engine.perceptual_weight * perceptual
+                g_loss = g_loss + perceptual
             g_adv = torch.zeros((), device=images.device)
             if adversarial:
                 fake_logits = state.d_network(reconstruction.float().contiguous())[-1]

@@ -1,0 +1,176 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Documentation figures.
+
+``python -m scripts.figures`` regenerates ``docs/figures/phantoms.png`` from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+# label id -> (name, RGB colour) of the overlay
+_OVERLAY = {
+    1: ("liver", (0.15, 0.8, 0.25)),
+    2: ("portal vein", (0.2, 0.55, 1.0)),
+    3: ("hepatic vein", (0.95, 0.3, 0.9)),
+    4: ("HCC", (1.0, 0.85, 0.1)),
+}
+
+
+def _as_arrays(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, label, affine) from a PhantomCase-like object or a 3-tuple."""
+    if hasattr(case, "image"):
+        return np.asarray(case.image), np.asarray(case.label), np.asarray(case.affine, dtype=np.float64)
+    image, label, affine = case
+    return np.asarray(image), np.asarray(label), np.asarray(affine, dtype=np.float64)
+
+
+def _to_ras(image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorient arrays to the closest RAS+ axis order; returns (image, label, voxel spacing)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    img = nib.orientations.apply_orientation(image, ornt)
+    lab = nib.orientations.apply_orientation(label, ornt)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int).argsort()]
+    return img, lab, spacing
+
+
+def _pick_slices(label: np.ndarray) -> tuple[int, int]:
+    """Axial (z) and coronal (y) indices with the most HCC voxels (ties: most liver), else liver."""
+    liver = (label > 0).astype(np.float64)
+    score = liver / max(float(liver.sum()), 1.0) + (label == 4)
+    if not liver.any():
+        return label.shape[2] // 2, label.shape[1] // 2
+    return int(np.argmax(score.sum(axis=(0, 1)))), int(np.argmax(score.sum(axis=(0, 2))))
+
+
+def _overlay_rgba(label2d: np.ndarray, alpha: float) -> np.ndarray:
+    rgba = np.zeros(label2d.shape + (4,), dtype=np.float32)
+    for lid, (_, rgb) in _OVERLAY.items():
+        m = label2d == lid
+        rgba[m, :3] = rgb
+        rgba[m, 3] = alpha if lid == 1 else min(1.0, alpha + 0.35)
+    return rgba
+
+
+def save_phantom_figure(cases: Sequence[Any], path: str, titles: Sequence[str] | None = None) -> str:
+    """Axial and coronal views of each case, raw and with the label overlay.
+
+    Cases are reoriented to RAS first and shown in radiological convention (patient right on
+    image left; anterior up on axial, superior up on coronal) with the true voxel aspect ratio.
+    The PNG is written to a temporary file beside ``path`` and renamed, so a reader never sees
+    a partial file.  Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n = len(cases)
+    if n == 0:
+        raise ValueError("save_phantom_figure needs at least one case")
+    fig, axes = plt.subplots(n, 4, figsize=(11.0, 2.75 * n + 0.5), squeeze=False)
+    for row, case in enumerate(cases):
+        image, label, affine = _as_arrays(case)
+        img, lab, sp = _to_ras(image, label, affine)
+        z, y = _pick_slices(lab)
+        vmax = float(np.percentile(img[lab > 0], 99.5)) if np.any(lab > 0) else float(np.percentile(img, 99.5))
+        views = [
+            ("axial", img[::-1, :, z].T, lab[::-1, :, z].T, sp[1] / sp[0]),
+            ("coronal", img[::-1, y, :].T, lab[::-1, y, :].T, sp[2] / sp[0]),
+        ]
+        for k, (name, im2, lb2, aspect) in enumerate(views):
+            for j, overlay in enumerate((False, True)):
+                ax = axes[row, 2 * k + j]
+                ax.imshow(
+                    im2, cmap="gray", vmin=0.0, vmax=vmax * 1.05, origin="lower", aspect=aspect, interpolation="nearest"
+                )
+                if overlay:
+                    ax.imshow(_overlay_rgba(lb2, 0.28), origin="lower", aspect=aspect, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.text(0.02, 0.97, "R", color="w", transform=ax.transAxes, va="top", fontsize=8)
+                ax.text(0.98, 0.97, "L", color="w", transform=ax.transAxes, va="top", ha="right", fontsize=8)
+                if row == 0:
+                    ax.set_title(f"{name}{' + labels' if overlay else ''}", fontsize=10)
+            if k == 0:
+                title = titles[row] if titles else f"case {row}"
+                axes[row, 0].set_ylabel(title, fontsize=9)
+    handles = [Patch(color=rgb, label=name) for name, rgb in _OVERLAY.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        _shrink_png(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _shrink_png(path: str) -> None:
+    """Quantise to a 256-colour palette: noisy greyscale slices otherwise make a large PNG."""
+    try:
+        from PIL import Image
+    except ImportError:  # matplotlib depends on Pillow, so this is only a safety net
+        return
+    with Image.open(path) as im:
+        q = im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    q.save(path, format="PNG", optimize=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Regenerate ``docs/figures/phantoms.png`` from fixed seeds."""
+    from scripts.phantom import generate_phantom
+
+    p = argparse.ArgumentParser(description="Documentation figures.")
+    p.add_argument("--out", default=os.path.join("docs", "figures", "phantoms.png"))
+    p.add_argument("--seeds", default="0,4,8,11")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cases = [generate_phantom(s) for s in seeds]
+    titles = [f"seed {s}: {c.info['axcodes']}, HCC x{c.info['n_hcc']}" for s, c in zip(seeds, cases)]
+    print(save_phantom_figure(cases, a.out, titles))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def save_dataset_figure(dataset_dir: str, num_cases: int = 4, section: str = "training") -> str:
+    """Figure of the first ``num_cases`` cases of a dataset's datalist, written to ``<dataset_dir>/figures/``."""
+    import nibabel as nib
+
+    from scripts.data import load_datalist
+
+    items = load_datalist(os.path.join(dataset_dir, "datalist.json"), dataset_dir, section)[:num_cases]
+    cases = [
+        (nib.load(item["image"]).get_fdata(dtype=np.float32), np.asarray(nib.load(item["label"]).dataobj),
+         nib.load(item["image"]).affine)
+        for item in items
+    ]
+    titles = [os.path.basename(item["image"]).split(".")[0] for item in items]
+    return save_phantom_figure(cases, os.path.join(dataset_dir, "figures", "phantoms.png"), titles)

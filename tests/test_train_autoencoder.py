@@ -1,0 +1,122 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Stage 1: autoencoder training, validation, resume after SIGKILL, DDP on CPU, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
+
+CONFIG = "configs/train_autoencoder.yaml"
+
+
+def _overrides(dataset: Path, output: Path, **extra) -> dict:
+    keys = dict(zip((k.lstrip("-") for k in TINY_GRID[::2]), (eval(v) for v in TINY_GRID[1::2])))
+    return {"dataset_dir": str(dataset), "output_dir": str(output), "val_interval": 1, "adversarial_warmup_epochs": 1,
+            **keys, **extra}
+
+
+def _cli(dataset: Path, output: Path, max_epochs: int, **extra: str) -> list[str]:
+    options = dict(zip(TINY_GRID[::2], TINY_GRID[1::2]))
+    options.update({"--max_epochs": str(max_epochs), "--val_interval": "1", "--adversarial_warmup_epochs": "1"})
+    options.update({f"--{k}": v for k, v in extra.items()})
+    return ["training", "--config_file", CONFIG, "--dataset_dir", str(dataset), "--output_dir", str(output),
+            *[part for item in options.items() for part in item]]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_trains_two_epochs_and_validates(tiny_phantoms, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, tmp_path, max_epochs=2))
+    workflow.initialize()
+    initial = {k: v.clone() for k, v in workflow.parser.get_parsed_content("autoencoder").state_dict().items()}
+    workflow.run()
+    workflow.finalize()
+
+    last = _load(tmp_path / "autoencoder" / "autoencoder_last.pt")
+    best = _load(tmp_path / "autoencoder" / "autoencoder_best.pt")
+    assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
+    assert torch.isfinite(torch.tensor(best["best_metric"])) and best["best_metric_epoch"] in (1, 2)
+    changed = [k for k, v in last["autoencoder"].items() if not torch.equal(v, initial[k])]
+    assert len(changed) > len(initial) // 2, "training did not update the autoencoder"
+    assert last["d_optimizer"]["state"], "the discriminator never stepped after the warm-up epoch"
+    events = list((tmp_path / "autoencoder" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 0
+
+
+def test_resume_after_sigkill_continues_epochs_and_optimizer(tiny_phantoms, tmp_path):
+    ckpt = tmp_path / "autoencoder" / "autoencoder_last.pt"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *_cli(tiny_phantoms, tmp_path, 6)]
+    proc = subprocess.Popen(cmd, cwd=BUNDLE_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: a checkpoint exists, training goes on
+    proc.wait()
+    killed_at = _load(ckpt)["epoch"]
+    assert 1 <= killed_at < 6, "the run finished before it could be killed"
+
+    result = run_bundle(*_cli(tiny_phantoms, tmp_path, 6))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed autoencoder from {ckpt} at epoch {killed_at}" in result.stdout + result.stderr
+    final = _load(ckpt)
+    assert final["epoch"] == 6 and final["trainer"]["iteration"] == 6
+    # Adam's step counter survived the kill: one step per iteration over all six epochs
+    steps = {int(s["step"]) for s in final["g_optimizer"]["state"].values()}
+    assert steps == {6}
+
+
+def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", *_cli(tiny_phantoms, tmp_path, 1)]
+    cmd[cmd.index(CONFIG)] = f"['{CONFIG}', 'configs/multi_gpu_train_autoencoder.yaml']"
+    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = _load(tmp_path / "autoencoder" / "autoencoder_last.pt")
+    # each rank trains on its own shard: 2 cases / 2 ranks = 1 case, 1 iteration per epoch
+    assert last["epoch"] == 1 and last["trainer"]["iteration"] == 1
+    assert not any(k.startswith("module.") for k in last["autoencoder"]), "weights saved with the DDP prefix"
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        ("missing_image", "image file not found"),
+        ("patch_too_large", "config 'patch_size' [48, 48, 48] does not fit"),
+        ("missing_perceptual_weights", "nope_resnet50.pt"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tiny_phantoms, tmp_path, breakage, expected):
+    import json
+    import shutil
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_phantoms, dataset)
+    extra: dict[str, str] = {}
+    if breakage == "missing_image":
+        entry = json.loads((dataset / "datalist.json").read_text())["training"][0]
+        (dataset / entry["image"]).unlink()
+        expected = f"{dataset / entry['image']}: {expected}"
+    elif breakage == "patch_too_large":
+        extra = {"patch_size": "[48, 48, 48]"}
+    else:
+        extra = {"perceptual_weights": str(tmp_path / "nope_resnet50.pt")}
+    result = run_bundle(*_cli(dataset, tmp_path / "out", 1, **extra))
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "autoencoder" / "autoencoder_last.pt").exists()
