@@ -15,11 +15,18 @@ from conftest import BUNDLE_ROOT
 CONFIGS = sorted(p for p in (BUNDLE_ROOT / "configs").glob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
 
+def _layers(path: Path) -> list[str]:
+    """The files a config is meant to be used with: an overlay goes on top of its base config."""
+    if path.name.startswith("multi_gpu_"):
+        return [str(path.with_name(path.name[len("multi_gpu_"):])), str(path)]
+    return [str(path)]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_resolves(path: Path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)  # configs pull shared keys from configs/common.yaml, relative to the bundle
     parser = ConfigParser()
-    parser.read_config(str(path))
+    parser.read_config(_layers(path))
     if path.name == "metadata.json":
         assert parser["version"] in parser["changelog"]
         return
@@ -35,7 +42,7 @@ def test_role_configs_declare_run_and_role(monkeypatch):
         if path.name in ("metadata.json", "common.yaml", "logging.conf"):
             continue
         parser = ConfigParser()
-        parser.read_config(str(path))
+        parser.read_config(_layers(path))
         assert "run" in parser.get(), f"{path.name} has no 'run' entry point"
         roles = {"training", "inference", "evaluating", "generating", "checking"} & set(parser.get())
         assert roles, f"{path.name} declares no role entry point"
