@@ -284,6 +284,17 @@ def _mismatch_report(net: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(parts)
 
 
+def _fill_batchnorm_counters(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add BatchNorm ``num_batches_tracked`` counters a file lacks (older PyTorch checkpoints).
+
+    They only matter when training BatchNorm with ``momentum=None``; a frozen extractor never reads them.
+    """
+    for key, value in net.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    return state
+
+
 def _radimagenet_layout(state: Mapping[str, torch.Tensor]) -> str:
     # Only the Keras conversion has conv biases; the stem conv is the cheapest tell.
     return "keras" if "conv1.bias" in state else "torchvision"
@@ -300,6 +311,7 @@ def load_feature_network(network_type: str, weights_path: str | Path) -> ResNet:
     state = read_state_dict(weights_path)
     layout = _radimagenet_layout(state) if name == "radimagenet_resnet50" else "torchvision"
     net = build_feature_network(name, layout)
+    state = _fill_batchnorm_counters(net, state)
     report = _mismatch_report(net, state)
     if report:
         raise BundleInputError(

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from scripts.errors import BundleInputError
+from scripts.outputs import publish, staging_dir
 
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
@@ -1161,8 +1161,8 @@ def write_phantom_dataset(
     temporary sibling folder and renamed into place, so an interruption leaves no partial dataset.
 
     Raises:
-        FileExistsError: ``dataset_dir`` exists, is not empty and ``overwrite`` is False.
-        ValueError: invalid counts or fractions.
+        BundleInputError: ``dataset_dir`` exists and is not empty while ``overwrite`` is False,
+            or invalid counts or fractions.
     """
     from tqdm import tqdm
 
@@ -1177,18 +1177,8 @@ def write_phantom_dataset(
         raise BundleInputError(f"config val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
     num_cases = int(num_cases)
     dataset_dir = os.path.abspath(os.path.expanduser(str(dataset_dir)))
-    if os.path.isfile(dataset_dir):
-        raise FileExistsError(f"{dataset_dir} is a file; choose another --dataset_dir")
-    if os.path.isdir(dataset_dir) and os.listdir(dataset_dir) and not overwrite:
-        raise FileExistsError(
-            f"{dataset_dir} exists and is not empty; pass --overwrite true or choose another --dataset_dir"
-        )
-
-    parent = os.path.dirname(dataset_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dataset_dir)}.tmp-", dir=parent)
+    tmp = staging_dir(dataset_dir, overwrite)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the dataset gets the usual mode
         os.makedirs(os.path.join(tmp, "imagesTr"))
         os.makedirs(os.path.join(tmp, "labelsTr"))
         items = []
@@ -1210,28 +1200,8 @@ def write_phantom_dataset(
         }
         with open(os.path.join(tmp, "datalist.json"), "w") as f:
             json.dump(datalist, f, indent=2)
-        _move_into_place(tmp, dataset_dir)
+        publish(tmp, dataset_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return os.path.join(dataset_dir, "datalist.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: str, dataset_dir: str) -> None:
-    """Rename the finished temporary folder onto ``dataset_dir`` (replacing an old one)."""
-    if os.path.isdir(dataset_dir) and os.listdir(dataset_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dataset_dir)}.old-", dir=os.path.dirname(dataset_dir))
-        os.rmdir(old)
-        os.rename(dataset_dir, old)
-        os.rename(tmp, dataset_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if os.path.isdir(dataset_dir):
-            os.rmdir(dataset_dir)
-        os.rename(tmp, dataset_dir)

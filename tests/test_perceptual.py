@@ -27,7 +27,7 @@ from scripts.feature_networks import (
 )
 from scripts.perceptual import DISABLED_NOTICE, PerceptualLoss3D, build_perceptual_loss
 
-SIZE = 24  # volume edge; small keeps the whole file around a minute on 2 cores
+SIZE = 16  # volume edge; small keeps the whole file well under a minute on 2 cores
 RATIO = 0.25  # share of slices per axis for the 2.5D loss in these tests
 
 #: (fixture key, network_type) for every supported network and file layout.
@@ -192,6 +192,16 @@ def test_feature_maps_and_pooled_features(losses, weight_files):
     # MedicalNet keeps layer3/layer4 at 1/8 resolution (dilated, not strided)
     assert [tuple(m.shape) for m in maps] == [(1, 64, 8, 8, 8), (1, 128, 4, 4, 4), (1, 256, 4, 4, 4), (1, 512, 4, 4, 4)]
     assert med.pooled(torch.rand(2, 1, 16, 16, 16)).shape == (2, 512)
+
+
+def test_checkpoint_without_batchnorm_counters_loads(tmp_path):
+    # checkpoints written by older PyTorch have no num_batches_tracked buffers
+    torch.manual_seed(0)
+    state = build_feature_network("medicalnet_resnet10").state_dict()
+    path = tmp_path / "old.pth"
+    torch.save({"state_dict": {k: v for k, v in state.items() if "num_batches_tracked" not in k}}, path)
+    net = load_feature_network("medicalnet_resnet10", path)
+    assert torch.equal(net.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
 
 
 def _assert_one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from scripts.errors import BundleInputError
 from scripts.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
 
 TINY = (32, 32, 24)
@@ -184,7 +185,7 @@ def test_write_phantom_dataset_refuses_then_overwrites(tmp_path):
     root = tmp_path / "ds"
     write_phantom_dataset(str(root), num_cases=1, seed=0, shape=TINY)
     before = np.asarray(_load(str(root / "imagesTr" / "phantom_000.nii.gz")).dataobj)
-    with pytest.raises(FileExistsError, match="--overwrite true"):
+    with pytest.raises(BundleInputError, match="--overwrite true"):
         write_phantom_dataset(str(root), num_cases=1, seed=1, shape=TINY)
     assert np.array_equal(np.asarray(_load(str(root / "imagesTr" / "phantom_000.nii.gz")).dataobj), before)
     write_phantom_dataset(str(root), num_cases=2, seed=1, shape=TINY, overwrite=True)

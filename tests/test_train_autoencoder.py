@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
+from scripts.errors import find_input_error
 
 CONFIG = "configs/train_autoencoder.yaml"
 
@@ -38,23 +40,58 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_trains_two_epochs_and_validates(tiny_phantoms, tmp_path, monkeypatch):
-    monkeypatch.chdir(BUNDLE_ROOT)
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, tmp_path, max_epochs=2))
-    workflow.initialize()
-    initial = {k: v.clone() for k, v in workflow.parser.get_parsed_content("autoencoder").state_dict().items()}
-    workflow.run()
-    workflow.finalize()
+@pytest.fixture(scope="module")
+def trained(tiny_phantoms, tmp_path_factory) -> tuple[Path, dict]:
+    """Two epochs of in-process training; returns the output folder and the initial weights."""
+    output = tmp_path_factory.mktemp("ae_run")
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_ROOT)
+    try:
+        workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, output, max_epochs=2))
+        workflow.initialize()
+        initial = {k: v.clone() for k, v in workflow.parser.get_parsed_content("autoencoder").state_dict().items()}
+        workflow.run()
+        workflow.finalize()
+    finally:
+        os.chdir(cwd)
+    return output, initial
 
-    last = _load(tmp_path / "autoencoder" / "autoencoder_last.pt")
-    best = _load(tmp_path / "autoencoder" / "autoencoder_best.pt")
+
+def test_trains_two_epochs_and_validates(trained):
+    output, initial = trained
+    last = _load(output / "autoencoder" / "autoencoder_last.pt")
+    best = _load(output / "autoencoder" / "autoencoder_best.pt")
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
     assert torch.isfinite(torch.tensor(best["best_metric"])) and best["best_metric_epoch"] in (1, 2)
     changed = [k for k, v in last["autoencoder"].items() if not torch.equal(v, initial[k])]
     assert len(changed) > len(initial) // 2, "training did not update the autoencoder"
     assert last["d_optimizer"]["state"], "the discriminator never stepped after the warm-up epoch"
-    events = list((tmp_path / "autoencoder" / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((output / "autoencoder" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 0
+
+
+def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, tmp_path, monkeypatch):
+    output, _ = trained
+    monkeypatch.chdir(BUNDLE_ROOT)
+    best = output / "autoencoder" / "autoencoder_best.pt"
+    overrides = {k: v for k, v in _overrides(tiny_phantoms, tmp_path).items() if k in ("dataset_dir", "output_dir", "spacing", "spatial_size")}
+    workflow = ConfigWorkflow(config_file="configs/inference_autoencoder.yaml", workflow_type="infer",
+                              autoencoder_path=str(best), **overrides)
+    workflow.initialize()
+    workflow.run()
+    folder = tmp_path / "autoencoder_reconstruction"
+    images, recons = sorted(folder.glob("*_image.nii.gz")), sorted(folder.glob("*_recon.nii.gz"))
+    assert len(images) == len(recons) == 1  # one validation case
+    assert nib.load(images[0]).shape[:3] == nib.load(recons[0]).shape[:3] == (32, 32, 32)
+    metrics = dict(line.split(",") for line in (folder / "metrics.csv").read_text().splitlines())
+    # the same volumes through the same weights: the PSNR the training validation recorded as best
+    assert float(metrics["psnr"]) == pytest.approx(_load(best)["best_metric"], rel=1e-4)
+    assert -1.0 <= float(metrics["ssim"]) <= 1.0
+    again = ConfigWorkflow(config_file="configs/inference_autoencoder.yaml", workflow_type="infer",
+                           autoencoder_path=str(best), **overrides)
+    with pytest.raises(RuntimeError) as err:  # an existing result is never overwritten unasked
+        again.initialize()
+    assert "exists and is not empty; pass --overwrite true" in str(find_input_error(err.value))
 
 
 def test_resume_after_sigkill_continues_epochs_and_optimizer(tiny_phantoms, tmp_path):
