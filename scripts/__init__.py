@@ -14,6 +14,7 @@ from . import (
     outputs,
     perceptual,
     phantom,
+    tiled_autoencoder,
     trainers,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "outputs",
     "perceptual",
     "phantom",
+    "tiled_autoencoder",
     "trainers",
 ]

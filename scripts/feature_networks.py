@@ -46,6 +46,7 @@ from monai.networks.nets.resnet import ResNetBottleneck
 from scripts.errors import BundleInputError
 
 __all__ = [
+    "ALL_STAGES",
     "NETWORK_TYPES",
     "FeatureExtractor",
     "build_feature_network",
@@ -101,10 +102,6 @@ def canonical_network_type(network_type: str) -> str:
             f"perceptual network type {network_type!r} is not supported; use one of {', '.join(NETWORK_TYPES)}"
         )
     return name
-
-
-def _spec(network_type: str) -> _NetworkSpec:
-    return _SPECS[canonical_network_type(network_type)]
 
 
 # ----------------------------------------------------------------------------------------------

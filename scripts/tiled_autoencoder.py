@@ -117,6 +117,7 @@ class TiledAutoencoder:
         """Decode ``latent`` (B, C, *spatial) to an image ``compression`` times larger per axis, on ``device``."""
         latent_size = self._check_latent(latent)
         roi = _fit_roi(self.latent_roi_size, latent_size)
+        # no_grad rather than inference_mode: callers may edit the result in place afterwards
         with torch.no_grad():
             if roi == latent_size:  # one window: no stitching or blending to pay for
                 return self._decode_window(latent.to(self.sw_device)).to(self.device)
