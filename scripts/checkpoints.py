@@ -21,7 +21,7 @@ from monai.handlers import CheckpointLoader
 
 from scripts.errors import BundleInputError
 
-__all__ = ["save_atomic", "load_checkpoint", "load_network_weights", "StageCheckpointer"]
+__all__ = ["save_atomic", "load_checkpoint", "load_network_weights", "StageCheckpointer", "export_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +164,21 @@ class StageCheckpointer:
         if self.is_main_process and state.best_metric_epoch == engine.state.epoch:
             save_atomic(self._payload(engine), self.best_path)
             logger.info(f"new best {self.stage} ({state.best_metric:.4f}) saved to {self.best_path}")
+
+
+def export_weights(checkpoint_path: str, output_path: str, key: str, overwrite: bool = False, **info: Any) -> str:
+    """Write the bare ``key`` weights of a training checkpoint (no optimizer state) for shipping.
+
+    The result is ``{key: state_dict, "source_epoch": ..., **info}``, loadable by
+    :func:`load_network_weights` exactly like the training checkpoint it came from.
+    """
+    checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
+    if key not in checkpoint:
+        raise BundleInputError(f"{checkpoint_path}: has no '{key}' weights (keys: {sorted(checkpoint)})")
+    if os.path.exists(output_path) and not overwrite:
+        raise BundleInputError(f"{output_path}: exists; pass overwrite=True to replace it")
+    exported = {key: checkpoint[key], "source_epoch": checkpoint.get("epoch"), **info}
+    for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "latent_channels"):
+        if extra in checkpoint:
+            exported[extra] = checkpoint[extra]
+    return save_atomic(exported, output_path)

@@ -17,6 +17,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
+from scripts.checkpoints import export_weights
 from scripts.errors import find_input_error
 
 CONFIG = "configs/train_autoencoder.yaml"
@@ -74,9 +75,12 @@ def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, 
     output, _ = trained
     monkeypatch.chdir(BUNDLE_ROOT)
     best = output / "autoencoder" / "autoencoder_best.pt"
+    # ship-ready weights: the autoencoder alone, and they reconstruct exactly as the checkpoint did
+    shipped = export_weights(str(best), str(tmp_path / "autoencoder.pt"), "autoencoder")
+    assert set(_load(Path(shipped))) >= {"autoencoder", "source_epoch"} and "g_optimizer" not in _load(Path(shipped))
     overrides = {k: v for k, v in _overrides(tiny_phantoms, tmp_path).items() if k in ("dataset_dir", "output_dir", "spacing", "spatial_size")}
     workflow = ConfigWorkflow(config_file="configs/inference_autoencoder.yaml", workflow_type="infer",
-                              autoencoder_path=str(best), **overrides)
+                              autoencoder_path=shipped, **overrides)
     workflow.initialize()
     workflow.run()
     folder = tmp_path / "autoencoder_reconstruction"
