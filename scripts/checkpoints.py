@@ -10,10 +10,12 @@ atomically. Loading for resume reuses MONAI's ``CheckpointLoader`` (``weights_on
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +80,42 @@ def load_network_weights(network: torch.nn.Module, path: str, key: str, what: st
     return checkpoint
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a weights file: the identity later stages record for the weights they build on.
+
+    A missing file is a one-line error; the digest is remembered per (path, size, mtime), so
+    several checks in one command read a large file once.
+    """
+    if not os.path.isfile(path):
+        raise BundleInputError(f"{path}: file not found")
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime only key the cache
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_value(path: str, key: str, default: Any) -> Any:
+    """``checkpoint[key]`` of the checkpoint a re-run will resume from (``path``), else ``default``.
+
+    For values fixed when a run starts that must survive a resume, such as the latent
+    ``scale_factor``: the networks were trained with the stored value, not with a recomputed one.
+    """
+    if not os.path.isfile(path):
+        return default
+    checkpoint = load_checkpoint(path, "checkpoint")
+    value = checkpoint.get(key, default)
+    if value != default:
+        logger.info(f"{key} {value!r} restored from {path} (this run alone would use {default!r})")
+    return value
+
+
 class StageCheckpointer:
     """Ignite handler keeping ``<stage>_last.pt`` (every epoch) and ``<stage>_best.pt`` (on improvement).
 
@@ -96,6 +134,9 @@ class StageCheckpointer:
         evaluator: the validation engine whose ``state.best_metric`` decides ``best``.
         extra: plain values stored alongside (``scale_factor``, the network config, ...).
         is_main_process: only the main process writes (distributed training).
+        must_match: keys of ``extra`` that a checkpoint being resumed must hold with the same value
+            (the noise schedule, the identity of frozen weights, ...); a difference stops the command
+            before training with one line, instead of silently mixing two incompatible runs.
     """
 
     def __init__(
@@ -106,6 +147,7 @@ class StageCheckpointer:
         evaluator: Any | None = None,
         extra: Mapping[str, Any] | None = None,
         is_main_process: bool = True,
+        must_match: Sequence[str] = (),
     ) -> None:
         self.save_dir = save_dir
         self.stage = stage
@@ -117,6 +159,19 @@ class StageCheckpointer:
         self.best_path = os.path.join(save_dir, f"{stage}_best.pt")
         # read a leftover checkpoint now, so a damaged one stops the command before training starts
         self._resume_from = load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
+        if self._resume_from is not None:
+            self._check_resumable(must_match)
+
+    def _check_resumable(self, must_match: Sequence[str]) -> None:
+        for key in must_match:
+            if key not in self.extra or key not in self._resume_from:  # older checkpoints may lack a key
+                continue
+            old, new = self._resume_from[key], self.extra[key]
+            if old != new:
+                raise BundleInputError(
+                    f"{self.last_path}: cannot resume, it was saved with {key} {old!r} but this run has {new!r}; "
+                    "pass another --output_dir to start afresh (or restore the original setting)"
+                )
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events

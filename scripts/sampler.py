@@ -1,0 +1,189 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Sampling: noise -> latent with a trained UNet (optionally guided by a ControlNet) -> image.
+
+One loop serves DDPM, DDIM and rectified flow: the scheduler is a swappable piece that sets its
+timesteps (``set_timesteps``) and takes steps (``step`` returns ``(previous_sample, ...)``). MONAI's
+``DiffusionInferer.sample``/``ControlNetDiffusionInferer.sample`` are close, but they cannot set
+rectified flow's size-dependent timesteps, re-derive the conditioning every step from what they
+are given, and offer no per-case seeds; the loop below is short enough to own.
+
+The training configs use it to validate; inference can use it as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.engines import PrepareBatch
+from monai.networks.schedulers import RFlowScheduler
+from monai.networks.utils import eval_mode
+
+from scripts.diffusion import unwrap
+from scripts.labels import LabelContract
+
+__all__ = ["set_sampling_timesteps", "denoise", "LatentDiffusionSampler", "MaskSamplingPrepareBatch"]
+
+
+def set_sampling_timesteps(scheduler: Any, num_inference_steps: int, latent_size: Sequence[int], device: Any = None) -> None:
+    """``scheduler.set_timesteps`` for any schedule; rectified flow also needs the latent volume size."""
+    if isinstance(scheduler, RFlowScheduler):
+        numel = int(torch.prod(torch.tensor(list(latent_size))))
+        scheduler.set_timesteps(num_inference_steps, device=device, input_img_size_numel=numel)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+
+
+@torch.no_grad()
+def denoise(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    controlnet: torch.nn.Module | None = None,
+    condition: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise`` (scaled latent space) and return the clean latent.
+
+    Args:
+        unet: the denoiser (noise or velocity prediction, matching ``scheduler``).
+        scheduler: DDPM, DDIM or RFlow scheduler from MONAI.
+        noise: starting noise ``(B, C, *latent_size)``.
+        num_inference_steps: reverse steps.
+        controlnet: optional guidance network; its residuals enter the UNet at every step.
+        condition: the ControlNet input (one-hot label map at image resolution), made once by the caller.
+        conditioning_scale: multiplies the ControlNet residuals.
+        generator: randomness of stochastic steps (DDPM); unused by DDIM and rectified flow.
+    """
+    set_sampling_timesteps(scheduler, num_inference_steps, noise.shape[2:], device=noise.device)
+    timesteps = scheduler.timesteps
+    next_timesteps = torch.cat([timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)])
+    rflow = isinstance(scheduler, RFlowScheduler)
+    latent = noise
+    for t, next_t in zip(timesteps, next_timesteps):
+        t_batch = torch.full((latent.shape[0],), float(t), device=latent.device)
+        down, mid = None, None
+        if controlnet is not None:
+            down, mid = controlnet(x=latent, timesteps=t_batch, controlnet_cond=condition, conditioning_scale=conditioning_scale)
+        output = unet(x=latent, timesteps=t_batch, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if rflow:
+            latent, _ = scheduler.step(output, t, latent, next_t)
+        elif generator is not None:
+            latent, _ = scheduler.step(output, t, latent, generator=generator)
+        else:
+            latent, _ = scheduler.step(output, t, latent)
+    return latent
+
+
+class LatentDiffusionSampler(torch.nn.Module):
+    """Seeds (and, with a ControlNet, label maps) -> decoded images on the model grid.
+
+    Noise for a case comes from a CPU generator seeded with the case's seed, so a seed gives the
+    same noise on every device. With a ControlNet, the one-hot conditioning is computed once per
+    call from the image-resolution label map and reused at every step.
+
+    The sampler never changes its networks' train/eval mode from outside: ``train()``/``eval()``
+    on it touch only its own flag (the trainer owns the ControlNet's mode); each call runs the
+    networks in eval mode and restores their modes afterwards.
+
+    Args:
+        unet: trained diffusion UNet (DDP-wrapped or bare).
+        scheduler: sampling scheduler (DDIM for a DDPM-trained UNet, RFlow for rectified flow).
+        decoder: frozen autoencoder wrapper with ``decode(latent)`` (``TiledAutoencoder``).
+        scale_factor: latent scaling the UNet was trained with; latents are divided by it to decode.
+        num_inference_steps: reverse steps per sample.
+        latent_channels: channels of the latent.
+        compression: image size / latent size per axis.
+        latent_size: latent grid of unconditional samples.
+        controlnet: optional guidance network (DDP-wrapped or bare).
+        contract: label contract making the one-hot conditioning (required with ``controlnet``).
+        intensity_range: decoded images are clipped to it (preprocessed images lie in [0, 1]).
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler: Any,
+        decoder: Any,
+        scale_factor: float,
+        num_inference_steps: int,
+        latent_channels: int,
+        compression: int,
+        latent_size: Sequence[int] | None = None,
+        controlnet: torch.nn.Module | None = None,
+        contract: LabelContract | None = None,
+        intensity_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if controlnet is not None and contract is None:
+            raise ValueError("a ControlNet sampler needs the label contract for its one-hot conditioning.")
+        self.unet = unwrap(unet)
+        self.controlnet = None if controlnet is None else unwrap(controlnet)
+        self.scheduler = scheduler
+        self.decoder = decoder
+        self.scale_factor = float(scale_factor)
+        self.num_inference_steps = int(num_inference_steps)
+        self.latent_channels = int(latent_channels)
+        self.compression = int(compression)
+        self.latent_size = None if latent_size is None else tuple(int(s) for s in latent_size)
+        self.contract = contract
+        self.intensity_range = intensity_range
+
+    def train(self, mode: bool = True) -> LatentDiffusionSampler:
+        self.training = mode  # not recursive, see the class docstring
+        return self
+
+    def noise(self, seeds: Sequence[int] | torch.Tensor, latent_size: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Starting noise, one seeded CPU draw per case."""
+        shape = (self.latent_channels, *latent_size)
+        draws = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(draws).to(device)
+
+    def sample_latents(self, seeds: Sequence[int] | torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents for ``seeds`` (one per case), guided by ``label`` (B, 1, *image_size) when a ControlNet is set."""
+        device = next(self.unet.parameters()).device
+        condition = None
+        if self.controlnet is not None:
+            if label is None:
+                raise ValueError("a ControlNet sampler needs a label map per case.")
+            if any(s % self.compression for s in label.shape[2:]):
+                raise ValueError(f"label size {tuple(label.shape[2:])} is not divisible by the compression {self.compression}.")
+            latent_size = tuple(s // self.compression for s in label.shape[2:])
+            condition = self.contract.one_hot(label.to(device)).float()  # once per call, reused at every step
+        elif self.latent_size is not None:
+            latent_size = self.latent_size
+        else:
+            raise ValueError("an unconditional sampler needs latent_size.")
+        noise = self.noise(seeds, latent_size, device)
+        networks = [n for n in (self.unet, self.controlnet) if n is not None]
+        with eval_mode(*networks):
+            return denoise(self.unet, self.scheduler, noise, self.num_inference_steps, self.controlnet, condition)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images, clipped to ``intensity_range``, on the latents' device."""
+        images = self.decoder.decode(latents / self.scale_factor).to(latents.device)
+        return images if self.intensity_range is None else images.clamp(*self.intensity_range)
+
+    def forward(self, label: torch.Tensor | None = None, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        if seeds is None:
+            seeds = range(1 if label is None else label.shape[0])
+        return self.decode(self.sample_latents(seeds, label))
+
+
+class MaskSamplingPrepareBatch(PrepareBatch):
+    """Evaluator batch for guided sampling: the label map is both the network input and the target
+    of the mask-fidelity metrics; the per-case seeds go to the sampler."""
+
+    def __init__(self, label_key: str = "label", seed_key: str = "seed") -> None:
+        self.label_key = label_key
+        self.seed_key = seed_key
+
+    def __call__(
+        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking)
+        return label, label, (), {"seeds": [int(s) for s in batchdata[self.seed_key]]}

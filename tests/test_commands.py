@@ -1,0 +1,61 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The dataset commands as a user runs them: demo data generation and the dataset check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT, run_bundle
+from scripts.errors import find_input_error
+
+
+def test_demo_data_command_writes_dataset_and_refuses_to_overwrite(tmp_path):
+    dataset = tmp_path / "phantom"
+    args = ["--config_file", "configs/demo_data.yaml", "--dataset_dir", str(dataset), "--num_cases", "3", "--seed", "5"]
+    first = run_bundle(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    datalist = json.loads((dataset / "datalist.json").read_text())
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
+    assert len(list((dataset / "imagesTr").glob("*.nii.gz"))) == 3
+    assert (dataset / "figures" / "phantoms.png").stat().st_size > 10_000
+    before = sorted(p.stat().st_mtime_ns for p in dataset.rglob("*.nii.gz"))
+
+    second = run_bundle(*args)
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"ERROR: {dataset}: exists and is not empty; pass --overwrite true or choose another folder"
+    )
+    assert "Traceback" not in second.stderr
+    assert sorted(p.stat().st_mtime_ns for p in dataset.rglob("*.nii.gz")) == before
+
+
+def _check(tiny_phantoms, tmp_path, **overrides) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        config_file="configs/check_data.yaml", workflow_type="infer", dataset_dir=str(tiny_phantoms),
+        output_dir=str(tmp_path), spacing=[10.0, 10.0, 8.0], spatial_size=[32, 32, 32], **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def test_check_data_reports_every_section(tiny_phantoms, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    _check(tiny_phantoms, tmp_path).run()
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert {k: v["num_cases"] for k, v in report["sections"].items()} == {"training": 2, "validation": 1, "test": 1}
+    case = report["sections"]["training"]["cases"][0]
+    assert case["model_grid_shape"] == [32, 32, 32]
+    assert case["voxels_per_class"]["liver"] > 0 and 0.0 <= case["image_range"][0] <= case["image_range"][1] <= 1.0
+
+
+def test_check_data_rejects_ids_missing_from_label_map(tiny_phantoms, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    workflow = _check(tiny_phantoms, tmp_path, label_map={1: 1, 4: 4})  # forgets the vessels
+    with pytest.raises(RuntimeError) as err:
+        workflow.run()
+    assert "label ids 2, 3 are not in 'label_map'" in str(find_input_error(err.value))
+    assert not (tmp_path / "data_report.json").exists()
