@@ -10,7 +10,6 @@ atomically. Loading for resume reuses MONAI's ``CheckpointLoader`` (``weights_on
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -80,24 +79,20 @@ def load_network_weights(network: torch.nn.Module, path: str, key: str, what: st
     return checkpoint
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a weights file: the identity later stages record for the weights they build on.
+def weights_sha256(checkpoint: Mapping[str, Any], key: str | None = None) -> str:
+    """SHA-256 of network weights (names, dtypes, shapes, values): the identity later stages record.
 
-    A missing file is a one-line error; the digest is remembered per (path, size, mtime), so
-    several checks in one command read a large file once.
+    ``checkpoint[key]`` is hashed, or ``checkpoint`` itself when it has no ``key`` (a bare state
+    dict, as :func:`load_network_weights` accepts). The weights are hashed, not the file: the same
+    weights re-saved with other entries (``export_weights``, a later epoch's optimizer state) keep
+    their identity, while any changed value changes it.
     """
-    if not os.path.isfile(path):
-        raise BundleInputError(f"{path}: file not found")
-    stat = os.stat(path)
-    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime only key the cache
+    state = checkpoint.get(key, checkpoint) if key is not None else checkpoint
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for name in sorted(state):
+        tensor = torch.as_tensor(state[name]).detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -114,6 +109,18 @@ def resume_value(path: str, key: str, default: Any) -> Any:
     if value != default:
         logger.info(f"{key} {value!r} restored from {path} (this run alone would use {default!r})")
     return value
+
+
+def _reapply_lambda(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's rates from the schedule as configured now, at the restored epoch.
+
+    The optimizer state restores the rate of the epoch the run stopped at; when a re-run stretches
+    the schedule (a larger ``max_epochs`` in the lambda), the next epoch must use the new curve,
+    not that rate (0 at the end of a finished run). For an interrupted run the two agree.
+    """
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class StageCheckpointer:
@@ -204,6 +211,9 @@ class StageCheckpointer:
         # MONAI's loader restores every object, trainer counters included, with weights_only=True.
         CheckpointLoader(load_path=self.last_path, load_dict=loadable, map_location="cpu")(engine)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        for obj in loadable.values():
+            if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
+                _reapply_lambda(obj)
         if self.evaluator is not None and "best_metric" in checkpoint:
             self.evaluator.state.best_metric = checkpoint["best_metric"]
             self.evaluator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
@@ -233,7 +243,8 @@ def export_weights(checkpoint_path: str, output_path: str, key: str, overwrite: 
     if os.path.exists(output_path) and not overwrite:
         raise BundleInputError(f"{output_path}: exists; pass overwrite=True to replace it")
     exported = {key: checkpoint[key], "source_epoch": checkpoint.get("epoch"), **info}
-    for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "latent_channels"):
+    for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "latent_channels",
+                  "autoencoder_sha256", "diffusion_unet_sha256", "labels"):  # what later stages check
         if extra in checkpoint:
             exported[extra] = checkpoint[extra]
     return save_atomic(exported, output_path)

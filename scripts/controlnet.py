@@ -142,7 +142,11 @@ class ControlNetPrepareBatch(PrepareBatch):
         self.label_key = label_key
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, WeightedTarget, tuple, dict]:
         latents, target, args, infer_kwargs = self.diffusion(batchdata, device, non_blocking, **kwargs)
         label = torch.as_tensor(batchdata[self.label_key]).to(latents.device, non_blocking=non_blocking)

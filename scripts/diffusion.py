@@ -111,7 +111,11 @@ class FixedNoisePrepareBatch(PrepareBatch):
         self.seed_key = seed_key
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         latents, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         repeats = len(self.timesteps)
@@ -120,7 +124,7 @@ class FixedNoisePrepareBatch(PrepareBatch):
             for s in batchdata[self.seed_key]
         ]).to(latents)
         latents = latents.repeat_interleave(repeats, dim=0)
-        timesteps = self.timesteps.repeat(batchdata[self.seed_key].shape[0]).to(latents.device)
+        timesteps = self.timesteps.repeat(len(batchdata[self.seed_key])).to(latents.device)
         target = self.training.get_target(latents, noise, timesteps)
         return latents, target, (), {"noise": noise, "timesteps": timesteps}
 
@@ -130,9 +134,11 @@ def load_diffusion_unet(
 ) -> dict[str, Any]:
     """Load stage-2 UNet weights strictly and check they fit this run; returns the checkpoint.
 
-    The checkpoint must carry ``scale_factor`` (the latent scaling the UNet was trained with), the
-    same ``noise_schedule`` and the SHA-256 of the same autoencoder: a UNet trained on another
-    autoencoder's latents, or with the other schedule, cannot be guided or sampled correctly.
+    The checkpoint must carry ``scale_factor`` (the latent scaling the UNet was trained with) and the
+    same ``noise_schedule``; when it records the identity of the autoencoder whose latents it was
+    trained on (``autoencoder_sha256``, see ``scripts.checkpoints.weights_sha256``), that must be
+    the configured one: a UNet trained on another autoencoder's latents, or with the other
+    schedule, cannot be guided or sampled correctly.
     """
     checkpoint = load_network_weights(
         unet, path, "diffusion_unet", "diffusion UNet weights",
@@ -150,8 +156,8 @@ def load_diffusion_unet(
     trained_on = checkpoint.get("autoencoder_sha256")
     if trained_on is not None and trained_on != autoencoder_sha256:
         raise BundleInputError(
-            f"{path}: diffusion UNet was trained on the latents of another autoencoder "
-            f"(sha256 {trained_on[:12]}..., --autoencoder_path has {autoencoder_sha256[:12]}...); "
+            f"{path}: diffusion UNet was trained on the latents of other autoencoder weights "
+            f"(weights sha256 {trained_on[:12]}..., --autoencoder_path holds {autoencoder_sha256[:12]}...); "
             "pass the autoencoder it was trained with, or retrain the UNet"
         )
     return checkpoint

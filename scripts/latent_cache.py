@@ -15,9 +15,11 @@ validation case with the bundle's ``pair_preprocessing``, encodes it and writes,
 
 ``manifest.json`` lists the cases, the cache fingerprint and ``scale_factor`` = 1 / std of all
 training latents (computed once here, so every later run scales latents identically). The
-fingerprint is the SHA-256 of the autoencoder weights file, the preprocessing settings and the
-case files (path, size, modification time): the cache is reused while it matches and rebuilt
-when it does not, in a staging folder published only when complete.
+fingerprint is a SHA-256 over the autoencoder weights' identity
+(``scripts.checkpoints.weights_sha256``: the weights, so a re-exported copy of the same weights
+does not count as a change), the preprocessing settings and the case files (path, size,
+modification time): the cache is reused while it matches and rebuilt when it does not, in a
+staging folder published only when complete.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +39,6 @@ import torch
 from monai.transforms import Transform
 from tqdm import tqdm
 
-from scripts.checkpoints import file_sha256
 from scripts.errors import BundleInputError
 from scripts.outputs import publish, staging_dir
 
@@ -69,7 +71,7 @@ class LatentCache:
 
     @property
     def scale_factor(self) -> float:
-        """1 / std of all cached training latents: scaled latents have unit variance."""
+        """1 / std of all cached training latents: scaled training latents have unit standard deviation."""
         return float(self.manifest["scale_factor"])
 
     @property
@@ -78,10 +80,10 @@ class LatentCache:
 
     def items(self, section: str) -> list[dict[str, Any]]:
         """Dataset items of one section: source paths, ``cache_file`` (absolute) and ``seed`` (the case index)."""
+        cases = self.manifest["sections"].get(section, [])
         return [
-            {**{k: v for k, v in case.items() if k not in ("file", "class_sums", "class_counts")},
-             "cache_file": os.path.join(self.root, case["file"]), "seed": i}
-            for i, case in enumerate(self.manifest["sections"].get(section, []))
+            {"image": case["image"], "label": case["label"], "cache_file": os.path.join(self.root, case["file"]), "seed": i}
+            for i, case in enumerate(cases)
         ]
 
     def class_intensity_sums(self, section: str) -> tuple[list[float], list[int]]:
@@ -95,7 +97,9 @@ class LatentCache:
         return [float(s) for s in sums], [int(c) for c in counts]
 
 
-def cache_fingerprint(autoencoder_sha256: str, settings: Mapping[str, Any], sections: Mapping[str, Sequence[Mapping[str, str]]]) -> str:
+def cache_fingerprint(
+    autoencoder_sha256: str, settings: Mapping[str, Any], sections: Mapping[str, Sequence[Mapping[str, str]]]
+) -> str:
     """SHA-256 over everything that determines the cached content.
 
     ``settings`` holds the preprocessing and tiling settings (spacing, spatial size, percentiles,
@@ -113,11 +117,12 @@ def cache_fingerprint(autoencoder_sha256: str, settings: Mapping[str, Any], sect
 def prepare_latent_cache(
     cache_dir: str,
     encoder: Any,
-    autoencoder_path: str,
+    autoencoder_sha256: str,
     preprocessing: Any,
     sections: Mapping[str, Sequence[Mapping[str, str]]],
     settings: Mapping[str, Any],
     num_classes: int,
+    autoencoder_path: str = "",
     is_main_process: bool = True,
     progress: bool = True,
 ) -> LatentCache:
@@ -127,24 +132,25 @@ def prepare_latent_cache(
         cache_dir: the cache folder; replaced as a whole when rebuilt.
         encoder: frozen autoencoder wrapper whose ``encode(image)`` returns the latent MEAN
             (``scripts.tiled_autoencoder.TiledAutoencoder``), weights already loaded.
-        autoencoder_path: the weights file ``encoder`` was loaded from (hashed into the fingerprint).
+        autoencoder_sha256: identity of those weights (``scripts.checkpoints.weights_sha256``).
         preprocessing: dictionary transform bringing ``{"image", "label"}`` paths onto the model grid.
         sections: section name -> datalist items (``training`` is required: it sets ``scale_factor``).
         settings: preprocessing and tiling settings that change the cached content.
         num_classes: label classes, for the per-class intensity statistics.
+        autoencoder_path: the weights file, recorded in the manifest for people reading it.
         is_main_process: in distributed training only the main process builds; the others wait for it.
         progress: show a progress bar while encoding.
     """
     if not sections.get("training"):
         raise BundleInputError(f"{cache_dir}: no training cases to cache")
-    fingerprint = cache_fingerprint(file_sha256(autoencoder_path), settings, sections)
+    fingerprint = cache_fingerprint(autoencoder_sha256, settings, sections)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     cache = None
     if is_main_process:
         cache = _reuse(cache_dir, fingerprint)
         if cache is None:
-            cache = _build(cache_dir, fingerprint, encoder, autoencoder_path, preprocessing, sections, settings,
-                           num_classes, progress)
+            cache = _build(cache_dir, fingerprint, encoder, autoencoder_path, autoencoder_sha256, preprocessing,
+                           sections, settings, num_classes, progress)
     if distributed:
         torch.distributed.barrier()  # the other processes wait here while the main one encodes
     if cache is None:
@@ -175,6 +181,7 @@ def _build(
     fingerprint: str,
     encoder: Any,
     autoencoder_path: str,
+    autoencoder_sha256: str,
     preprocessing: Any,
     sections: Mapping[str, Sequence[Mapping[str, str]]],
     settings: Mapping[str, Any],
@@ -182,60 +189,56 @@ def _build(
     progress: bool,
 ) -> LatentCache:
     staging = staging_dir(cache_dir, overwrite=True)
-    # float64 running sums: one pass, no need to hold every latent for the standard deviation
-    count, total, total_sq = 0, 0.0, 0.0
-    manifest_sections: dict[str, list[dict[str, Any]]] = {}
-    latent_shape: list[int] = []
-    num_cases = sum(len(items) for items in sections.values())
-    with tqdm(total=num_cases, desc=f"encoding latents into {cache_dir}", unit="case", disable=not progress) as bar:
-        for section, items in sections.items():
-            os.makedirs(os.path.join(staging, section), exist_ok=True)
-            manifest_sections[section] = []
-            for i, item in enumerate(items):
-                data = preprocessing({"image": item["image"], "label": item["label"]})
-                image, label = _plain(data["image"]).float(), _plain(data["label"]).to(torch.uint8)
-                latent = encoder.encode(image[None])[0].to("cpu", torch.float32)
-                if section == "training":
-                    values = latent.double()
-                    count += values.numel()
-                    total += float(values.sum())
-                    total_sq += float((values**2).sum())
-                latent_shape = list(latent.shape)
-                name = f"{i:04d}_{_stem(item['image'])}.pt"
-                torch.save(
-                    {
-                        "latent": latent.contiguous(),
-                        "label": label.contiguous(),
-                        "affine": torch.as_tensor(np.asarray(data["image"].affine), dtype=torch.float64),
-                    },
-                    os.path.join(staging, section, name),
-                )
-                sums, counts = _class_sums(image, label, num_classes)
-                manifest_sections[section].append(
-                    {"image": item["image"], "label": item["label"], "file": f"{section}/{name}",
-                     "class_sums": sums, "class_counts": counts}
-                )
-                bar.update(1)
-    mean = total / count
-    std = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
-    if not std > 0:
-        raise BundleInputError(f"{autoencoder_path}: every training latent is constant; the autoencoder is not usable")
-    manifest = {
-        "format": CACHE_FORMAT,
-        "fingerprint": fingerprint,
-        "autoencoder_path": os.path.abspath(autoencoder_path),
-        "autoencoder_sha256": file_sha256(autoencoder_path),
-        "settings": json.loads(json.dumps(settings, default=_jsonable)),
-        "latent_shape": latent_shape,
-        "num_classes": num_classes,
-        "latent_mean": mean,
-        "latent_std": std,
-        "scale_factor": 1.0 / std,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "sections": manifest_sections,
-    }
-    with open(os.path.join(staging, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
+    try:
+        # float64 running sums: one pass, no need to hold every latent for the standard deviation
+        count, total, total_sq = 0, 0.0, 0.0
+        manifest_sections: dict[str, list[dict[str, Any]]] = {}
+        latent_shape: list[int] = []
+        num_cases = sum(len(items) for items in sections.values())
+        with tqdm(total=num_cases, desc=f"encoding latents into {cache_dir}", unit="case", disable=not progress) as bar:
+            for section, items in sections.items():
+                os.makedirs(os.path.join(staging, section), exist_ok=True)
+                manifest_sections[section] = []
+                for i, item in enumerate(items):
+                    case, sums, counts = _encode_case(item, preprocessing, encoder, num_classes)
+                    if section == "training":
+                        values = case["latent"].double()
+                        count += values.numel()
+                        total += float(values.sum())
+                        total_sq += float((values**2).sum())
+                    latent_shape = list(case["latent"].shape)
+                    name = f"{i:04d}_{_stem(item['image'])}.pt"
+                    torch.save(case, os.path.join(staging, section, name))
+                    manifest_sections[section].append(
+                        {"image": item["image"], "label": item["label"], "file": f"{section}/{name}",
+                         "class_sums": sums, "class_counts": counts}
+                    )
+                    bar.update(1)
+        mean = total / count
+        std = float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+        if not std > 0:
+            raise BundleInputError(
+                f"{autoencoder_path or cache_dir}: every training latent is constant; the autoencoder is not usable"
+            )
+        manifest = {
+            "format": CACHE_FORMAT,
+            "fingerprint": fingerprint,
+            "autoencoder_path": os.path.abspath(autoencoder_path) if autoencoder_path else "",
+            "autoencoder_sha256": autoencoder_sha256,
+            "settings": json.loads(json.dumps(settings, default=_jsonable)),
+            "latent_shape": latent_shape,
+            "num_classes": num_classes,
+            "latent_mean": mean,
+            "latent_std": std,
+            "scale_factor": 1.0 / std,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sections": manifest_sections,
+        }
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+        raise
     root = publish(staging, cache_dir)
     logger.info(f"latent cache: {num_cases} cases encoded into {root}, scale_factor {1.0 / std:.6g}")
     return LatentCache(root=root, manifest=manifest, built=True)
@@ -275,7 +278,9 @@ class LoadLatentCased(Transform):
         try:
             case = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a cache damaged after it was built: say which file and how to recover
-            raise BundleInputError(f"{path}: cannot read cached latent ({type(e).__name__}); delete its cache folder to rebuild it") from e
+            raise BundleInputError(
+                f"{path}: cannot read cached latent ({type(e).__name__}); delete its cache folder to rebuild it"
+            ) from e
         d.pop(self.latent_key, None)  # the source image path; the cached latent takes its place
         d.pop(self.label_key, None)
         if self.with_latent:
@@ -283,6 +288,20 @@ class LoadLatentCased(Transform):
         if self.with_label:
             d[self.label_key] = case["label"]
         return d
+
+
+def _encode_case(
+    item: Mapping[str, str], preprocessing: Any, encoder: Any, num_classes: int
+) -> tuple[dict[str, torch.Tensor], list[float], list[int]]:
+    """Preprocess and encode one case: its cache entry and its per-class intensity sums and counts."""
+    data = preprocessing({"image": item["image"], "label": item["label"]})
+    image, label = _plain(data["image"]).float(), _plain(data["label"]).to(torch.uint8)
+    case = {
+        "latent": encoder.encode(image[None])[0].to("cpu", torch.float32).contiguous(),
+        "label": label.contiguous(),
+        "affine": torch.as_tensor(np.asarray(data["image"].affine), dtype=torch.float64),
+    }
+    return (case, *_class_sums(image, label, num_classes))
 
 
 def _plain(x: Any) -> torch.Tensor:

@@ -101,9 +101,6 @@ class ClassIntensityMeans(Metric):
 
     @sync_all_reduce("_sums", "_counts")
     def compute(self) -> dict[str, float]:
-        return self._summary()
-
-    def _summary(self) -> dict[str, float]:
         means = class_means(self._sums.cpu(), self._counts.cpu())
         result = {f"{self.prefix}mean_{name}": float(means[i]) for name, i in self.labels.items()}
         result[f"{self.prefix}contrast"] = contrast(self._sums.cpu(), self._counts.cpu(), self.bright, self.dark)
@@ -115,7 +112,8 @@ class ClassIntensityMeans(Metric):
 class MaskContrast(ClassIntensityMeans):
     """The contrast alone, as one number: a key metric (higher: the mask is followed more clearly).
 
-    A generator that ignores its mask gives ~0; the real data's value (``real_contrast`` of
+    A generator that ignores its mask scores only what chance overlap of its anatomy with the mask
+    gives (near 0 or below); the real data's value (``real_contrast`` of
     :class:`ClassIntensityMeans`) is what a faithful generator approaches.
     """
 

@@ -2,11 +2,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sampling: noise -> latent with a trained UNet (optionally guided by a ControlNet) -> image.
 
-One loop serves DDPM, DDIM and rectified flow: the scheduler is a swappable piece that sets its
-timesteps (``set_timesteps``) and takes steps (``step`` returns ``(previous_sample, ...)``). MONAI's
-``DiffusionInferer.sample``/``ControlNetDiffusionInferer.sample`` are close, but they cannot set
-rectified flow's size-dependent timesteps, re-derive the conditioning every step from what they
-are given, and offer no per-case seeds; the loop below is short enough to own.
+The reverse loop is MONAI's: ``DiffusionInferer.sample`` and ``ControlNetDiffusionInferer.sample``
+step any MONAI scheduler (DDPM, DDIM, and rectified flow with its next timestep), and the latter
+adds the ControlNet's residuals to the UNet at every step. What they leave to the caller, and
+this module does once for every schedule:
+
+* ``set_timesteps`` with rectified flow's extra argument (the latent volume, which shifts its
+  timesteps for the volume size);
+* starting noise from a per-case seed, drawn on the CPU so a seed gives the same noise on every
+  device (DDPM's stochastic steps draw from the global generator: seed it for repeatable DDPM);
+* the one-hot conditioning at image resolution, computed once per call, not once per step;
+* decoding the latents with the frozen autoencoder, after undoing ``scale_factor``.
 
 The training configs use it to validate; inference can use it as is.
 """
@@ -18,65 +24,26 @@ from typing import Any
 
 import torch
 from monai.engines import PrepareBatch
+from monai.inferers import ControlNetDiffusionInferer, DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 from monai.networks.utils import eval_mode
 
 from scripts.diffusion import unwrap
 from scripts.labels import LabelContract
 
-__all__ = ["set_sampling_timesteps", "denoise", "LatentDiffusionSampler", "MaskSamplingPrepareBatch"]
+__all__ = ["set_sampling_timesteps", "LatentDiffusionSampler", "MaskSamplingPrepareBatch"]
 
 
-def set_sampling_timesteps(scheduler: Any, num_inference_steps: int, latent_size: Sequence[int], device: Any = None) -> None:
-    """``scheduler.set_timesteps`` for any schedule; rectified flow also needs the latent volume size."""
+def set_sampling_timesteps(scheduler: Any, num_inference_steps: int, latent_size: Sequence[int]) -> None:
+    """``scheduler.set_timesteps`` for any schedule; rectified flow also needs the latent volume size.
+
+    The timesteps stay on the CPU: MONAI's sampling loops append a CPU zero to them.
+    """
     if isinstance(scheduler, RFlowScheduler):
         numel = int(torch.prod(torch.tensor(list(latent_size))))
-        scheduler.set_timesteps(num_inference_steps, device=device, input_img_size_numel=numel)
+        scheduler.set_timesteps(num_inference_steps, input_img_size_numel=numel)
     else:
-        scheduler.set_timesteps(num_inference_steps, device=device)
-
-
-@torch.no_grad()
-def denoise(
-    unet: torch.nn.Module,
-    scheduler: Any,
-    noise: torch.Tensor,
-    num_inference_steps: int,
-    controlnet: torch.nn.Module | None = None,
-    condition: torch.Tensor | None = None,
-    conditioning_scale: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Run the reverse process from ``noise`` (scaled latent space) and return the clean latent.
-
-    Args:
-        unet: the denoiser (noise or velocity prediction, matching ``scheduler``).
-        scheduler: DDPM, DDIM or RFlow scheduler from MONAI.
-        noise: starting noise ``(B, C, *latent_size)``.
-        num_inference_steps: reverse steps.
-        controlnet: optional guidance network; its residuals enter the UNet at every step.
-        condition: the ControlNet input (one-hot label map at image resolution), made once by the caller.
-        conditioning_scale: multiplies the ControlNet residuals.
-        generator: randomness of stochastic steps (DDPM); unused by DDIM and rectified flow.
-    """
-    set_sampling_timesteps(scheduler, num_inference_steps, noise.shape[2:], device=noise.device)
-    timesteps = scheduler.timesteps
-    next_timesteps = torch.cat([timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)])
-    rflow = isinstance(scheduler, RFlowScheduler)
-    latent = noise
-    for t, next_t in zip(timesteps, next_timesteps):
-        t_batch = torch.full((latent.shape[0],), float(t), device=latent.device)
-        down, mid = None, None
-        if controlnet is not None:
-            down, mid = controlnet(x=latent, timesteps=t_batch, controlnet_cond=condition, conditioning_scale=conditioning_scale)
-        output = unet(x=latent, timesteps=t_batch, down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        if rflow:
-            latent, _ = scheduler.step(output, t, latent, next_t)
-        elif generator is not None:
-            latent, _ = scheduler.step(output, t, latent, generator=generator)
-        else:
-            latent, _ = scheduler.step(output, t, latent)
-    return latent
+        scheduler.set_timesteps(num_inference_steps)
 
 
 class LatentDiffusionSampler(torch.nn.Module):
@@ -151,7 +118,9 @@ class LatentDiffusionSampler(torch.nn.Module):
             if label is None:
                 raise ValueError("a ControlNet sampler needs a label map per case.")
             if any(s % self.compression for s in label.shape[2:]):
-                raise ValueError(f"label size {tuple(label.shape[2:])} is not divisible by the compression {self.compression}.")
+                raise ValueError(
+                    f"label size {tuple(label.shape[2:])} is not divisible by the compression {self.compression}."
+                )
             latent_size = tuple(s // self.compression for s in label.shape[2:])
             condition = self.contract.one_hot(label.to(device)).float()  # once per call, reused at every step
         elif self.latent_size is not None:
@@ -159,9 +128,14 @@ class LatentDiffusionSampler(torch.nn.Module):
         else:
             raise ValueError("an unconditional sampler needs latent_size.")
         noise = self.noise(seeds, latent_size, device)
+        set_sampling_timesteps(self.scheduler, self.num_inference_steps, latent_size)
         networks = [n for n in (self.unet, self.controlnet) if n is not None]
         with eval_mode(*networks):
-            return denoise(self.unet, self.scheduler, noise, self.num_inference_steps, self.controlnet, condition)
+            if self.controlnet is None:
+                return DiffusionInferer(self.scheduler).sample(noise, self.unet, self.scheduler, verbose=False)
+            return ControlNetDiffusionInferer(self.scheduler).sample(
+                noise, self.unet, self.controlnet, condition, self.scheduler, verbose=False
+            )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images, clipped to ``intensity_range``, on the latents' device."""
@@ -183,7 +157,11 @@ class MaskSamplingPrepareBatch(PrepareBatch):
         self.seed_key = seed_key
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking)
         return label, label, (), {"seeds": [int(s) for s in batchdata[self.seed_key]]}

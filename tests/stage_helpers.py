@@ -1,0 +1,98 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Helpers for the latent-diffusion tests (stages 2 and 3): tiny-grid overrides, weight files made
+from seeded random networks, and in-process bundle runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
+from scripts.checkpoints import weights_sha256
+
+#: The tiny model grid of the stage-1 tests (32^3 voxels, 8^3 latents), without the stage-1 patch size.
+TINY = {k.lstrip("-"): eval(v) for k, v in zip(TINY_GRID[::2], TINY_GRID[1::2]) if k != "--patch_size"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run a test module on one thread.
+
+    On 8^3 latents every operation is tiny, and synchronising a second thread costs more than the
+    work; on a machine busy with other jobs it made a UNet step about 100x slower (5 s vs 0.05 s).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def common_parser(**overrides: Any) -> ConfigParser:
+    """``configs/common.yaml`` on the tiny grid, with ``overrides`` set (key paths allowed)."""
+    parser = ConfigParser()
+    parser.read_config(str(COMMON))
+    for key, value in {**TINY, "device": "$torch.device('cpu')", **overrides}.items():
+        parser[key] = value
+    return parser
+
+
+def write_network(path: Path, definition: str, key: str, seed: int, trained_like: bool = False, **extra: Any) -> Path:
+    """Save ``{key: state_dict, **extra}`` of a seeded random instance of a common.yaml network.
+
+    ``trained_like`` replaces MONAI's zero-initialised layers with small random weights: a fresh
+    DiffusionModelUNet's output convolution is zero, so its output would not depend on anything
+    (ControlNet residuals included), which trained weights never do.
+    """
+    torch.manual_seed(seed)
+    network = common_parser().get_parsed_content(definition, instantiate=True)
+    if trained_like:
+        with torch.no_grad():
+            for parameter in network.parameters():
+                if not parameter.any():
+                    parameter.normal_(0.0, 0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: network.state_dict(), **extra}, path)
+    return path
+
+
+def write_autoencoder(path: Path, seed: int = 0) -> Path:
+    """Stage-1 weights: a seeded random autoencoder (encoding needs weights, not a trained model)."""
+    return write_network(path, "autoencoder_def", "autoencoder", seed)
+
+
+def write_unet(path: Path, autoencoder: Path, seed: int = 0, noise_schedule: str = "ddpm", scale_factor: float = 1.7) -> Path:
+    """Stage-2 weights as ``train_diffusion.yaml`` saves them, from a seeded random UNet."""
+    return write_network(path, "diffusion_unet_def", "diffusion_unet", seed, trained_like=True, scale_factor=scale_factor,
+                         noise_schedule=noise_schedule,
+                         autoencoder_sha256=weights_sha256(torch.load(autoencoder, weights_only=True), "autoencoder"))
+
+
+def overrides(dataset: Path, output: Path, **extra: Any) -> dict[str, Any]:
+    """Tiny-grid, short-validation overrides of a stage-2/3 training config."""
+    return {"dataset_dir": str(dataset), "output_dir": str(output), "val_interval": 1, "num_inference_steps": 2,
+            **TINY, **extra}
+
+
+def cli(config: str | list[str], dataset: Path, output: Path, **extra: Any) -> list[str]:
+    """``python -m monai.bundle run`` arguments for the same overrides."""
+    files = config if isinstance(config, str) else str(config)
+    args = ["training", "--config_file", files]
+    for key, value in overrides(dataset, output, **extra).items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def workflow(config: str, **settings: Any) -> ConfigWorkflow:
+    """A training workflow of ``config`` with ``settings`` overridden, not yet initialised.
+
+    Configs resolve ``configs/common.yaml`` relative to the bundle root: callers chdir there.
+    """
+    assert Path(os.getcwd()).resolve() == BUNDLE_ROOT, "run bundle workflows from the bundle root"
+    return ConfigWorkflow(config_file=config, workflow_type="train", **settings)

@@ -1,0 +1,226 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Stage 2: latent diffusion UNet training with both schedules, scale_factor through resume,
+resume after SIGKILL, DDP on CPU, and mismatches caught before training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BUNDLE_ROOT, run_bundle
+from scripts.checkpoints import weights_sha256
+from scripts.diffusion import RFlowPrepareBatch
+from scripts.errors import find_input_error
+from stage_helpers import cli, common_parser, one_thread, overrides, workflow, write_autoencoder  # noqa: F401
+
+CONFIG = "configs/train_diffusion.yaml"
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory) -> Path:
+    return write_autoencoder(tmp_path_factory.mktemp("weights") / "autoencoder.pt")
+
+
+@pytest.fixture(scope="module")
+def ddpm_run(tiny_phantoms, autoencoder, tmp_path_factory) -> dict:
+    """Two epochs of DDPM training in-process; returns the output folder, initial weights and metrics."""
+    output = tmp_path_factory.mktemp("diffusion_run")
+    cwd = os.getcwd()
+    os.chdir(BUNDLE_ROOT)
+    try:
+        run = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=2, num_val_samples=1,
+                                           autoencoder_path=str(autoencoder)))
+        run.initialize()
+        initial = {k: v.clone() for k, v in run.parser.get_parsed_content("diffusion_unet").state_dict().items()}
+        run.run()
+        metrics = dict(run.parser.get_parsed_content("validate#evaluator").state.metrics)
+        run.finalize()
+    finally:
+        os.chdir(cwd)
+    return {"output": output, "initial": initial, "metrics": metrics}
+
+
+def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
+    output = ddpm_run["output"]
+    last = _load(output / "diffusion_unet" / "diffusion_unet_last.pt")
+    manifest = json.loads((output / "latent_cache" / "manifest.json").read_text())
+    assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
+    assert last["scale_factor"] == pytest.approx(manifest["scale_factor"]) and last["scale_factor"] > 0
+    assert last["noise_schedule"] == "ddpm" and last["autoencoder_sha256"] == weights_sha256(_load(autoencoder), "autoencoder")
+    changed = [k for k, v in last["diffusion_unet"].items() if not torch.equal(v, ddpm_run["initial"][k])]
+    # MONAI zero-initialises each residual branch's last convolution, which holds back the gradients of
+    # the layers before it for the first steps: after 2 steps a good part, not all, has moved
+    assert len(changed) > len(ddpm_run["initial"]) // 4 and any(k.startswith("out.") for k in changed), changed
+
+    best = _load(output / "diffusion_unet" / "diffusion_unet_best.pt")
+    metrics = ddpm_run["metrics"]
+    assert best["best_metric"] == pytest.approx(min(best["best_metric"], metrics["val_denoising_mse"]))
+    assert 0.0 < metrics["val_denoising_mse"] < 10.0  # epsilon target of unit variance
+    # decoded samples: clipped to the [0, 1] range of preprocessed images, and not constant
+    assert 0.0 <= metrics["val_sample_mean"] <= 1.0 and metrics["val_sample_std"] > 0.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {"images": set(), "scalars": set()}
+    for events in (output / "diffusion_unet" / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    assert any(t.startswith("val_sample") for t in tags["images"]), tags
+    assert {"train_loss", "val_denoising_mse", "val_sample_mean"} <= tags["scalars"]
+
+
+def test_rflow_prepare_batch_targets_the_velocity():
+    scheduler = common_parser().get_parsed_content("rflow_scheduler_def", instantiate=True)
+    latents = torch.randn(3, 4, 8, 8, 8)
+    images, target, _, kwargs = RFlowPrepareBatch(scheduler)({"image": latents}, torch.device("cpu"))
+    torch.testing.assert_close(target, latents - kwargs["noise"])
+    t = kwargs["timesteps"]
+    assert t.shape == (3,) and t.is_floating_point() and bool(((t > 0) & (t < scheduler.num_train_timesteps)).all())
+    # the interpolation the inferer applies moves towards the data along the target velocity
+    noisy = scheduler.add_noise(latents, kwargs["noise"], t)
+    fraction = (t / scheduler.num_train_timesteps).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(noisy + fraction * target, latents, rtol=1e-4, atol=1e-5)
+
+
+def test_rflow_schedule_trains_and_samples(tiny_phantoms, autoencoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    run = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path, max_epochs=1, num_val_samples=1, noise_schedule="rflow",
+                                       autoencoder_path=str(autoencoder)))
+    run.initialize()
+    assert type(run.parser.get_parsed_content("train#prepare_batch")).__name__ == "RFlowPrepareBatch"
+    assert type(run.parser.get_parsed_content("sampling_scheduler")).__name__ == "RFlowScheduler"
+    initial = {k: v.clone() for k, v in run.parser.get_parsed_content("diffusion_unet").state_dict().items()}
+    run.run()
+    metrics = run.parser.get_parsed_content("validate#evaluator").state.metrics
+    last = _load(tmp_path / "diffusion_unet" / "diffusion_unet_last.pt")
+    assert last["noise_schedule"] == "rflow" and last["epoch"] == 1
+    assert any(not torch.equal(v, initial[k]) for k, v in last["diffusion_unet"].items())
+    # velocity target latents - noise: about twice the variance of the unit-variance noise
+    assert 0.5 < metrics["val_denoising_mse"] < 10.0
+    assert math.isfinite(metrics["val_sample_mean"]) and metrics["val_sample_std"] > 0.0
+
+
+def test_resume_restores_scale_factor_and_refuses_another_schedule(
+    ddpm_run, tiny_phantoms, autoencoder, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    output = tmp_path / "run"
+    shutil.copytree(ddpm_run["output"], output)
+    last_path = output / "diffusion_unet" / "diffusion_unet_last.pt"
+    last = _load(last_path)
+    # a checkpoint trained with another scale than the cache's: resuming must keep the checkpoint's
+    last["scale_factor"] = stored = 0.5 * last["scale_factor"]
+    torch.save(last, last_path)
+
+    run = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=3, num_val_samples=1,
+                                       autoencoder_path=str(autoencoder)))
+    run.initialize()
+    assert not run.parser.get_parsed_content("latent_cache").built  # the copied cache is reused
+    dataset = run.parser.get_parsed_content("train#dataset")
+    cached = _load(Path(dataset.data[0]["cache_file"]))["latent"]
+    torch.testing.assert_close(dataset[0]["image"], cached * stored)
+    run.run()
+    resumed = _load(last_path)
+    assert resumed["epoch"] == 3 and resumed["trainer"]["iteration"] == 3
+    assert resumed["scale_factor"] == stored
+    # the extended run still learns: its learning rate decays over the new max_epochs, not the old
+    assert any(not torch.equal(v, last["diffusion_unet"][k]) for k, v in resumed["diffusion_unet"].items())
+
+    other = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=4, noise_schedule="rflow",
+                                         autoencoder_path=str(autoencoder)))
+    other.initialize()
+    with pytest.raises(RuntimeError) as err:
+        other.run()
+    message = str(find_input_error(err.value))
+    assert f"{last_path}: cannot resume, it was saved with noise_schedule 'ddpm' but this run has 'rflow'" in message
+    assert _load(last_path)["epoch"] == 3
+
+
+def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
+    ckpt = tmp_path / "diffusion_unet" / "diffusion_unet_last.pt"
+    args = cli(CONFIG, tiny_phantoms, tmp_path, max_epochs=8, num_val_samples=0, autoencoder_path=autoencoder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see stage_helpers.one_thread
+    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: a checkpoint exists, training goes on
+    proc.wait()
+    killed = _load(ckpt)
+    assert 1 <= killed["epoch"] < 8, "the run finished before it could be killed"
+
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed diffusion_unet from {ckpt} at epoch {killed['epoch']}" in result.stdout + result.stderr
+    assert "latent cache: reusing" in result.stdout + result.stderr
+    final = _load(ckpt)
+    assert final["epoch"] == 8 and final["trainer"]["iteration"] == 8
+    assert final["scale_factor"] == killed["scale_factor"]
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # Adam's counters survived
+
+
+def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, autoencoder, tmp_path):
+    configs = [CONFIG, "configs/multi_gpu_train_diffusion.yaml"]
+    args = cli(configs, tiny_phantoms, tmp_path, max_epochs=1, num_val_samples=1, autoencoder_path=autoencoder)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", *args]
+    result = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = _load(tmp_path / "diffusion_unet" / "diffusion_unet_last.pt")
+    # each rank trains on its own shard: 2 cases / 2 ranks = 1 case, 1 iteration per epoch
+    assert last["epoch"] == 1 and last["trainer"]["iteration"] == 1
+    assert not any(k.startswith("module.") for k in last["diffusion_unet"]), "weights saved with the DDP prefix"
+    # rank 0 built the cache once; the other rank waited and reused it
+    assert (result.stdout + result.stderr).count("cases encoded into") == 1
+    assert last["scale_factor"] == json.loads((tmp_path / "latent_cache" / "manifest.json").read_text())["scale_factor"]
+
+
+@pytest.mark.parametrize("breakage", ["autoencoder_mismatch", "missing_autoencoder", "unknown_schedule"])
+def test_mismatch_is_one_clear_error_before_training(breakage, tiny_phantoms, autoencoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    settings = overrides(tiny_phantoms, tmp_path / "out", max_epochs=1, autoencoder_path=str(autoencoder))
+    if breakage == "autoencoder_mismatch":  # weights of an autoencoder with 8 latent channels, not 4
+        torch.manual_seed(0)
+        other = common_parser(**{"autoencoder_def#latent_channels": 8}).get_parsed_content("autoencoder_def")
+        torch.save({"autoencoder": other.state_dict()}, tmp_path / "other.pt")
+        settings["autoencoder_path"] = str(tmp_path / "other.pt")
+        expected = f"{tmp_path / 'other.pt'}: autoencoder weights does not fit the configured network"
+    elif breakage == "missing_autoencoder":
+        settings["autoencoder_path"] = str(tmp_path / "nope.pt")
+        expected = f"{tmp_path / 'nope.pt'}: autoencoder weights not found; train them with configs/train_autoencoder.yaml"
+    else:
+        settings["noise_schedule"] = "ddim"
+        expected = "config 'noise_schedule': unknown schedule 'ddim'; use --noise_schedule ddpm or --noise_schedule rflow"
+    run = workflow(CONFIG, **settings)
+    with pytest.raises(RuntimeError) as err:
+        run.initialize()
+    error = find_input_error(err.value)
+    assert error is not None and expected in str(error) and "\n" not in str(error)
+    assert not (tmp_path / "out").exists(), "something was written before the error"
+
+
+def test_cli_error_is_one_line(tiny_phantoms, autoencoder, tmp_path):
+    result = run_bundle(*cli(CONFIG, tiny_phantoms, tmp_path, noise_schedule="ddim", autoencoder_path=autoencoder))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "config 'noise_schedule': unknown schedule 'ddim'" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
