@@ -86,3 +86,8 @@ def test_model_zoo_files_are_present():
     entries = yaml.safe_load((BUNDLE_ROOT / "large_files.yml").read_text())["large_files"]
     for entry in entries:
         assert {"path", "url", "hash_val", "hash_type"} <= set(entry)
+        if not entry["url"]:  # shipped in the repository: present, and the listed hash is its hash
+            from monai.apps.utils import check_hash
+
+            path = BUNDLE_ROOT / entry["path"]
+            assert path.is_file() and check_hash(str(path), entry["hash_val"], entry["hash_type"]), entry["path"]
