@@ -22,7 +22,18 @@ from monai.handlers import CheckpointLoader
 
 from scripts.errors import BundleInputError
 
-__all__ = ["save_atomic", "load_checkpoint", "load_network_weights", "StageCheckpointer", "export_weights"]
+__all__ = [
+    "save_atomic",
+    "file_sha256",
+    "listed_sha256",
+    "load_checkpoint",
+    "load_network_weights",
+    "StageCheckpointer",
+    "export_weights",
+]
+
+#: The bundle's list of weight files with their sha256 (model-zoo ``large_files.yml``).
+LARGE_FILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "large_files.yml")
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +59,45 @@ def save_atomic(obj: Any, path: str) -> str:
     return path
 
 
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listed_sha256(path: str, large_files: str = LARGE_FILES) -> str | None:
+    """The sha256 that ``large_files.yml`` lists for ``path`` (None when it is not listed)."""
+    if not os.path.isfile(large_files):
+        return None
+    import yaml  # a MONAI bundle dependency; imported here as only this check needs it
+
+    with open(large_files) as f:
+        entries = (yaml.safe_load(f) or {}).get("large_files") or []
+    root = os.path.dirname(os.path.abspath(large_files))
+    target = os.path.realpath(path)
+    for entry in entries:
+        if os.path.realpath(os.path.join(root, entry["path"])) == target and entry.get("hash_type", "sha256") == "sha256":
+            return str(entry["hash_val"]).lower()
+    return None
+
+
 def load_checkpoint(path: str, what: str = "checkpoint", hint: str = "") -> dict[str, Any]:
-    """Load a checkpoint dict with ``weights_only=True``; one-line errors name the file."""
+    """Load a checkpoint dict with ``weights_only=True``; one-line errors name the file.
+
+    A file listed in the bundle's ``large_files.yml`` (the shipped weights) must have the listed
+    sha256: a truncated download or a replaced file stops here instead of producing wrong images.
+    """
     if not os.path.isfile(path):
         raise BundleInputError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
+    expected = listed_sha256(path)
+    if expected is not None and file_sha256(path) != expected:
+        raise BundleInputError(
+            f"{path}: {what} do not match the sha256 listed in large_files.yml (damaged or replaced file); "
+            "restore it, e.g. with git checkout or python -m monai.bundle download_large_files --bundle_path ."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unpickling-policy errors all mean "not a usable checkpoint"
@@ -231,20 +277,35 @@ class StageCheckpointer:
             logger.info(f"new best {self.stage} ({state.best_metric:.4f}) saved to {self.best_path}")
 
 
-def export_weights(checkpoint_path: str, output_path: str, key: str, overwrite: bool = False, **info: Any) -> str:
+def export_weights(
+    checkpoint_path: str,
+    output_path: str,
+    key: str,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    **info: Any,
+) -> str:
     """Write the bare ``key`` weights of a training checkpoint (no optimizer state) for shipping.
 
-    The result is ``{key: state_dict, "source_epoch": ..., **info}``, loadable by
-    :func:`load_network_weights` exactly like the training checkpoint it came from.
+    The result is ``{key: state_dict, "source_epoch": ..., <recorded entries>, **info}``, loadable
+    by :func:`load_network_weights` exactly like the training checkpoint it came from; ``info``
+    overrides recorded entries. ``dtype="float16"`` halves the file (floating tensors only; they
+    are cast back to the network's type when loaded). Its weights then have a new identity
+    (:func:`weights_sha256`): record that one in what is trained on top of them.
     """
     checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
     if key not in checkpoint:
         raise BundleInputError(f"{checkpoint_path}: has no '{key}' weights (keys: {sorted(checkpoint)})")
     if os.path.exists(output_path) and not overwrite:
         raise BundleInputError(f"{output_path}: exists; pass overwrite=True to replace it")
-    exported = {key: checkpoint[key], "source_epoch": checkpoint.get("epoch"), **info}
+    state = checkpoint[key]
+    if dtype is not None:
+        cast = getattr(torch, dtype)
+        state = {name: t.to(cast) if t.is_floating_point() else t for name, t in state.items()}
+    exported = {key: state, "source_epoch": checkpoint.get("epoch")}
     for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "latent_channels",
                   "autoencoder_sha256", "diffusion_unet_sha256", "labels"):  # what later stages check
         if extra in checkpoint:
             exported[extra] = checkpoint[extra]
+    exported.update(info)
     return save_atomic(exported, output_path)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from monai.engines import DiffusionPrepareBatch, PrepareBatch
 from monai.inferers import ControlNetDiffusionInferer
 
+from scripts.checkpoints import load_network_weights, weights_sha256
 from scripts.diffusion import unwrap
 from scripts.errors import BundleInputError
 from scripts.labels import LabelContract
@@ -37,6 +38,7 @@ __all__ = [
     "check_conditioning_channels",
     "class_weight_table",
     "latent_weight_map",
+    "load_controlnet",
     "WeightedTarget",
     "ControlNetPrepareBatch",
     "WeightedMSELoss",
@@ -70,6 +72,37 @@ def init_controlnet_from_unet(controlnet: torch.nn.Module, unet_state: Mapping[s
             "in the diffusion UNet; controlnet_def must mirror diffusion_unet_def"
         )
     return True
+
+
+def load_controlnet(
+    controlnet: torch.nn.Module, path: str, unet_checkpoint: Mapping[str, Any], unet_path: str, labels: Mapping[str, int]
+) -> dict[str, Any]:
+    """Load stage-3 weights strictly and check they guide this UNet with these labels.
+
+    A ControlNet steers the residuals of the exact UNet it was trained beside: it records that
+    UNet's weights identity, noise schedule and the label set of its one-hot conditioning, and
+    each must match, or the guidance would be silently wrong.
+    """
+    checkpoint = load_network_weights(
+        controlnet, path, "controlnet", "ControlNet weights",
+        hint="train them with configs/train_controlnet.yaml and pass --controlnet_path outputs/controlnet/controlnet_best.pt",
+    )
+    unet_sha = weights_sha256(unet_checkpoint, "diffusion_unet")
+    if checkpoint.get("diffusion_unet_sha256") not in (None, unet_sha):
+        raise BundleInputError(
+            f"{path}: ControlNet was trained beside other diffusion UNet weights than {unet_path}; "
+            "pass the UNet it was trained with (--diffusion_unet_path)"
+        )
+    if checkpoint.get("noise_schedule") not in (None, unet_checkpoint["noise_schedule"]):
+        raise BundleInputError(
+            f"{path}: ControlNet was trained with noise_schedule {checkpoint['noise_schedule']!r}, "
+            f"the UNet {unet_path} with {unet_checkpoint['noise_schedule']!r}"
+        )
+    if checkpoint.get("labels") not in (None, dict(labels)):
+        raise BundleInputError(
+            f"{path}: ControlNet was trained with labels {checkpoint['labels']}, this run declares {dict(labels)}"
+        )
+    return checkpoint
 
 
 def check_conditioning_channels(in_channels: int, contract: LabelContract) -> bool:

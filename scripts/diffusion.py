@@ -130,12 +130,13 @@ class FixedNoisePrepareBatch(PrepareBatch):
 
 
 def load_diffusion_unet(
-    unet: torch.nn.Module, path: str, noise_schedule: str, autoencoder_sha256: str
+    unet: torch.nn.Module, path: str, noise_schedule: str | None, autoencoder_sha256: str
 ) -> dict[str, Any]:
     """Load stage-2 UNet weights strictly and check they fit this run; returns the checkpoint.
 
     The checkpoint must carry ``scale_factor`` (the latent scaling the UNet was trained with) and the
-    same ``noise_schedule``; when it records the identity of the autoencoder whose latents it was
+    same ``noise_schedule`` (``None``: any known schedule, for sampling with the checkpoint's own);
+    when it records the identity of the autoencoder whose latents it was
     trained on (``autoencoder_sha256``, see ``scripts.checkpoints.weights_sha256``), that must be
     the configured one: a UNet trained on another autoencoder's latents, or with the other
     schedule, cannot be guided or sampled correctly.
@@ -148,7 +149,9 @@ def load_diffusion_unet(
     missing = [k for k in ("scale_factor", "noise_schedule") if k not in checkpoint]
     if missing:
         raise BundleInputError(f"{path}: diffusion UNet checkpoint lacks {missing}; save it with configs/train_diffusion.yaml")
-    if checkpoint["noise_schedule"] != noise_schedule:
+    if noise_schedule is None:
+        check_noise_schedule(checkpoint["noise_schedule"])
+    elif checkpoint["noise_schedule"] != noise_schedule:
         raise BundleInputError(
             f"{path}: diffusion UNet was trained with noise_schedule {checkpoint['noise_schedule']!r}, "
             f"this run uses {noise_schedule!r}; pass --noise_schedule {checkpoint['noise_schedule']}"

@@ -107,6 +107,13 @@ def save_phantom_figure(cases: Sequence[Any], path: str, titles: Sequence[str] |
     handles = [Patch(color=rgb, label=name) for name, rgb in _OVERLAY.values()]
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str) -> str:
+    """Write ``fig`` as PNG through a temporary sibling file and an atomic rename; close it."""
+    import matplotlib.pyplot as plt
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
@@ -123,6 +130,46 @@ def save_phantom_figure(cases: Sequence[Any], path: str, titles: Sequence[str] |
     finally:
         plt.close(fig)
     return path
+
+
+def save_pair_preview(image: np.ndarray, label: np.ndarray, affine: np.ndarray, path: str, title: str = "") -> str:
+    """Axial, coronal and sagittal slices of a generated pair with the label's contours.
+
+    Slices cross the largest HCC (else the liver's middle); shown in RAS radiological convention
+    with the true voxel aspect ratio. Written atomically; returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    img, lab, sp = _to_ras(np.asarray(image, dtype=np.float32), np.asarray(label), np.asarray(affine, dtype=np.float64))
+    z, y = _pick_slices(lab)
+    x = int(np.argmax(((lab > 0) / max(float((lab > 0).sum()), 1.0) + (lab == 4)).sum(axis=(1, 2))))
+    if not (lab > 0).any():
+        x = lab.shape[0] // 2
+    vmax = float(np.percentile(img, 99.5)) or 1.0
+    views = [
+        ("axial", img[::-1, :, z].T, lab[::-1, :, z].T, sp[1] / sp[0]),
+        ("coronal", img[::-1, y, :].T, lab[::-1, y, :].T, sp[2] / sp[0]),
+        ("sagittal", img[x, :, :].T, lab[x, :, :].T, sp[2] / sp[1]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9))
+    for ax, (name, im2, lb2, aspect) in zip(axes, views):
+        ax.imshow(im2, cmap="gray", vmin=float(img.min()), vmax=vmax, origin="lower", aspect=aspect, interpolation="nearest")
+        for lid, (_, rgb) in _OVERLAY.items():
+            if (lb2 == lid).any():
+                ax.contour((lb2 == lid).astype(np.float32), levels=[0.5], colors=[rgb], linewidths=0.9, origin="lower")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], color=rgb, label=name) for name, rgb in _OVERLAY.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save_figure(fig, path)
 
 
 def _umask() -> int:

@@ -19,7 +19,8 @@ The training configs use it to validate; inference can use it as is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from monai.networks.utils import eval_mode
 from scripts.diffusion import unwrap
 from scripts.labels import LabelContract
 
-__all__ = ["set_sampling_timesteps", "LatentDiffusionSampler", "MaskSamplingPrepareBatch"]
+__all__ = ["set_sampling_timesteps", "conditioning_embedded_once", "LatentDiffusionSampler", "MaskSamplingPrepareBatch"]
 
 
 def set_sampling_timesteps(scheduler: Any, num_inference_steps: int, latent_size: Sequence[int]) -> None:
@@ -44,6 +45,46 @@ def set_sampling_timesteps(scheduler: Any, num_inference_steps: int, latent_size
         scheduler.set_timesteps(num_inference_steps, input_img_size_numel=numel)
     else:
         scheduler.set_timesteps(num_inference_steps)
+
+
+class _Precomputed(torch.nn.Module):
+    """Stands in for a ControlNet's conditioning embedding: returns the embedding computed before."""
+
+    def __init__(self, embedding: torch.Tensor) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, controlnet_cond: torch.Tensor) -> torch.Tensor:
+        return self.embedding
+
+
+@contextmanager
+def conditioning_embedded_once(controlnet: torch.nn.Module, condition: torch.Tensor) -> Iterator[None]:
+    """Run ``controlnet``'s conditioning embedding on ``condition`` once for a whole sampling loop.
+
+    MONAI's ``ControlNet.forward`` embeds the full-resolution mask at every step although the mask
+    does not change during sampling; the embedding convolutions run at image resolution, so on
+    the sampling path they are computed once here and the module is put back afterwards. Only
+    for gradient-free sampling: the cached tensor would go stale as soon as the weights change.
+    """
+    original = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = _Precomputed(original(condition))
+    try:
+        yield
+    finally:
+        controlnet.controlnet_cond_embedding = original
+
+
+class _ScaledControlNet(torch.nn.Module):
+    """A ControlNet whose residuals are scaled by ``conditioning_scale`` (MONAI's inferers pass none)."""
+
+    def __init__(self, controlnet: torch.nn.Module, conditioning_scale: float) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.conditioning_scale = conditioning_scale
+
+    def forward(self, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.controlnet(conditioning_scale=self.conditioning_scale, **kwargs)
 
 
 class LatentDiffusionSampler(torch.nn.Module):
@@ -69,6 +110,9 @@ class LatentDiffusionSampler(torch.nn.Module):
         controlnet: optional guidance network (DDP-wrapped or bare).
         contract: label contract making the one-hot conditioning (required with ``controlnet``).
         intensity_range: decoded images are clipped to it (preprocessed images lie in [0, 1]).
+        conditioning_scale: multiplies the ControlNet's residuals (1: as trained; below 1 the mask
+            guides less, above 1 more).
+        progress: show a progress bar over the reverse steps of each call.
     """
 
     def __init__(
@@ -84,6 +128,8 @@ class LatentDiffusionSampler(torch.nn.Module):
         controlnet: torch.nn.Module | None = None,
         contract: LabelContract | None = None,
         intensity_range: tuple[float, float] | None = (0.0, 1.0),
+        conditioning_scale: float = 1.0,
+        progress: bool = False,
     ) -> None:
         super().__init__()
         if controlnet is not None and contract is None:
@@ -99,6 +145,8 @@ class LatentDiffusionSampler(torch.nn.Module):
         self.latent_size = None if latent_size is None else tuple(int(s) for s in latent_size)
         self.contract = contract
         self.intensity_range = intensity_range
+        self.conditioning_scale = float(conditioning_scale)
+        self.progress = bool(progress)
 
     def train(self, mode: bool = True) -> LatentDiffusionSampler:
         self.training = mode  # not recursive, see the class docstring
@@ -130,12 +178,16 @@ class LatentDiffusionSampler(torch.nn.Module):
         noise = self.noise(seeds, latent_size, device)
         set_sampling_timesteps(self.scheduler, self.num_inference_steps, latent_size)
         networks = [n for n in (self.unet, self.controlnet) if n is not None]
-        with eval_mode(*networks):
+        with eval_mode(*networks), torch.no_grad():
             if self.controlnet is None:
-                return DiffusionInferer(self.scheduler).sample(noise, self.unet, self.scheduler, verbose=False)
-            return ControlNetDiffusionInferer(self.scheduler).sample(
-                noise, self.unet, self.controlnet, condition, self.scheduler, verbose=False
-            )
+                return DiffusionInferer(self.scheduler).sample(noise, self.unet, self.scheduler, verbose=self.progress)
+            controlnet = self.controlnet
+            if self.conditioning_scale != 1.0:
+                controlnet = _ScaledControlNet(controlnet, self.conditioning_scale)
+            with conditioning_embedded_once(self.controlnet, condition):
+                return ControlNetDiffusionInferer(self.scheduler).sample(
+                    noise, self.unet, controlnet, condition, self.scheduler, verbose=self.progress
+                )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images, clipped to ``intensity_range``, on the latents' device."""

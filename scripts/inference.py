@@ -1,0 +1,300 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Inference, the bundle's main job: label maps in, paired MR volumes out.
+
+For every input mask ``X.nii.gz`` the pipeline
+
+1. reads it and applies the label contract (checks, ``label_map`` remapping);
+2. optionally edits it (``scripts.masks.MaskEditor``: new layouts, not only re-renderings);
+3. brings a copy onto the model grid with MONAI transforms (RAS, model spacing, crop/pad);
+4. samples a latent guided by the ControlNet and decodes it (``scripts.sampler``);
+5. resamples the image back onto the input mask's own grid (``ResampleToMatch``) and writes
+   ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
+   voxels, shape, affine and header, so the two always lie on the same grid.
+
+Every mask is checked before anything is generated: one bad mask stops the command at once with
+one line naming it, before any output exists (finding a bad file after hours of sampling would
+waste them, and a partial set of pairs is easy to mistake for a whole one). Outputs go to a
+staging folder that replaces ``output_dir`` only when every pair is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
+from tqdm import tqdm
+
+from scripts.data import NIFTI_SUFFIXES, load_datalist, read_nifti
+from scripts.diffusion import check_noise_schedule
+from scripts.errors import BundleInputError
+from scripts.figures import save_pair_preview
+from scripts.labels import LabelContract
+from scripts.outputs import publish, staging_dir
+
+__all__ = [
+    "SAMPLER_SCHEDULES",
+    "DEFAULT_STEPS",
+    "check_sampler",
+    "num_steps",
+    "find_masks",
+    "output_seed",
+    "output_prefix",
+    "MaskToImage",
+    "check_masks",
+    "generate_pairs",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Sampler name -> the noise schedule the model must have been trained with.
+SAMPLER_SCHEDULES = {"ddpm": "ddpm", "ddim": "ddpm", "rflow": "rflow"}
+#: Reverse steps per sampler when --num_inference_steps is not given.
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "rflow": 30}
+
+
+def check_sampler(sampler: str | None, noise_schedule: str, weights_path: str) -> str:
+    """The sampler to use: ``sampler``, or the model's own default; a mismatch is one clear error."""
+    check_noise_schedule(noise_schedule)
+    if sampler is None:
+        return "rflow" if noise_schedule == "rflow" else "ddim"
+    if sampler not in SAMPLER_SCHEDULES:
+        raise BundleInputError(f"config 'sampler': unknown sampler {sampler!r}; use one of {sorted(SAMPLER_SCHEDULES)}")
+    if SAMPLER_SCHEDULES[sampler] != noise_schedule:
+        fits = sorted(name for name, schedule in SAMPLER_SCHEDULES.items() if schedule == noise_schedule)
+        raise BundleInputError(
+            f"{weights_path}: trained with noise_schedule {noise_schedule!r}, which sampler {sampler!r} cannot "
+            f"sample; use --sampler {' or --sampler '.join(fits)}"
+        )
+    return sampler
+
+
+def num_steps(num_inference_steps: int | None, sampler: str) -> int:
+    """Reverse steps: the given number, else the sampler's default."""
+    steps = DEFAULT_STEPS[sampler] if num_inference_steps is None else int(num_inference_steps)
+    if steps < 1:
+        raise BundleInputError(f"config 'num_inference_steps' must be at least 1, got {steps}")
+    return steps
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def find_masks(
+    mask_dir: str | None = None,
+    datalist: str | None = None,
+    dataset_dir: str | None = None,
+    section: str = "test",
+    demo_mask_dir: str | None = None,
+) -> list[dict[str, str]]:
+    """Input masks as ``[{"label": path, "name": stem}]``, from the first source given.
+
+    ``mask_dir``: every ``.nii``/``.nii.gz`` file in it (other files are listed in the log and
+    left alone); else the ``label`` entries of ``datalist``'s ``section``; else the bundle's demo
+    masks. Output names come from file names, so they must be unique.
+    """
+    if mask_dir:
+        if not os.path.isdir(mask_dir):
+            raise BundleInputError(f"{mask_dir}: mask folder not found (--mask_dir)")
+        files = sorted(f for f in glob.glob(os.path.join(mask_dir, "*")) if os.path.isfile(f))
+        masks = [f for f in files if f.endswith(NIFTI_SUFFIXES)]
+        others = [os.path.basename(f) for f in files if f not in masks]
+        if others:
+            logger.warning(f"{mask_dir}: not NIfTI, left alone: {', '.join(others)}")
+        where = mask_dir
+    elif datalist:
+        masks = [item["label"] for item in load_datalist(datalist, dataset_dir or "", section, keys=("label",))]
+        where = f"{datalist} [{section}]"
+    else:
+        if not demo_mask_dir:
+            raise BundleInputError("no masks given: pass --mask_dir DIR or --datalist FILE")
+        return find_masks(mask_dir=demo_mask_dir)
+    if not masks:
+        raise BundleInputError(f"{where}: no label maps (.nii or .nii.gz) to generate from")
+    items = [{"label": path, "name": _stem(path)} for path in masks]
+    seen: dict[str, str] = {}
+    for item in items:
+        if item["name"] in seen:
+            raise BundleInputError(
+                f"{item['label']}: same output name {item['name']!r} as {seen[item['name']]}; rename one of them"
+            )
+        seen[item["name"]] = item["label"]
+    return items
+
+
+def output_seed(seed: int, name: str, sample: int) -> int:
+    """The seed of one output: a function of the run seed, the mask's name and the sample index.
+
+    Derived from the name rather than the position, so adding a mask to a folder changes no other
+    output.
+    """
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), int(sample)]).generate_state(1)[0])
+
+
+def output_prefix(name: str, sample: int, num_samples: int) -> str:
+    """``X`` for one sample per mask, ``X_s{k}`` for several."""
+    return name if num_samples == 1 else f"{name}_s{sample}"
+
+
+class MaskToImage:
+    """One input mask -> (image, label) on the mask's own grid.
+
+    Args:
+        sampler: guided ``scripts.sampler.LatentDiffusionSampler`` (mask on the model grid -> image).
+        contract: the label contract (checks and remapping of input ids).
+        spacing: model-grid spacing (mm, RAS).
+        spatial_size: model-grid size (voxels).
+        editor: optional ``scripts.masks.MaskEditor`` applied on the input grid before generation.
+        output_range: the [0, 1] model intensities are mapped linearly onto it (None: keep [0, 1]).
+    """
+
+    def __init__(
+        self,
+        sampler: torch.nn.Module,
+        contract: LabelContract,
+        spacing: Sequence[float],
+        spatial_size: Sequence[int],
+        editor: Any = None,
+        output_range: Sequence[float] | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.contract = contract
+        self.editor = editor
+        self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
+        # the label half of scripts.data.preprocessing_transforms, on a label already read and checked
+        self.to_model_grid = Compose([
+            Orientation(axcodes="RAS", labels=None),
+            Spacing(pixdim=spacing, mode="nearest"),
+            ResizeWithPadOrCrop(spatial_size=spatial_size),
+        ])
+        self.to_mask_grid = ResampleToMatch(mode="bilinear", padding_mode="zeros")
+
+    def read(self, path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """The checked, remapped label array of ``path`` and its NIfTI image (for the header)."""
+        label, _ = read_nifti(path, role="label mask")
+        return np.asarray(self.contract.prepare(label, path)), nib.load(path)
+
+    def edit(self, label: np.ndarray, affine: np.ndarray, seed: int, source: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """The edited label (the label itself without an editor) and a summary of the edits."""
+        if self.editor is None:
+            return label, {}
+        edited, summary = self.editor(label, spacing=np.linalg.norm(affine[:3, :3], axis=0), seed=seed, source=source)
+        self.contract.check(edited, f"{source} (edited)", remapped=True)
+        return np.asarray(edited), dict(summary)
+
+    def __call__(self, label: np.ndarray, affine: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
+        """Image (float32, the label's shape) generated from ``label`` with ``seed``."""
+        on_mask_grid = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(affine))
+        on_model_grid = self.to_model_grid(on_mask_grid)
+        # the sampler seeds its starting noise; DDPM's stochastic steps draw from the global generator
+        torch.manual_seed(seed)
+        generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
+        image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
+        image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
+        if self.output_range is not None:
+            low, high = self.output_range
+            image = low + (high - low) * image
+        return image
+
+
+def _save(array: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
+    """Write ``array`` with ``like``'s affine and header (orientation codes, units) as ``dtype``."""
+    header = like.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)  # the data are written as they are, unscaled
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=dtype), like.affine, header=header), path)
+
+
+def _label_dtype(like: nib.Nifti1Image, label: np.ndarray) -> Any:
+    """The input's on-disk type when it holds the ids as they are, else uint8."""
+    dtype = like.get_data_dtype()
+    if like.dataobj.slope not in (None, 1) or like.dataobj.inter not in (None, 0):
+        return np.uint8
+    if np.issubdtype(dtype, np.integer) and label.max(initial=0) > np.iinfo(dtype).max:
+        return np.uint8
+    return dtype
+
+
+def check_masks(masks: Sequence[Mapping[str, str]], generator: MaskToImage) -> int:
+    """Read and check every mask before anything is generated; raises on the first bad one."""
+    for item in tqdm(masks, desc="checking masks", unit="mask"):
+        generator.read(item["label"])
+    return len(masks)
+
+
+def generate_pairs(
+    masks: Sequence[Mapping[str, str]],
+    generator: MaskToImage,
+    output_dir: str,
+    overwrite: bool = False,
+    seed: int = 0,
+    num_samples_per_mask: int = 1,
+    device: torch.device | str = "cpu",
+    save_preview: bool = False,
+) -> str:
+    """Write every pair (and ``pairs.json``, which maps each output to its mask and seed) to ``output_dir``.
+
+    The masks are all checked first; the pairs are written into a staging folder that replaces
+    ``output_dir`` only once complete (``overwrite`` must allow replacing a non-empty one) and
+    is removed if anything fails. Returns ``output_dir``.
+    """
+    if num_samples_per_mask < 1:
+        raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
+    check_masks(masks, generator)
+    staging = staging_dir(output_dir, overwrite)
+    try:
+        records = []
+        jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
+        for item, k in tqdm(jobs, desc="generating", unit="volume"):
+            records.append(_write_pair(item, k, num_samples_per_mask, generator, staging, seed, torch.device(device), save_preview))
+        with open(os.path.join(staging, "pairs.json"), "w") as f:
+            json.dump({"seed": int(seed), "pairs": records}, f, indent=1)
+        return publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_pair(
+    item: Mapping[str, str],
+    sample: int,
+    num_samples: int,
+    generator: MaskToImage,
+    folder: str,
+    seed: int,
+    device: torch.device,
+    save_preview: bool,
+) -> dict[str, Any]:
+    prefix = output_prefix(item["name"], sample, num_samples)
+    case_seed = output_seed(seed, item["name"], sample)
+    label, nifti = generator.read(item["label"])
+    edited, summary = generator.edit(label, nifti.affine, case_seed, item["label"])
+    image = generator(edited, nifti.affine, case_seed, device)
+    _save(image, nifti, os.path.join(folder, f"{prefix}_image.nii.gz"), np.float32)
+    _save(edited, nifti, os.path.join(folder, f"{prefix}_label.nii.gz"), _label_dtype(nifti, edited))
+    if save_preview:
+        save_pair_preview(image, edited, nifti.affine, os.path.join(folder, f"{prefix}_preview.png"), title=prefix)
+    return {
+        "image": f"{prefix}_image.nii.gz",
+        "label": f"{prefix}_label.nii.gz",
+        "mask": os.path.abspath(item["label"]),
+        "sample": sample,
+        "seed": case_seed,
+        "edits": summary,
+    }
