@@ -68,8 +68,12 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def listed_sha256(path: str, large_files: str = LARGE_FILES) -> str | None:
-    """The sha256 that ``large_files.yml`` lists for ``path`` (None when it is not listed)."""
+def listed_sha256(path: str, large_files: str | None = None) -> str | None:
+    """The sha256 that ``large_files`` (default: the bundle's ``large_files.yml``) lists for ``path``.
+
+    None when the file is not listed.
+    """
+    large_files = LARGE_FILES if large_files is None else large_files
     if not os.path.isfile(large_files):
         return None
     import yaml  # a MONAI bundle dependency; imported here as only this check needs it

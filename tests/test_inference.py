@@ -1,0 +1,286 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Inference (configs/inference.yaml): the output contract, reproducibility, every sampler, the
+checks on bad input, and, with the shipped demo weights, the HBP pattern on unseen masks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE_ROOT, run_bundle, toy_label, write_nifti
+from scripts.checkpoints import weights_sha256
+from scripts.errors import BundleInputError, find_input_error
+from scripts.inference import output_seed
+from scripts.sampler import conditioning_embedded_once
+from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
+
+CONFIG = "configs/inference.yaml"
+LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
+
+
+def _write_controlnet(path: Path, unet: Path, seed: int = 0) -> Path:
+    unet_checkpoint = torch.load(unet, weights_only=True)
+    return write_network(path, "controlnet_def", "controlnet", seed, trained_like=True,
+                         noise_schedule=unet_checkpoint["noise_schedule"], labels=LABELS,
+                         diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Tiny seeded-random weights for both schedules, recorded as the training configs record them."""
+    root = tmp_path_factory.mktemp("weights")
+    autoencoder = write_autoencoder(root / "autoencoder.pt")
+    found = {}
+    for schedule in ("ddpm", "rflow"):
+        unet = write_unet(root / f"unet_{schedule}.pt", autoencoder, noise_schedule=schedule)
+        controlnet = _write_controlnet(root / f"controlnet_{schedule}.pt", unet)
+        found[schedule] = {"autoencoder_path": str(autoencoder), "diffusion_unet_path": str(unet),
+                           "controlnet_path": str(controlnet)}
+    return found
+
+
+def _lps_mask() -> tuple[np.ndarray, np.ndarray]:
+    """The toy map stored LPS (x and y flipped) with anisotropic 9 x 11 x 14 mm voxels."""
+    affine = np.diag([-9.0, -11.0, 14.0, 1.0])
+    affine[:3, 3] = [100.0, 120.0, -90.0]
+    return toy_label((28, 24, 12)), affine
+
+
+@pytest.fixture(scope="module")
+def mask_dir(tmp_path_factory, tiny_phantoms) -> Path:
+    """An LPS anisotropic toy mask and two phantom masks (their on-disk orientations vary)."""
+    root = tmp_path_factory.mktemp("masks")
+    label, affine = _lps_mask()
+    write_nifti(root / "lps.nii.gz", label.astype(np.int16), affine)
+    for path in sorted((tiny_phantoms / "labelsTr").glob("*.nii.gz"))[:2]:
+        shutil.copy(path, root / path.name)
+    return root
+
+
+def infer(output: Path, weights: dict[str, str], **settings) -> Path:
+    """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
+    assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference",
+                              output_dir=str(output), device="$torch.device('cpu')", num_inference_steps=3,
+                              **TINY, **weights, **settings)
+    workflow.initialize()
+    workflow.run()
+    return output
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, weights, mask_dir) -> Path:
+    os.chdir(BUNDLE_ROOT)
+    return infer(tmp_path_factory.mktemp("run") / "pairs", weights["ddpm"], mask_dir=str(mask_dir), save_preview=True)
+
+
+def test_pairs_keep_the_input_mask_and_its_grid(pairs, mask_dir):
+    inputs = sorted(mask_dir.glob("*.nii.gz"))
+    record = json.loads((pairs / "pairs.json").read_text())
+    assert sorted(p["mask"] for p in record["pairs"]) == sorted(str(p) for p in inputs)
+    for path in inputs:
+        name = path.name[: -len(".nii.gz")]
+        given = nib.load(path)
+        label = nib.load(pairs / f"{name}_label.nii.gz")
+        image = nib.load(pairs / f"{name}_image.nii.gz")
+        assert np.array_equal(np.asanyarray(label.dataobj), np.asanyarray(given.dataobj))  # voxels unchanged
+        assert label.get_data_dtype() == given.get_data_dtype()
+        for written in (label, image):
+            assert written.shape == given.shape
+            assert np.allclose(written.affine, given.affine, atol=1e-5)
+            assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(given.affine)
+        pixels = np.asanyarray(image.dataobj)
+        assert pixels.dtype == np.float32 and np.isfinite(pixels).all()
+        assert 0.0 <= pixels.min() and pixels.max() <= 1.0 and pixels.std() > 1e-3  # [0, 1], not constant
+        assert (pairs / f"{name}_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_image_follows_the_mask_in_the_world_whatever_its_storage_order(weights, tmp_path):
+    """The same physical mask stored LPS and stored RAS gives the same image, voxel for voxel:
+    orientation and anisotropic spacing are handled in world coordinates both ways."""
+    label, affine = _lps_mask()
+    ras_affine = affine.copy()
+    ras_affine[:2, :2] *= -1  # x and y axes reversed...
+    ras_affine[:2, 3] = affine[:2, 3] - np.array([9.0 * 27, 11.0 * 23])  # ...from the opposite corner
+    write_nifti(tmp_path / "lps" / "case.nii.gz", label, affine)
+    write_nifti(tmp_path / "ras" / "case.nii.gz", label[::-1, ::-1].copy(), ras_affine)
+    images = {}
+    for order in ("lps", "ras"):
+        out = infer(tmp_path / f"out_{order}", weights["ddpm"], mask_dir=str(tmp_path / order))
+        images[order] = np.asanyarray(nib.load(out / "case_image.nii.gz").dataobj)
+    assert images["lps"].std() > 1e-3
+    assert np.allclose(images["lps"], images["ras"][::-1, ::-1], atol=1e-4)
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs(pairs, weights, mask_dir, tmp_path):
+    again = infer(tmp_path / "again", weights["ddpm"], mask_dir=str(mask_dir))
+    other = infer(tmp_path / "other", weights["ddpm"], mask_dir=str(mask_dir), seed=1)
+    for path in sorted(pairs.glob("*_image.nii.gz")):
+        first = np.asanyarray(nib.load(path).dataobj)
+        assert np.array_equal(first, np.asanyarray(nib.load(again / path.name).dataobj))
+        assert not np.allclose(first, np.asanyarray(nib.load(other / path.name).dataobj))
+
+
+@pytest.mark.parametrize("sampler,schedule", [("ddpm", "ddpm"), ("ddim", "ddpm"), ("rflow", "rflow")])
+def test_every_sampler_generates_several_samples_per_mask(sampler, schedule, weights, tmp_path):
+    masks = tmp_path / "masks"
+    label, affine = _lps_mask()
+    write_nifti(masks / "case.nii.gz", label, affine)
+    out = infer(tmp_path / "out", weights[schedule], mask_dir=str(masks), sampler=sampler, num_samples_per_mask=2)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["case_s0_image.nii.gz", "case_s0_label.nii.gz", "case_s1_image.nii.gz", "case_s1_label.nii.gz",
+                     "pairs.json"]
+    first, second = (np.asanyarray(nib.load(out / f"case_s{k}_image.nii.gz").dataobj) for k in (0, 1))
+    assert np.isfinite(first).all() and not np.allclose(first, second)
+    seeds = [p["seed"] for p in json.loads((out / "pairs.json").read_text())["pairs"]]
+    assert seeds == [output_seed(0, "case", 0), output_seed(0, "case", 1)]
+
+
+def test_sampler_that_does_not_fit_the_model_is_refused(weights, mask_dir, tmp_path):
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", weights["rflow"], mask_dir=str(mask_dir), sampler="ddim")
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError) and "rflow" in str(error) and "--sampler rflow" in str(error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mask_embedding_computed_once_gives_the_same_guidance():
+    """The sampler embeds the mask once per volume instead of at every step: same residuals."""
+    torch.manual_seed(0)
+    controlnet = common_parser().get_parsed_content("controlnet_def", instantiate=True).eval()
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            parameter.normal_(0.0, 0.05)
+        x, cond = torch.randn(1, 4, 8, 8, 8), torch.rand(1, 5, 32, 32, 32)
+        expected = controlnet(x=x, timesteps=torch.tensor([10]), controlnet_cond=cond)
+        with conditioning_embedded_once(controlnet, cond):
+            once = [controlnet(x=x, timesteps=torch.tensor([t]), controlnet_cond=cond) for t in (10, 500)]
+        assert not torch.allclose(once[0][1], once[1][1])  # the timestep still matters
+    for got, want in zip(once[0][0] + [once[0][1]], expected[0] + [expected[1]]):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not hasattr(controlnet.controlnet_cond_embedding, "embedding")  # the real module is back
+
+
+def _bad_masks(folder: Path) -> dict[str, Path]:
+    """One file per kind of bad mask the command must refuse."""
+    label = toy_label()
+    bad = {
+        "corrupt": folder / "corrupt.nii.gz",
+        "not 3D": write_nifti(folder / "four_d.nii.gz", np.stack([label, label], axis=-1)),
+        "unknown label": write_nifti(folder / "unknown.nii.gz", np.where(label == 4, 7, label).astype(np.uint8)),
+        "non-integer": write_nifti(folder / "fraction.nii.gz", label.astype(np.float32) * 0.5),
+        "NaN": write_nifti(folder / "nan.nii.gz", np.where(label == 4, np.nan, label).astype(np.float32)),
+        "all background": write_nifti(folder / "empty.nii.gz", np.zeros_like(label)),
+        "not NIfTI": folder / "mask.txt",
+    }
+    bad["corrupt"].write_bytes(b"\x1f\x8b not really gzip")
+    bad["not NIfTI"].write_text("1 2 3")
+    return {k: Path(v) for k, v in bad.items()}
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "not 3D", "unknown label", "non-integer", "NaN", "all background", "not NIfTI"])
+def test_bad_mask_is_one_error_naming_it_and_nothing_is_written(kind, weights, tmp_path):
+    bad = _bad_masks(tmp_path / "bad")[kind]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"label": str(bad)}]}))
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", weights["ddpm"], datalist=str(datalist))
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError) and str(bad) in str(error) and "\n" not in str(error)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+
+@pytest.mark.parametrize("which", ["missing", "wrong network", "wrong UNet"])
+def test_bad_weights_are_one_error_naming_the_file(which, weights, mask_dir, tmp_path):
+    chosen = dict(weights["ddpm"])
+    if which == "missing":
+        chosen["controlnet_path"] = str(tmp_path / "nowhere.pt")
+        named = chosen["controlnet_path"]
+    elif which == "wrong network":
+        chosen["diffusion_unet_path"] = chosen["autoencoder_path"]
+        named = chosen["autoencoder_path"]
+    else:  # a ControlNet trained beside another UNet
+        chosen["controlnet_path"] = weights["rflow"]["controlnet_path"]
+        named = chosen["controlnet_path"]
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", chosen, mask_dir=str(mask_dir))
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError) and named in str(error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_differ_from_large_files_yml_are_refused(weights, tmp_path, monkeypatch):
+    import scripts.checkpoints as checkpoints
+
+    listed = tmp_path / "large_files.yml"
+    shutil.copy(weights["ddpm"]["autoencoder_path"], tmp_path / "autoencoder.pt")
+    listed.write_text('large_files:\n- path: "autoencoder.pt"\n  url: ""\n  hash_val: "' + "0" * 64 + '"\n  hash_type: "sha256"\n')
+    monkeypatch.setattr(checkpoints, "LARGE_FILES", str(listed))
+    with pytest.raises(BundleInputError, match="sha256 listed in large_files.yml"):
+        checkpoints.load_checkpoint(str(tmp_path / "autoencoder.pt"), "autoencoder weights")
+    listed.write_text(listed.read_text().replace("0" * 64, checkpoints.file_sha256(str(tmp_path / "autoencoder.pt"))))
+    assert "autoencoder" in checkpoints.load_checkpoint(str(tmp_path / "autoencoder.pt"), "autoencoder weights")
+
+
+def test_existing_output_is_kept_unless_overwrite(weights, mask_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(Exception) as caught:
+        infer(out, weights["ddpm"], mask_dir=str(mask_dir))
+    assert "--overwrite true" in str(find_input_error(caught.value))
+    assert (out / "mine.txt").read_text() == "keep me"
+    infer(out, weights["ddpm"], mask_dir=str(mask_dir), overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "pairs.json").exists()
+
+
+def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weights, mask_dir, tmp_path):
+    """Policy: every mask is checked first; one bad mask is one error line, exit 1, no output."""
+    masks = tmp_path / "masks"
+    shutil.copytree(mask_dir, masks)
+    bad = _bad_masks(tmp_path / "bad")["unknown label"]
+    shutil.copy(bad, masks / "zz_bad.nii.gz")
+    args = ["inference", "--config_file", CONFIG, "--mask_dir", str(masks), "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu", "--num_inference_steps", "2"]
+    for key, value in {**TINY, **weights["ddpm"]}.items():
+        args += [f"--{key}", str(value)]
+    result = run_bundle(*args)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "zz_bad.nii.gz" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_folder_is_one_error(weights, mask_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(Exception) as caught:
+        infer(blocker / "out", weights["ddpm"], mask_dir=str(mask_dir))
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError) and str(blocker) in str(error)
+
+
+def test_mask_editing_writes_the_edited_map_with_hcc_inside_the_liver(weights, tmp_path):
+    affine = np.diag([-4.0, -4.0, 6.0, 1.0])
+    big = np.zeros((56, 48, 24), dtype=np.uint8)
+    big[8:48, 6:42, 4:20] = 1  # a liver block wide enough for a 20 mm nodule away from its vessels
+    big[10:46, 20, 12] = 2
+    write_nifti(tmp_path / "masks" / "case.nii.gz", big, affine)
+    out = infer(tmp_path / "out", weights["ddpm"], mask_dir=str(tmp_path / "masks"),
+                mask_editing={"insert_hcc_diameters_mm": [20.0]})
+    edited = np.asanyarray(nib.load(out / "case_label.nii.gz").dataobj)
+    assert set(np.unique(edited)) <= {0, 1, 2, 4} and (edited == 4).sum() > 20
+    assert np.all(big[edited == 4] == 1)  # the nodule replaced parenchyma only
+    assert np.array_equal(edited == 2, big == 2) and np.array_equal(edited > 0, big > 0)
+    record = json.loads((out / "pairs.json").read_text())["pairs"][0]
+    assert len(record["edits"]["hcc_inserted"]) == 1
