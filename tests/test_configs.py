@@ -19,6 +19,8 @@ def _layers(path: Path) -> list[str]:
     """The files a config is meant to be used with: an overlay goes on top of its base config."""
     if path.name.startswith("multi_gpu_"):
         return [str(path.with_name(path.name[len("multi_gpu_"):])), str(path)]
+    if path.name == "hires.yaml":
+        return [str(path.with_name("inference.yaml")), str(path)]
     return [str(path)]
 
 
@@ -39,7 +41,7 @@ def test_config_parses_and_resolves(path: Path, monkeypatch):
 def test_role_configs_declare_run_and_role(monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
     for path in CONFIGS:
-        if path.name in ("metadata.json", "common.yaml", "logging.conf"):
+        if path.name in ("metadata.json", "common.yaml", "logging.conf", "hires.yaml"):
             continue
         parser = ConfigParser()
         parser.read_config(_layers(path))
@@ -97,3 +99,21 @@ def test_schedulers_noise_and_step(common_config, name):
     t = scheduler.timesteps[0]
     step = scheduler.step(noise, t, noisy)
     assert step[0].shape == latent.shape and torch.isfinite(step[0]).all()
+
+
+@pytest.mark.parametrize("base", ["train_autoencoder.yaml", "train_diffusion.yaml", "train_controlnet.yaml", "inference.yaml"])
+def test_hires_overlay_sets_the_paper_scale_grid_and_networks(base, monkeypatch):
+    """Layered last on any stage, the overlay changes grid and network sizes consistently: the
+    latent grid passes through every UNet level and the ControlNet still mirrors the UNet."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / base), str(BUNDLE_ROOT / "configs" / "hires.yaml")])
+    parser.parse()
+    assert parser.get_parsed_content("spatial_size") == [256, 256, 128]
+    compression = 2 ** (len(parser.get_parsed_content("autoencoder_def#channels")) - 1)
+    latent = [s // compression for s in parser.get_parsed_content("spatial_size")]
+    assert latent == [64, 64, 32] and latent == parser.get_parsed_content("latent_size", default=latent)
+    levels = len(parser.get_parsed_content("diffusion_unet_def#channels"))
+    assert all(s % 2 ** (levels - 1) == 0 for s in latent)
+    if "controlnet_def" in parser.get():
+        assert parser.get_parsed_content("controlnet_def#channels") == parser.get_parsed_content("diffusion_unet_def#channels")
