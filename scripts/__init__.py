@@ -22,6 +22,7 @@ from . import (
     phantom,
     sample_preview,
     sampler,
+    segmentation,
     tiled_autoencoder,
     trainers,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "phantom",
     "sample_preview",
     "sampler",
+    "segmentation",
     "tiled_autoencoder",
     "trainers",
 ]
