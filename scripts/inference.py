@@ -111,7 +111,8 @@ def find_masks(
     """
     if mask_dir:
         if not os.path.isdir(mask_dir):
-            raise BundleInputError(f"{mask_dir}: mask folder not found (--mask_dir)")
+            flag = "--demo_mask_dir" if mask_dir == demo_mask_dir else "--mask_dir"
+            raise BundleInputError(f"{mask_dir}: mask folder not found ({flag})")
         files = sorted(f for f in glob.glob(os.path.join(mask_dir, "*")) if os.path.isfile(f))
         masks = [f for f in files if f.endswith(NIFTI_SUFFIXES)]
         others = [os.path.basename(f) for f in files if f not in masks]
@@ -124,7 +125,7 @@ def find_masks(
     else:
         if not demo_mask_dir:
             raise BundleInputError("no masks given: pass --mask_dir DIR or --datalist FILE")
-        return find_masks(mask_dir=demo_mask_dir)
+        return find_masks(mask_dir=demo_mask_dir, demo_mask_dir=demo_mask_dir)
     if not masks:
         raise BundleInputError(f"{where}: no label maps (.nii or .nii.gz) to generate from")
     items = [{"label": path, "name": _stem(path)} for path in masks]

@@ -13,7 +13,8 @@ unpacks it into ``D/<name>`` (MONAI saves the download as ``D/<name>.zip`` and e
 ``D``, skipping extraction when ``D/<name>`` already holds files).
 
 What ships is what a user needs to run the bundle: ``LICENSE``, ``README.md``, ``requirements.txt``,
-``large_files.yml``, ``configs/``, ``scripts/``, ``models/``, ``docs/`` and ``benchmarks/``.
+``large_files.yml``, ``configs/``, ``scripts/``, ``models/``, ``docs/``, ``benchmarks/`` and the demo
+masks (``datasets/demo_masks/``, the default input of ``configs/inference.yaml``).
 Development files stay out, as in the zoo (which keeps tests in its own CI tree): ``tests/``,
 ``pytest.ini``, ``requirements-dev.txt``, ``.ci/``, dot files, ``__pycache__``. In a git checkout
 the files come from ``git ls-files`` (tracked, plus new files git does not ignore), so ignored run
@@ -44,7 +45,7 @@ __all__ = ["release_name", "release_files", "check_large_files", "write_release"
 
 #: Top-level files and folders a user of the bundle needs; anything else at the root stays out.
 SHIPPED_FILES = ("LICENSE", "README.md", "requirements.txt", "large_files.yml", "large_files.yaml", "large_files.json")
-SHIPPED_DIRS = ("configs", "scripts", "models", "docs", "benchmarks")
+SHIPPED_DIRS = ("configs", "scripts", "models", "docs", "benchmarks", "datasets/demo_masks")
 #: Never shipped, at any depth (besides dot files and folders).
 EXCLUDED_NAMES = ("__pycache__",)
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp")
@@ -189,7 +190,7 @@ def _shipped(rel: str) -> bool:
     parts = rel.split("/")
     if any(_excluded(p) for p in parts):
         return False
-    return rel in SHIPPED_FILES if len(parts) == 1 else parts[0] in SHIPPED_DIRS
+    return rel in SHIPPED_FILES if len(parts) == 1 else any(rel.startswith(f"{d}/") for d in SHIPPED_DIRS)
 
 
 def release_files(bundle_root: str) -> list[str]:

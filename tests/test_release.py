@@ -26,7 +26,7 @@ from scripts.release import release_name, write_release
 #: The command the unpacked release must run as a user would (cwd: the unpacked folder), on the tiny
 #: phantoms ("{dataset}") with --output_dir, --device cpu and the tiny grid added. Switching this smoke
 #: test to the main inference is this one line, e.g. ("configs/inference.yaml", "--num_steps", "2").
-RELEASE_SMOKE = ("configs/inference_autoencoder.yaml",)
+RELEASE_SMOKE = ("configs/inference.yaml", "--num_inference_steps", "2")
 
 METADATA = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
 NAME = release_name(METADATA["name"])
@@ -88,9 +88,12 @@ def test_zip_holds_one_bundle_folder_with_what_a_user_needs(release):
             "docs/README.md"} <= files
     assert {entry["path"] for entry in LARGE_FILES} <= files and any(f.startswith("models/") and f.endswith(".pt")
                                                                      for f in files)
-    # development files and run outputs stay out (outputs/ and datasets/ exist in a working checkout)
+    # development files and run outputs stay out (outputs/ and datasets/ exist in a working checkout);
+    # of datasets/, only the demo masks inference runs on by default
     assert {f.split("/")[0] for f in files} <= {"LICENSE", "README.md", "requirements.txt", "large_files.yml",
-                                                "configs", "scripts", "models", "docs", "benchmarks"}
+                                                "configs", "scripts", "models", "docs", "benchmarks", "datasets"}
+    demo_masks = {f for f in files if f.startswith("datasets/")}
+    assert demo_masks and all(f.startswith("datasets/demo_masks/") and f.endswith(".nii.gz") for f in demo_masks)
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/." in f"/{f}"]
     # reproducible metadata: no directory entries, one date, one mode, deflate
     assert all(not i.is_dir() and i.date_time == (1980, 1, 1, 0, 0, 0) and i.external_attr >> 16 == 0o100644
