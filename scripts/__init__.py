@@ -8,9 +8,13 @@ from . import (
     data,
     dataset_report,
     diffusion,
+    diversity,
     errors,
+    evaluation,
     feature_networks,
+    fid,
     figures,
+    gan_baseline,
     inference,
     labels,
     latent_cache,
@@ -25,6 +29,7 @@ from . import (
     segmentation,
     tiled_autoencoder,
     trainers,
+    unconditional,
 )
 
 __all__ = [
@@ -33,9 +38,13 @@ __all__ = [
     "data",
     "dataset_report",
     "diffusion",
+    "diversity",
     "errors",
+    "evaluation",
     "feature_networks",
+    "fid",
     "figures",
+    "gan_baseline",
     "inference",
     "labels",
     "latent_cache",
@@ -50,4 +59,5 @@ __all__ = [
     "segmentation",
     "tiled_autoencoder",
     "trainers",
+    "unconditional",
 ]

@@ -1,0 +1,71 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Baseline: the stage-2 latent diffusion model sampled alone, without label guidance.
+
+``configs/generate_unconditional.yaml`` draws ``num_samples`` volumes with
+``scripts.sampler.LatentDiffusionSampler`` (no ControlNet) and writes them as
+``sample_0000_image.nii.gz``, ... on the model grid (RAS, the configured spacing, centred on the
+origin), with ``samples.json`` recording each file's seed. They have no label maps: the evaluation
+measures their FID and diversity, not their mask fidelity. Seeds derive from the run seed and the
+file name (``scripts.inference.output_seed``), so asking for more samples adds files without
+changing the first ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scripts.errors import BundleInputError
+from scripts.inference import output_seed
+from scripts.outputs import publish, staging_dir
+
+__all__ = ["model_grid_affine", "generate_unconditional"]
+
+
+def model_grid_affine(spacing: Sequence[float], spatial_size: Sequence[int]) -> np.ndarray:
+    """RAS affine of the model grid: voxel axes along x, y, z with ``spacing``, centred on the origin."""
+    affine = np.diag([*[float(s) for s in spacing], 1.0])
+    affine[:3, 3] = -0.5 * (np.asarray(spatial_size, dtype=np.float64) - 1) * np.asarray(spacing, dtype=np.float64)
+    return affine
+
+
+def generate_unconditional(
+    sampler: torch.nn.Module,
+    num_samples: int,
+    output_dir: str,
+    spacing: Sequence[float],
+    overwrite: bool = False,
+    seed: int = 0,
+    prefix: str = "sample",
+) -> str:
+    """Write ``num_samples`` unconditional images and ``samples.json`` to ``output_dir`` (atomically); returns it."""
+    if int(num_samples) < 1:
+        raise BundleInputError(f"config 'num_samples' must be at least 1, got {num_samples}")
+    staging = staging_dir(output_dir, overwrite)
+    try:
+        records = []
+        for k in tqdm(range(int(num_samples)), desc="sampling", unit="volume"):
+            name = f"{prefix}_{k:04d}"
+            case_seed = output_seed(seed, name, 0)
+            torch.manual_seed(case_seed)  # DDPM's stochastic steps draw from the global generator
+            with torch.no_grad():
+                image = sampler(None, seeds=[case_seed])[0, 0].float().cpu().numpy()
+            affine = model_grid_affine(spacing, image.shape)
+            nifti = nib.Nifti1Image(image.astype(np.float32), affine)
+            nifti.header.set_xyzt_units("mm")
+            nib.save(nifti, os.path.join(staging, f"{name}_image.nii.gz"))
+            records.append({"image": f"{name}_image.nii.gz", "seed": case_seed})
+        with open(os.path.join(staging, "samples.json"), "w") as f:
+            json.dump({"seed": int(seed), "samples": records}, f, indent=1)
+        return publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
