@@ -3,6 +3,7 @@
 """Python package of the 3D-LLDM bundle, imported from configs as ``scripts.<module>``."""
 
 from . import (
+    augmentation_study,
     checkpoints,
     controlnet,
     data,
@@ -33,6 +34,7 @@ from . import (
 )
 
 __all__ = [
+    "augmentation_study",
     "checkpoints",
     "controlnet",
     "data",

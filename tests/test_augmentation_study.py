@@ -1,0 +1,310 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The augmentation study driver (configs/augmentation_study.yaml): the grid runs and the table is
+written, synthetic pairs come only from the kept training masks, a held-out mask in the synthetic
+set stops the study, and a re-run skips what is finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigWorkflow
+
+import scripts.augmentation_study as study_module
+from conftest import BUNDLE_ROOT, run_bundle
+from scripts.augmentation_study import (
+    AugmentationStudy,
+    check_synthetic_set,
+    format_table,
+    select_real_cases,
+    summarise,
+)
+from scripts.checkpoints import weights_sha256
+from scripts.errors import BundleInputError, find_input_error
+from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
+
+CONFIG = "configs/augmentation_study.yaml"
+LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
+REPORT_ORDER = ["hcc", "liver", "portal_vein", "hepatic_vein"]
+NETWORKS = ["unet", "segresnet"]
+RUNS = ["unet_real_seed0", "unet_synthetic1_seed0", "segresnet_real_seed0", "segresnet_synthetic1_seed0"]
+
+
+def _datalist(dataset: Path) -> dict:
+    return json.loads((dataset / "datalist.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, str]:
+    """Tiny seeded-random DDPM weights, recorded as the training configs record them."""
+    root = tmp_path_factory.mktemp("weights")
+    autoencoder = write_autoencoder(root / "autoencoder.pt")
+    unet = write_unet(root / "unet.pt", autoencoder)
+    unet_checkpoint = torch.load(unet, weights_only=True)
+    controlnet = write_network(root / "controlnet.pt", "controlnet_def", "controlnet", 0, trained_like=True,
+                               noise_schedule=unet_checkpoint["noise_schedule"], labels=LABELS,
+                               diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"))
+    return {"autoencoder_path": str(autoencoder), "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)}
+
+
+def _settings(dataset: Path, output: Path, weights: dict[str, str], **extra) -> dict:
+    """A tiny study: 2 networks x {real, real + synthetic x1} x seed 0, one real training case kept,
+    1 epoch at the tiny grid; synthetic pairs: 2 re-renderings + 1 layout with a new HCC nodule."""
+    return {
+        "dataset_dir": str(dataset), "output_dir": str(output), "device": "cpu",
+        "networks": NETWORKS, "synthetic_ratios": [1.0], "seeds": [0], "num_real_cases": 1,
+        "num_renderings_per_mask": 2, "edited_layouts": {"hcc": {"insert_hcc_diameters_mm": [20]}},
+        "inference_overrides": {"num_inference_steps": 2, **weights},
+        "segmentation_overrides": {"max_epochs": 1, "val_interval": 1, "patch_size": [16, 16, 16], "num_crops": 1},
+        "shared_overrides": dict(TINY),
+        **extra,
+    }
+
+
+def _run_in_process(**settings) -> str:
+    assert Path.cwd().resolve() == BUNDLE_ROOT, "run bundle workflows from the bundle root"
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type=None, run_id="training", launcher="in_process",
+                              **settings)
+    workflow.initialize()
+    workflow.run()
+    return workflow.parser.get_parsed_content("output_dir")
+
+
+@pytest.fixture(scope="module")
+def study(tiny_phantoms, weights, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny study, run once in this process; returns its folder and settings."""
+    previous = os.getcwd()
+    os.chdir(BUNDLE_ROOT)
+    try:
+        settings = _settings(tiny_phantoms, tmp_path_factory.mktemp("study") / "out", weights)
+        _run_in_process(**settings)
+    finally:
+        os.chdir(previous)
+    return Path(settings["output_dir"]), settings
+
+
+def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+
+
+# ---------------------------------------------------------------- the study end to end
+def test_study_runs_the_grid_and_writes_the_table(study, tiny_phantoms):
+    out, _ = study
+    record = json.loads((out / "study.json").read_text())
+    runs = {r["name"]: r for r in record["runs"]}
+    assert list(runs) == RUNS and all(r["status"] == "done" and not r["skipped"] for r in runs.values())
+    for name, run in runs.items():
+        synthetic = "synthetic" in name
+        assert run["num_real_training_cases"] == 1 and run["num_synthetic_training_cases"] == int(synthetic)
+        assert list(run["dice"]) == REPORT_ORDER and run["checkpoint_epoch"] == 1
+        assert run["wall_time_s"]["training"] > 0 and run["wall_time_s"]["evaluating"] > 0
+        assert (out / "runs" / name / f"segmentation_{run['network']}" / "test_metrics.json").is_file()
+    assert record["conditions"] == {"real": "real only", "synthetic1": "real + synthetic x1"}
+
+    # the summary: each condition's Dice and the synthetic arm minus the real arm, per class
+    for network in NETWORKS:
+        table = record["summary"][network]
+        assert list(table) == [*REPORT_ORDER, "mean"]
+        real, synthetic = runs[f"{network}_real_seed0"], runs[f"{network}_synthetic1_seed0"]
+        for name in ("liver", "mean"):  # every phantom has a liver
+            value = (lambda r: r["mean_dice"]) if name == "mean" else (lambda r: r["dice"][name])
+            cells = table[name]
+            assert cells["dice"]["real"]["mean"] == pytest.approx(value(real), abs=1e-6)
+            assert cells["dice"]["synthetic1"]["mean"] == pytest.approx(value(synthetic), abs=1e-6)
+            assert cells["difference"]["synthetic1"]["mean"] == pytest.approx(value(synthetic) - value(real), abs=1e-5)
+            assert cells["dice"]["real"]["n"] == 1 and cells["dice"]["real"]["std"] is None
+
+    markdown = (out / "study.md").read_text()
+    assert "## hcc Dice by network" in markdown
+    for network in NETWORKS:
+        assert f"## {network}\n\n| class | real only | real + synthetic x1 | Δ x1 |" in markdown
+        liver = record["summary"][network]["liver"]
+        assert (f"| liver | {liver['dice']['real']['mean']:.3f} | {liver['dice']['synthetic1']['mean']:.3f} | "
+                f"{liver['difference']['synthetic1']['mean']:+.3f} |") in markdown
+    assert "| segresnet_synthetic1_seed0 | done | 1 / 1 |" in markdown
+    assert not list(out.glob(".*.tmp")) and not (out / "synthetic_parts").exists()
+
+
+def test_synthetic_pairs_come_only_from_the_kept_training_masks(study, tiny_phantoms):
+    out, _ = study
+    sections = _datalist(tiny_phantoms)
+    kept = json.loads((out / "datalist.json").read_text())
+    # the low-data regime: the first training case; validation and test untouched
+    assert [c["label"] for c in kept["training"]] == [str(tiny_phantoms / sections["training"][0]["label"])]
+    for section in ("validation", "test"):
+        assert [c["label"] for c in kept[section]] == [str(tiny_phantoms / c["label"]) for c in sections[section]]
+
+    manifest = json.loads((out / "synthetic" / "pairs.json").read_text())
+    held_out = {str(tiny_phantoms / c["label"]) for c in sections["validation"] + sections["test"]}
+    sources = [p["mask"] for p in manifest["pairs"]]
+    assert set(sources) == {kept["training"][0]["label"]} and not set(sources) & held_out
+    names = sorted(p["image"] for p in manifest["pairs"])
+    stem = Path(kept["training"][0]["label"]).name[: -len(".nii.gz")]
+    assert names == [f"hcc_{stem}_image.nii.gz", f"render_{stem}_s0_image.nii.gz", f"render_{stem}_s1_image.nii.gz"]
+    assert [p["edits"] != {} for p in sorted(manifest["pairs"], key=lambda p: p["image"])] == [True, False, False]
+    assert len({p["seed"] for p in manifest["pairs"]}) == 3  # each pair its own noise
+    assert sorted(f.name for f in (out / "synthetic").iterdir()) == sorted(
+        ["pairs.json"] + names + [n.replace("_image", "_label") for n in names])
+
+
+def test_rerun_skips_finished_runs_and_the_synthetic_set(study, monkeypatch):
+    out, settings = study
+    before = _mtimes(out, "runs/*/segmentation_*/test_metrics.json") | _mtimes(out, "synthetic/*")
+
+    def no_command(*args, **kwargs):
+        raise AssertionError(f"a finished step ran again: {args}")
+
+    monkeypatch.chdir(BUNDLE_ROOT)
+    monkeypatch.setattr(study_module, "run_bundle_command", no_command)
+    _run_in_process(**settings)
+    assert _mtimes(out, "runs/*/segmentation_*/test_metrics.json") | _mtimes(out, "synthetic/*") == before
+    record = json.loads((out / "study.json").read_text())
+    assert [r["skipped"] for r in record["runs"]] == [True] * 4 and all(r["status"] == "done" for r in record["runs"])
+
+
+def test_command_resumes_an_interrupted_run_without_training_again(study, tmp_path):
+    """The user's command (subprocess launcher): only the run lacking its test report runs again,
+    and its finished training is not repeated."""
+    out, settings = study
+    run = out / "runs" / "segresnet_synthetic1_seed0"
+    (run / "segmentation_segresnet" / "test_metrics.json").unlink()  # cut off during evaluation
+    others = _mtimes(out, "runs/*/segmentation_*/test_metrics.json")
+    trained = _mtimes(run, "segmentation_segresnet/*.pt") | _mtimes(run, "training.log")
+    overlay = tmp_path / "study.yaml"
+    overlay.write_text(yaml.safe_dump(settings))
+    result = run_bundle("training", "--config_file", json.dumps([CONFIG, str(overlay)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _mtimes(out, "runs/*/segmentation_*/test_metrics.json").items() >= others.items()
+    assert (run / "segmentation_segresnet" / "test_metrics.json").is_file()
+    assert _mtimes(run, "segmentation_segresnet/*.pt") | _mtimes(run, "training.log") == trained
+    assert "monai.bundle run evaluating" in (run / "evaluating.log").read_text()
+    record = json.loads((out / "study.json").read_text())
+    assert [r["skipped"] for r in record["runs"]] == [True, True, True, False]
+    assert record["settings"]["launcher"] == "subprocess"
+
+
+def test_changed_settings_under_a_study_folder_are_refused(study, monkeypatch):
+    out, settings = study
+    monkeypatch.chdir(BUNDLE_ROOT)
+    changed = {**settings, "segmentation_overrides": {**settings["segmentation_overrides"], "max_epochs": 2}}
+    with pytest.raises(Exception) as caught:
+        _run_in_process(**changed)
+    message = str(find_input_error(caught.value))
+    assert "this run was started with other settings (max_epochs 1 -> 2)" in message
+    with pytest.raises(Exception) as caught:
+        _run_in_process(**{**settings, "num_real_cases": 2})
+    assert "started with other real cases" in str(find_input_error(caught.value))
+
+
+# ---------------------------------------------------------------- the guard
+def _copy_pairs(dataset: Path, folder: Path, cases: list[dict], sources: list[str | None] | None) -> Path:
+    """Pairs copied from real ``cases``, with a pairs.json naming ``sources`` (None: no manifest)."""
+    folder.mkdir(parents=True)
+    records = []
+    for i, case in enumerate(cases):
+        shutil.copy(dataset / case["image"], folder / f"p{i}_image.nii.gz")
+        shutil.copy(dataset / case["label"], folder / f"p{i}_label.nii.gz")
+        records.append({"image": f"p{i}_image.nii.gz", "label": f"p{i}_label.nii.gz"})
+    if sources is not None:
+        for record, source in zip(records, sources):
+            if source:
+                record["mask"] = source
+        (folder / "pairs.json").write_text(json.dumps({"seed": 0, "pairs": records}))
+    return folder
+
+
+@pytest.mark.parametrize("manifest, expected", [
+    ("test mask", "generated from the held-out mask .*training on it would leak"),
+    ("validation mask", "generated from the held-out mask"),
+    ("no source", "1 of 2 synthetic pairs have no source mask recorded"),
+    ("no manifest", "no pairs.json recording the source mask"),
+])
+def test_a_held_out_mask_in_the_synthetic_set_stops_the_study(manifest, expected, tiny_phantoms, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    sections = _datalist(tiny_phantoms)
+    training = str(tiny_phantoms / sections["training"][0]["label"])
+    second = {"test mask": str(tiny_phantoms / sections["test"][0]["label"]),
+              "validation mask": str(tiny_phantoms / sections["validation"][0]["label"]),
+              "no source": None, "no manifest": None}[manifest]
+    sources = None if manifest == "no manifest" else [training, second]
+    folder = _copy_pairs(tiny_phantoms, tmp_path / "synthetic", sections["training"][:2], sources)
+    study = AugmentationStudy(datalist=str(tiny_phantoms / "datalist.json"), dataset_dir=str(tiny_phantoms),
+                              output_dir=str(tmp_path / "out"), networks=["unet"], synthetic_dir=str(folder),
+                              segmentation_overrides={"max_epochs": 1}, launcher="in_process",
+                              bundle_root=str(BUNDLE_ROOT))
+    with pytest.raises(BundleInputError, match=expected):
+        study.run()
+    assert not (tmp_path / "out" / "runs").exists(), "a run started before the synthetic set was checked"
+
+
+def test_the_guard_accepts_pairs_from_training_masks(tiny_phantoms, tmp_path):
+    sections = _datalist(tiny_phantoms)
+    training = [{"label": str(tiny_phantoms / c["label"])} for c in sections["training"]]
+    held_out = [{"label": str(tiny_phantoms / c["label"])} for c in sections["validation"] + sections["test"]]
+    folder = _copy_pairs(tiny_phantoms, tmp_path / "s", sections["training"], [c["label"] for c in training])
+    assert check_synthetic_set(str(folder), training, held_out) == {
+        "num_pairs": 2, "num_source_masks": 2, "sources_outside_training": 0}
+    # masks outside the kept training cases (a low-data cut) are allowed and counted
+    assert check_synthetic_set(str(folder), training[:1], held_out)["sources_outside_training"] == 1
+
+
+# ---------------------------------------------------------------- pieces
+def test_real_case_selection():
+    cases = [{"label": f"l{i}"} for i in range(6)]
+    assert select_real_cases(cases, None) == cases
+    assert select_real_cases(cases, 2) == cases[:2]
+    drawn = select_real_cases(cases, 3, "random", seed=1)
+    assert drawn == select_real_cases(cases, 3, "random", seed=1) and len(drawn) == 3
+    assert drawn == sorted(drawn, key=lambda c: c["label"])  # datalist order kept
+    assert {tuple(c["label"] for c in select_real_cases(cases, 3, "random", seed=s)) for s in range(5)} != {
+        tuple(c["label"] for c in drawn)}
+    for num, selection, message in ((7, "first", "has 6 training cases"), (0, "first", "whole number >= 1"),
+                                    (2, "last", "must be 'first' or 'random'")):
+        with pytest.raises(BundleInputError, match=message):
+            select_real_cases(cases, num, selection)
+
+
+def test_summary_over_seeds_gives_mean_std_and_paired_difference():
+    def run(condition, seed, hcc, liver):
+        return {"network": "unet", "condition": condition, "seed": seed, "dice": {"hcc": hcc, "liver": liver},
+                "mean_dice": liver if hcc is None else (hcc + liver) / 2}
+
+    runs = [run("real", 0, 0.4, 0.9), run("real", 1, 0.6, 0.9), run("synthetic1", 0, 0.5, 0.92),
+            run("synthetic1", 1, 0.9, 0.88), run("synthetic1", 2, None, 0.9)]
+    table = summarise(runs, ["real", "synthetic1"], ["hcc", "liver"])["unet"]
+    assert table["hcc"]["dice"]["real"] == {"mean": 0.5, "std": pytest.approx(0.141421, abs=1e-6), "n": 2}
+    synthetic = table["hcc"]["dice"]["synthetic1"]
+    assert synthetic["mean"] == pytest.approx(0.7) and synthetic["n"] == 2
+    # paired by seed: +0.1 and +0.3; seed 2 has no real-only partner
+    assert table["hcc"]["difference"]["synthetic1"] == {"mean": 0.2, "std": pytest.approx(0.141421, abs=1e-6), "n": 2}
+    assert table["liver"]["difference"]["synthetic1"]["n"] == 2
+    titles = {"real": "real only", "synthetic1": "real + synthetic x1"}
+    text = format_table(table, ["real", "synthetic1"], titles, "class")
+    assert text.splitlines()[0] == "| class | real only | real + synthetic x1 | Δ x1 |"
+    assert "| hcc | 0.500 ± 0.141 | 0.700 ± 0.283 | +0.200 ± 0.141 |" in text
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"networks": ["unet", "resnet"]}, "'networks' must list distinct networks among"),
+    ({"synthetic_ratios": [0.0]}, "'synthetic_ratios' must be distinct numbers > 0"),
+    ({"segmentation_overrides": {"synthetic_ratio": 2}}, "['synthetic_ratio'] are set by the study itself"),
+    ({"edited_layouts": {"new_hcc": {"insert_hcc_diameters_mm": [10]}}}, "names ['new_hcc'] must be letters"),
+    ({"edited_layouts": {"same": {}}}, "'edited_layouts#same': no editing step enabled"),
+    ({"edited_layouts": {"hcc": {"hcc_diameter": 3}}}, "'edited_layouts#hcc': .*unexpected keyword"),
+    ({"synthetic_ratios": [3.0], "num_renderings_per_mask": 1, "edited_layouts": {}}, "needs 6 synthetic pairs"),
+    ({"num_real_cases": 5}, "'num_real_cases' is 5 but the datalist has 2 training cases"),
+])
+def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny_phantoms, tmp_path):
+    settings = {"datalist": str(tiny_phantoms / "datalist.json"), "dataset_dir": str(tiny_phantoms),
+                "output_dir": str(tmp_path / "out"), "bundle_root": str(BUNDLE_ROOT), **change}
+    with pytest.raises(BundleInputError, match=expected if ".*" in expected else re.escape(expected)) as err:
+        AugmentationStudy(**settings)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
