@@ -307,3 +307,24 @@ def test_demo_weights_give_the_hbp_pattern_on_unseen_masks(tmp_path):
     assert counts[4] > 0 and counts[2] > 0 and counts[3] > 0
     for darker in ("hcc", "portal_vein", "hepatic_vein"):
         assert means["liver"] > means[darker], means
+
+
+def test_onednn_convolutions_give_the_same_output_and_are_restored():
+    """Sampling runs the networks' 3D convolutions on oneDNN (much faster for one small volume on
+    CPU); the results match the default kernels and the layers are restored afterwards."""
+    from scripts.sampler import onednn_conv3d
+
+    torch.manual_seed(0)
+    unet = common_parser().get_parsed_content("diffusion_unet_def", instantiate=True).eval()
+    x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        for parameter in unet.parameters():  # MONAI zero-initialises the output layer: make it matter
+            if not parameter.any():
+                parameter.normal_(0.0, 0.05)
+        expected = unet(x, t)
+        assert expected.abs().mean() > 1e-3
+        with onednn_conv3d(unet):
+            assert any("_conv_forward" in vars(m) for m in unet.modules()) or not torch.backends.mkldnn.is_available()
+            fast = unet(x, t)
+    assert torch.allclose(fast, expected, atol=1e-5)
+    assert not any("_conv_forward" in vars(m) for m in unet.modules())
