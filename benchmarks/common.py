@@ -312,21 +312,9 @@ def jsonable(value: Any) -> Any:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary sibling file, then rename it over ``path`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return path
+    from scripts.outputs import write_text_atomic as write
+
+    return Path(write(str(path), text))
 
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> Path:

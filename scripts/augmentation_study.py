@@ -38,7 +38,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from tqdm import tqdm
 
 from scripts.data import load_datalist
 from scripts.errors import BundleInputError, find_input_error
-from scripts.outputs import publish, staging_dir
+from scripts.outputs import publish, staging_dir, write_text_atomic
 from scripts.segmentation import PAIRS_MANIFEST, check_synthetic_sources, find_synthetic_pairs
 
 __all__ = [
@@ -86,25 +85,6 @@ class StudyRunError(BundleInputError):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _write_atomic(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` through a temporary sibling file and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def _plain(value: Any, what: str) -> Any:
     """``value`` as plain JSON/YAML data (dicts, lists, str, numbers, bools, None), else an error."""
     if isinstance(value, Mapping):
@@ -527,7 +507,7 @@ class AugmentationStudy:
                 raise BundleInputError(f"{self.study_datalist}: this study folder was started with other real cases "
                                        "(datalist, num_real_cases or real_case_selection); choose another --output_dir")
             return self.study_datalist
-        return _write_atomic(self.study_datalist, json.dumps(content, indent=1))
+        return write_text_atomic(self.study_datalist, json.dumps(content, indent=1))
 
     def _synthetic_settings(self) -> dict[str, Any]:
         return {
@@ -575,12 +555,12 @@ class AugmentationStudy:
                 "seed": part_settings["inference_seed"], "mask_editing": variant["mask_editing"],
                 "num_samples_per_mask": variant["num_samples_per_mask"], **self.inference_overrides,
             }
-            overrides_file = _write_atomic(part + ".overrides.yaml", yaml.safe_dump(overrides, sort_keys=False))
+            overrides_file = write_text_atomic(part + ".overrides.yaml", yaml.safe_dump(overrides, sort_keys=False))
             logger.info(f"synthetic variant {index}/{len(variants)} {name}: {len(self.training)} masks x "
                         f"{variant['num_samples_per_mask']} sample(s) into {part} (log: {part}.log)")
             wall[name] = run_bundle_command("inference", [*self.inference_configs, overrides_file], part + ".log",
                                             self.bundle_root, self.launcher)
-            _write_atomic(record_path, json.dumps({"settings": part_settings, "wall_time_s": wall[name]}, indent=1))
+            write_text_atomic(record_path, json.dumps({"settings": part_settings, "wall_time_s": wall[name]}, indent=1))
         self._merge(parts_root, settings, wall)
         shutil.rmtree(parts_root, ignore_errors=True)
         return {"dir": self.synthetic_dir, "generated": True, "wall_time_s": wall}
@@ -651,8 +631,8 @@ class AugmentationStudy:
         else:
             record["skipped"] = False
             overrides_file = os.path.join(folder, "overrides.yaml")
-            _write_atomic(overrides_file, yaml.safe_dump(overrides, sort_keys=False))
-            _write_atomic(record_path, json.dumps(record, indent=1))
+            write_text_atomic(overrides_file, yaml.safe_dump(overrides, sort_keys=False))
+            write_text_atomic(record_path, json.dumps(record, indent=1))
             configs = [*self.segmentation_configs, overrides_file]
             for role in ("training", "evaluating"):
                 if role == "training" and record.get("trained"):
@@ -661,7 +641,7 @@ class AugmentationStudy:
                                                 self.bundle_root, self.launcher)
                 record["trained"] = record.get("trained") or role == "training"
                 record["wall_time_s"] = wall
-                _write_atomic(record_path, json.dumps(record, indent=1))
+                write_text_atomic(record_path, json.dumps(record, indent=1))
         report = _read_json(metrics_path)
         record.update({
             "status": "done", "metrics_path": metrics_path, "dice": report["dice"], "mean_dice": report["mean_dice"],
@@ -669,7 +649,7 @@ class AugmentationStudy:
             "num_real_training_cases": report.get("num_real_training_cases"),
             "num_synthetic_training_cases": report.get("num_synthetic_training_cases"), "wall_time_s": wall,
         })
-        _write_atomic(record_path, json.dumps(record, indent=1))
+        write_text_atomic(record_path, json.dumps(record, indent=1))
         return record
 
     # ------------------------------------------------------------------ report
@@ -691,8 +671,8 @@ class AugmentationStudy:
                             "synthetic_generation": round(_generation_seconds(synthetic), 1),
                             "runs": round(sum(v for r in runs for v in (r.get("wall_time_s") or {}).values()), 1)},
         }
-        _write_atomic(os.path.join(self.output_dir, "study.json"), json.dumps(study, indent=1))
-        _write_atomic(os.path.join(self.output_dir, "study.md"), self.markdown(runs, summary, classes, synthetic))
+        write_text_atomic(os.path.join(self.output_dir, "study.json"), json.dumps(study, indent=1))
+        write_text_atomic(os.path.join(self.output_dir, "study.md"), self.markdown(runs, summary, classes, synthetic))
         return os.path.join(self.output_dir, "study.md")
 
     def markdown(self, runs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], classes: Sequence[str],

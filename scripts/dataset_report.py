@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from scripts.data import check_cases, load_datalist
 from scripts.errors import BundleInputError
 from scripts.labels import LabelContract
+from scripts.outputs import write_text_atomic
 
 __all__ = ["describe_case", "write_dataset_report"]
 
@@ -68,11 +68,7 @@ def write_dataset_report(
         report["sections"][section] = {"num_cases": len(cases), "cases_without_class": missing, "cases": cases}
     if not any(s["num_cases"] for s in report["sections"].values()):
         raise BundleInputError(f"{datalist}: no cases in sections {list(sections)}")
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output_path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, output_path)
+    write_text_atomic(output_path, json.dumps(report, indent=2))
     for section, summary in report["sections"].items():
         print(f"{section}: {summary['num_cases']} cases" + (
             f", cases lacking a class after preprocessing: {summary['cases_without_class']}" if summary["num_cases"] else ""

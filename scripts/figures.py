@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from scripts.outputs import atomic_path
 
 # label id -> (name, RGB colour) of the overlay
 _OVERLAY = {
@@ -114,19 +115,10 @@ def _save_figure(fig: Any, path: str) -> str:
     """Write ``fig`` as PNG through a temporary sibling file and an atomic rename; close it."""
     import matplotlib.pyplot as plt
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        _shrink_png(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+            _shrink_png(tmp)
     finally:
         plt.close(fig)
     return path
@@ -170,12 +162,6 @@ def save_pair_preview(image: np.ndarray, label: np.ndarray, affine: np.ndarray, 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _save_figure(fig, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _shrink_png(path: str) -> None:

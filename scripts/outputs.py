@@ -1,6 +1,9 @@
 # Copyright (c) 3D-LLDM bundle contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Output folders that appear whole or not at all, and never replace a user's files unasked.
+"""Outputs that appear whole or not at all, and never replace a user's files unasked.
+
+Single files (:func:`atomic_path`, :func:`write_text_atomic`) are written to a temporary sibling
+and renamed over the target, which the OS does atomically.
 
 A command writes into a hidden staging folder next to its destination; only when everything is
 written is the staging folder renamed onto the destination (an atomic rename on one file
@@ -12,16 +15,43 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from scripts.errors import BundleInputError
 
-__all__ = ["staging_dir", "publish"]
+__all__ = ["atomic_path", "write_text_atomic", "staging_dir", "publish"]
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary sibling of ``path`` for the block to write; renamed onto ``path`` when the block
+    ends without error (with the usual file mode: ``mkstemp`` makes owner-only files), removed otherwise."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    return path
 
 
 def staging_dir(final_dir: str, overwrite: bool = False) -> str:

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from scripts.data import NIFTI_SUFFIXES
 from scripts.errors import BundleInputError
 from scripts.labels import LabelContract
+from scripts.outputs import write_text_atomic
 
 __all__ = [
     "select_network",
@@ -267,20 +267,7 @@ def write_dice_report(
             for row, case in enumerate(cases)
         ],
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(report, indent=2))
     summary = ", ".join(f"{n} {v:.4f}" if v is not None else f"{n} n/a" for n, v in dice.items())
     logger.info(f"Dice on {len(cases)} cases: {summary}; written to {path}")
     return report
