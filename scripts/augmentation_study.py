@@ -51,6 +51,7 @@ from scripts.data import load_datalist
 from scripts.errors import BundleInputError, find_input_error
 from scripts.outputs import publish, staging_dir, write_text_atomic
 from scripts.segmentation import PAIRS_MANIFEST, check_synthetic_sources, find_synthetic_pairs
+from scripts.settings import as_bool
 
 __all__ = [
     "RENDER_VARIANT",
@@ -309,6 +310,8 @@ class AugmentationStudy:
         networks: segmentation networks (``--network`` names of ``configs/train_segmentation.yaml``).
         synthetic_ratios: synthetic cases per real training case of each real + synthetic arm (> 0).
         seeds: segmentation seeds; each cell of the grid runs once per seed.
+        equal_steps: every arm trains with the real-only arm's optimizer steps per epoch
+            (``epoch_length``), so the real + synthetic arms do not simply train longer.
         num_real_cases: real training cases kept (None: all); validation and test stay whole.
         real_case_selection: ``first`` (the datalist's first N) or ``random`` (N drawn with ``seed``).
         seed: seed of the case draw and of synthetic generation.
@@ -332,6 +335,7 @@ class AugmentationStudy:
         networks: Sequence[str] = ("unet", "segresnet", "attention_unet", "dynunet", "vnet"),
         synthetic_ratios: Sequence[float] = (1.0,),
         seeds: Sequence[int] = (0,),
+        equal_steps: bool = False,
         num_real_cases: int | None = None,
         real_case_selection: str = "first",
         seed: int = 0,
@@ -357,6 +361,7 @@ class AugmentationStudy:
         self.networks = [str(n) for n in networks]
         self.synthetic_ratios = [float(r) for r in synthetic_ratios]
         self.seeds = [int(s) for s in seeds]
+        self.equal_steps = as_bool(equal_steps, "equal_steps")
         self.num_real_cases = num_real_cases
         self.real_case_selection = real_case_selection
         self.seed = int(seed)
@@ -372,7 +377,7 @@ class AugmentationStudy:
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.device = None if device is None else str(device)
         self.launcher = launcher
-        self.keep_going = bool(keep_going)
+        self.keep_going = as_bool(keep_going, "keep_going")
         self._validate()
 
         # the real data: every section read and checked for presence now, before any work
@@ -489,6 +494,7 @@ class AugmentationStudy:
         return {
             "datalist": self.datalist, "dataset_dir": self.dataset_dir, "output_dir": self.output_dir,
             "networks": self.networks, "synthetic_ratios": self.synthetic_ratios, "seeds": self.seeds,
+            "equal_steps": self.equal_steps,
             "num_real_cases": self.num_real_cases, "real_case_selection": self.real_case_selection, "seed": self.seed,
             "synthetic_dir": self.synthetic_dir, "synthetic_given": self.given_synthetic_dir is not None,
             "num_renderings_per_mask": self.num_renderings_per_mask, "edited_layouts": self.edited_layouts,
@@ -598,12 +604,20 @@ class AugmentationStudy:
                                  "seed": seed, "dir": os.path.join(self.output_dir, "runs", name)})
         return runs
 
+    def real_only_epoch_length(self) -> int:
+        """Optimizer steps per epoch of the real-only arm: ceil(real training cases / batch_size)."""
+        batch_size = self.segmentation_overrides.get("batch_size", _load_configs(self.segmentation_configs).get("batch_size"))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise BundleInputError(f"config 'equal_steps' needs an integer segmentation batch_size >= 1, got {batch_size!r}")
+        return math.ceil(len(self.training) / batch_size)
+
     def run_overrides(self, run: Mapping[str, Any]) -> dict[str, Any]:
         synthetic = run["synthetic_ratio"] > 0
+        steps = {"epoch_length": self.real_only_epoch_length()} if self.equal_steps else {}
         return {
             **self._child_common(), "output_dir": run["dir"], "network": run["network"], "seed": run["seed"],
             "synthetic_dir": self.synthetic_dir if synthetic else None, "synthetic_ratio": run["synthetic_ratio"],
-            **self.segmentation_overrides,
+            **steps, **self.segmentation_overrides,
         }
 
     def check_run_settings(self, run: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,8 @@ from scripts.errors import BundleInputError
 from scripts.figures import save_pair_preview
 from scripts.labels import LabelContract
 from scripts.outputs import publish, staging_dir
+from scripts.quality_gate import HBPQualityGate
+from scripts.settings import as_bool
 
 __all__ = [
     "SAMPLER_SCHEDULES",
@@ -139,13 +141,15 @@ def find_masks(
     return items
 
 
-def output_seed(seed: int, name: str, sample: int) -> int:
-    """The seed of one output: a function of the run seed, the mask's name and the sample index.
+def output_seed(seed: int, name: str, sample: int, attempt: int = 0) -> int:
+    """The seed of one output: a function of the run seed, the mask's name, the sample index and,
+    for a volume regenerated after failing the quality gate, the attempt.
 
     Derived from the name rather than the position, so adding a mask to a folder changes no other
     output.
     """
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), int(sample)]).generate_state(1)[0])
+    entropy = [int(seed), zlib.crc32(name.encode()), int(sample)] + ([int(attempt)] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def output_prefix(name: str, sample: int, num_samples: int) -> str:
@@ -178,6 +182,8 @@ class MaskToImage:
         self.contract = contract
         self.editor = editor
         self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
+        #: width of the output intensity range ([0, 1] model intensities are mapped onto it)
+        self.intensity_span = 1.0 if self.output_range is None else self.output_range[1] - self.output_range[0]
         # the label half of scripts.data.preprocessing_transforms, on a label already read and checked
         self.to_model_grid = Compose([
             Orientation(axcodes="RAS", labels=None),
@@ -248,22 +254,32 @@ def generate_pairs(
     num_samples_per_mask: int = 1,
     device: torch.device | str = "cpu",
     save_preview: bool = False,
+    quality_gate: HBPQualityGate | None = None,
 ) -> str:
     """Write every pair (and ``pairs.json``, which maps each output to its mask and seed) to ``output_dir``.
 
     The masks are all checked first; the pairs are written into a staging folder that replaces
     ``output_dir`` only once complete (``overwrite`` must allow replacing a non-empty one) and
-    is removed if anything fails. Returns ``output_dir``.
+    is removed if anything fails. With a ``quality_gate``, a volume that fails it is generated
+    again with a new seed, up to its ``max_tries``; the best attempt is kept and every attempt is
+    recorded. Returns ``output_dir``.
     """
     if num_samples_per_mask < 1:
         raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
+    save_preview = as_bool(save_preview, "save_preview")
     check_masks(masks, generator)
     staging = staging_dir(output_dir, overwrite)
     try:
         records = []
         jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
         for item, k in tqdm(jobs, desc="generating", unit="volume"):
-            records.append(_write_pair(item, k, num_samples_per_mask, generator, staging, seed, torch.device(device), save_preview))
+            records.append(
+                _write_pair(item, k, num_samples_per_mask, generator, staging, seed, torch.device(device), save_preview, quality_gate)
+            )
+        failed = [r["image"] for r in records if not r.get("quality_gate", {}).get("passed", True)]
+        if failed:
+            logger.warning(f"{len(failed)} volume(s) failed the quality gate in every attempt (kept the best; see pairs.json): "
+                           + ", ".join(failed))
         with open(os.path.join(staging, "pairs.json"), "w") as f:
             json.dump({"seed": int(seed), "pairs": records}, f, indent=1)
         return publish(staging, output_dir)
@@ -281,12 +297,18 @@ def _write_pair(
     seed: int,
     device: torch.device,
     save_preview: bool,
+    quality_gate: HBPQualityGate | None = None,
 ) -> dict[str, Any]:
     prefix = output_prefix(item["name"], sample, num_samples)
     case_seed = output_seed(seed, item["name"], sample)
     label, nifti = generator.read(item["label"])
     edited, summary = generator.edit(label, nifti.affine, case_seed, item["label"])
     image = generator(edited, nifti.affine, case_seed, device)
+    gate_record = None
+    if quality_gate is not None:
+        image, case_seed, gate_record = _regenerate_until_gate_passes(
+            image, case_seed, edited, nifti.affine, generator, quality_gate, seed, item["name"], sample, device
+        )
     _save(image, nifti, os.path.join(folder, f"{prefix}_image.nii.gz"), np.float32)
     _save(edited, nifti, os.path.join(folder, f"{prefix}_label.nii.gz"), _label_dtype(nifti, edited))
     if save_preview:
@@ -298,4 +320,36 @@ def _write_pair(
         "sample": sample,
         "seed": case_seed,
         "edits": summary,
+        **({} if gate_record is None else {"quality_gate": gate_record}),
     }
+
+
+def _regenerate_until_gate_passes(
+    image: np.ndarray,
+    case_seed: int,
+    label: np.ndarray,
+    affine: np.ndarray,
+    generator: MaskToImage,
+    gate: HBPQualityGate,
+    seed: int,
+    name: str,
+    sample: int,
+    device: torch.device,
+) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Judge ``image``; while it fails, generate again with the next attempt's seed.
+
+    Returns the image kept (the first that passes, else the one with the largest margin), its seed
+    and the record of every attempt. The mask (and its edits) stays the same across attempts.
+    """
+    attempts = [{"seed": case_seed, **gate(image, label, generator.intensity_span)}]
+    best = (image, case_seed, attempts[0])
+    for attempt in range(1, gate.max_tries):
+        if best[2]["passed"]:
+            break
+        retry_seed = output_seed(seed, name, sample, attempt)
+        retry = generator(label, affine, retry_seed, device)
+        attempts.append({"seed": retry_seed, **gate(retry, label, generator.intensity_span)})
+        if attempts[-1]["passed"] or attempts[-1]["margin"] > best[2]["margin"]:
+            best = (retry, retry_seed, attempts[-1])
+    kept_image, kept_seed, verdict = best
+    return kept_image, kept_seed, {"passed": verdict["passed"], "tries": len(attempts), "attempts": attempts}

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from scripts.errors import BundleInputError
 from scripts.outputs import publish, staging_dir
 
-__all__ = ["CACHE_FORMAT", "LatentCache", "cache_fingerprint", "prepare_latent_cache", "LoadLatentCased"]
+__all__ = ["CACHE_FORMAT", "LatentCache", "cache_fingerprint", "prepare_latent_cache", "latent_channel_std", "LoadLatentCased"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,17 @@ def _build(
     root = publish(staging, cache_dir)
     logger.info(f"latent cache: {num_cases} cases encoded into {root}, scale_factor {1.0 / std:.6g}")
     return LatentCache(root=root, manifest=manifest, built=True)
+
+
+def latent_channel_std(dataset: Sequence[Mapping[str, Any]], key: str = "image") -> list[float]:
+    """Per-channel standard deviation of the latents ``dataset[i][key]`` (C, *spatial), pooled over cases.
+
+    The reference that sampled latents are compared with: a sampler whose latents come out several
+    times wider than the real ones decodes to high-contrast blobs, however normal the clamped images'
+    statistics look.
+    """
+    latents = torch.stack([torch.as_tensor(dataset[i][key]).float() for i in range(len(dataset))])
+    return [float(v) for v in latents.transpose(0, 1).flatten(1).std(dim=1)]
 
 
 class LoadLatentCased(Transform):

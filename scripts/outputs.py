@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from scripts.errors import BundleInputError
+from scripts.settings import as_bool
 
 __all__ = ["atomic_path", "write_text_atomic", "staging_dir", "publish"]
 
@@ -60,6 +61,7 @@ def staging_dir(final_dir: str, overwrite: bool = False) -> str:
     Raises ``BundleInputError`` up front when ``final_dir`` holds files and ``overwrite`` is off,
     or when its parent cannot be written.
     """
+    overwrite = as_bool(overwrite, "overwrite")
     final_dir = os.path.abspath(final_dir)
     if os.path.isfile(final_dir):
         raise BundleInputError(f"{final_dir}: exists and is a file; choose another output folder")

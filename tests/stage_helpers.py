@@ -67,10 +67,11 @@ def write_autoencoder(path: Path, seed: int = 0) -> Path:
     return write_network(path, "autoencoder_def", "autoencoder", seed)
 
 
-def write_unet(path: Path, autoencoder: Path, seed: int = 0, noise_schedule: str = "ddpm", scale_factor: float = 1.7) -> Path:
+def write_unet(path: Path, autoencoder: Path, seed: int = 0, noise_schedule: str = "ddpm", scale_factor: float = 1.7,
+               prediction_type: str = "v_prediction") -> Path:
     """Stage-2 weights as ``train_diffusion.yaml`` saves them, from a seeded random UNet."""
     return write_network(path, "diffusion_unet_def", "diffusion_unet", seed, trained_like=True, scale_factor=scale_factor,
-                         noise_schedule=noise_schedule,
+                         noise_schedule=noise_schedule, prediction_type=prediction_type,
                          autoencoder_sha256=weights_sha256(torch.load(autoencoder, weights_only=True), "autoencoder"))
 
 

@@ -308,3 +308,15 @@ def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny
         AugmentationStudy(**settings)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_equal_steps_gives_every_arm_the_real_only_arms_steps_per_epoch(tiny_phantoms, tmp_path):
+    settings = {"datalist": str(tiny_phantoms / "datalist.json"), "dataset_dir": str(tiny_phantoms),
+                "output_dir": str(tmp_path / "out"), "bundle_root": str(BUNDLE_ROOT), "networks": ["unet"],
+                "synthetic_ratios": [1.0, 2.0], "num_real_cases": 2, "num_renderings_per_mask": 2}
+    study = AugmentationStudy(**settings, equal_steps="true", segmentation_overrides={"batch_size": 1})
+    lengths = {run["condition"]: study.run_overrides(run).get("epoch_length") for run in study.grid()}
+    assert lengths == {"real": 2, "synthetic1": 2, "synthetic2": 2}  # ceil(2 real cases / batch 1)
+    assert AugmentationStudy(**settings, equal_steps=True).real_only_epoch_length() == 1  # the config's batch 2
+    plain = AugmentationStudy(**settings)
+    assert all("epoch_length" not in plain.run_overrides(run) for run in plain.grid())

@@ -328,3 +328,54 @@ def test_onednn_convolutions_give_the_same_output_and_are_restored():
             fast = unet(x, t)
     assert torch.allclose(fast, expected, atol=1e-5)
     assert not any("_conv_forward" in vars(m) for m in unet.modules())
+
+
+def test_overwrite_false_as_text_keeps_the_folder_and_an_unknown_word_is_refused(weights, mask_dir, tmp_path):
+    """The command line hands `--overwrite false` over as text, which Python treats as true."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    for word in ("false", "no", "0"):
+        with pytest.raises(Exception) as caught:
+            infer(out, weights["ddpm"], mask_dir=str(mask_dir), overwrite=word)
+        assert "--overwrite true" in str(find_input_error(caught.value))
+        assert (out / "mine.txt").read_text() == "keep me"
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "other", weights["ddpm"], mask_dir=str(mask_dir), save_preview="maybe")
+    assert "'save_preview'" in str(find_input_error(caught.value)) and not (tmp_path / "other").exists()
+    quiet = infer(tmp_path / "quiet", weights["ddpm"], mask_dir=str(mask_dir), save_preview="no", quality_gate_enabled="no")
+    assert not list(quiet.glob("*_preview.png"))
+    assert all("quality_gate" not in record for record in json.loads((quiet / "pairs.json").read_text())["pairs"])
+
+
+def test_quality_gate_regenerates_a_failing_volume_with_new_recorded_seeds(weights, tmp_path):
+    """A gate no volume can pass (contrast 1 on a [0, 1] scale): every output is tried max_tries
+    times with distinct seeds, the best attempt is kept and pairs.json says it failed."""
+    label, affine = _lps_mask()
+    write_nifti(tmp_path / "masks" / "case.nii.gz", label, affine)
+    out = infer(tmp_path / "out", weights["ddpm"], mask_dir=str(tmp_path / "masks"),
+                quality_gate_settings={"min_contrast": 1.0, "min_class_voxels": 1, "max_tries": 3})
+    record = json.loads((out / "pairs.json").read_text())["pairs"][0]
+    gate = record["quality_gate"]
+    seeds = [attempt["seed"] for attempt in gate["attempts"]]
+    assert gate["passed"] is False and gate["tries"] == 3 and len(set(seeds)) == 3
+    assert seeds[0] == output_seed(0, "case", 0) and seeds[1:] == [output_seed(0, "case", 0, k) for k in (1, 2)]
+    best = max(gate["attempts"], key=lambda attempt: attempt["margin"])
+    assert record["seed"] == best["seed"]
+    # the kept image is the one generated with the recorded seed
+    kept = np.asanyarray(nib.load(out / "case_image.nii.gz").dataobj)
+    first = infer(tmp_path / "first", weights["ddpm"], mask_dir=str(tmp_path / "masks"), quality_gate_enabled=False)
+    assert np.array_equal(kept, np.asanyarray(nib.load(first / "case_image.nii.gz").dataobj)) == (record["seed"] == seeds[0])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(prediction_type, weights, tmp_path):
+    os.chdir(BUNDLE_ROOT)
+    unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), prediction_type=prediction_type)
+    controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
+    for sampler in ("ddim", "ddpm"):
+        workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference", sampler=sampler,
+                                  output_dir=str(tmp_path / "out"), device="$torch.device('cpu')", **TINY,
+                                  **{**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)})
+        workflow.initialize()
+        assert workflow.parser.get_parsed_content("scheduler").prediction_type == prediction_type

@@ -20,9 +20,15 @@ import torch
 
 from conftest import BUNDLE_ROOT, run_bundle
 from scripts.checkpoints import weights_sha256
-from scripts.diffusion import RFlowPrepareBatch
-from scripts.errors import find_input_error
-from stage_helpers import cli, common_parser, one_thread, overrides, workflow, write_autoencoder  # noqa: F401
+from scripts.diffusion import (
+    RFlowPrepareBatch,
+    checkpoint_prediction_type,
+    load_diffusion_unet,
+    predicted_x0,
+    training_prepare_batch,
+)
+from scripts.errors import BundleInputError, find_input_error
+from stage_helpers import cli, common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401
 
 CONFIG = "configs/train_diffusion.yaml"
 
@@ -69,8 +75,12 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
 
     best = _load(output / "diffusion_unet" / "diffusion_unet_best.pt")
     metrics = ddpm_run["metrics"]
-    assert best["best_metric"] == pytest.approx(min(best["best_metric"], metrics["val_denoising_mse"]))
-    assert 0.0 < metrics["val_denoising_mse"] < 10.0  # epsilon target of unit variance
+    assert best["best_metric"] == pytest.approx(min(best["best_metric"], metrics["val_x0_nmse"]))
+    # x0 error of unit-variance latents; the high-noise rows are the harder part of it
+    assert 0.0 < metrics["val_x0_nmse"] < 10.0 and metrics["val_x0_nmse_high_t"] > 0.0
+    assert last["prediction_type"] == "v_prediction"
+    # the sampled latents' spread is compared with the real latents' (0: the same)
+    assert math.isfinite(metrics["val_sample_latent_std_error"]) and metrics["val_sample_latent_std_error"] >= 0.0
     # decoded samples: clipped to the [0, 1] range of preprocessed images, and not constant
     assert 0.0 <= metrics["val_sample_mean"] <= 1.0 and metrics["val_sample_std"] > 0.0
 
@@ -83,7 +93,7 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
         for kind in tags:
             tags[kind] |= set(accumulator.Tags()[kind])
     assert any(t.startswith("val_sample") for t in tags["images"]), tags
-    assert {"train_loss", "val_denoising_mse", "val_sample_mean"} <= tags["scalars"]
+    assert {"train_loss", "val_x0_nmse", "val_x0_nmse_high_t", "val_sample_latent_std_error"} <= tags["scalars"]
 
 
 def test_rflow_prepare_batch_targets_the_velocity():
@@ -112,8 +122,8 @@ def test_rflow_schedule_trains_and_samples(tiny_phantoms, autoencoder, tmp_path,
     last = _load(tmp_path / "diffusion_unet" / "diffusion_unet_last.pt")
     assert last["noise_schedule"] == "rflow" and last["epoch"] == 1
     assert any(not torch.equal(v, initial[k]) for k, v in last["diffusion_unet"].items())
-    # velocity target latents - noise: about twice the variance of the unit-variance noise
-    assert 0.5 < metrics["val_denoising_mse"] < 10.0
+    # an untrained velocity predicts ~0, so the implied clean latent is about the noisy one: x0 error ~ O(1)
+    assert 0.05 < metrics["val_x0_nmse"] < 10.0
     assert math.isfinite(metrics["val_sample_mean"]) and metrics["val_sample_std"] > 0.0
 
 
@@ -151,6 +161,57 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
     message = str(find_input_error(err.value))
     assert f"{last_path}: cannot resume, it was saved with noise_schedule 'ddpm' but this run has 'rflow'" in message
     assert _load(last_path)["epoch"] == 3
+
+    epsilon = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=4, prediction_type="epsilon",
+                                           autoencoder_path=str(autoencoder)))
+    epsilon.initialize()
+    with pytest.raises(RuntimeError) as err:
+        epsilon.run()
+    assert "saved with prediction_type 'v_prediction' but this run has 'epsilon'" in str(find_input_error(err.value))
+    # the averaged weights are what the checkpoint offers later stages; the optimized ones are kept to resume
+    assert set(resumed) >= {"diffusion_unet", "diffusion_unet_online"}
+    assert any(not torch.equal(v, resumed["diffusion_unet_online"][k]) for k, v in resumed["diffusion_unet"].items())
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_training_target_and_implied_clean_latent_agree_for_each_prediction_type(prediction_type):
+    """The prepared target is what the scheduler's sampling step expects, and a perfect prediction of it
+    implies the true clean latent at every noise level, high ones included."""
+    scheduler = common_parser(prediction_type=prediction_type).get_parsed_content("ddpm_scheduler_def", instantiate=True)
+    assert scheduler.prediction_type == prediction_type
+    prepare = training_prepare_batch("ddpm", scheduler)
+    latents = torch.randn(4, 4, 8, 8, 8)
+    _, target, _, kwargs = prepare({"image": latents}, torch.device("cpu"))
+    noise, t = kwargs["noise"], torch.tensor([0, 300, 900, 999])
+    expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, kwargs["timesteps"])
+    torch.testing.assert_close(target, expected)
+    target = prepare.get_target(latents, noise, t)
+    noisy = scheduler.add_noise(latents, noise, t)
+    torch.testing.assert_close(predicted_x0(scheduler, noisy, target, t), latents, rtol=1e-3, atol=2e-3)
+    # an error of 0.1 in the prediction at t = 999: epsilon amplifies it ~84x in the clean latent, v does not
+    error = (predicted_x0(scheduler, noisy[3:], target[3:] + 0.1, t[3:]) - latents[3:]).abs().mean()
+    assert (error > 5.0) if prediction_type == "epsilon" else (error < 0.11)
+
+
+def test_rflow_implied_clean_latent():
+    scheduler = common_parser().get_parsed_content("rflow_scheduler_def", instantiate=True)
+    latents, noise = torch.randn(3, 4, 8, 8, 8), torch.randn(3, 4, 8, 8, 8)
+    t = torch.tensor([10.0, 500.0, 990.0])
+    noisy = scheduler.add_noise(latents, noise, t)
+    torch.testing.assert_close(predicted_x0(scheduler, noisy, latents - noise, t), latents, rtol=1e-4, atol=1e-4)
+
+
+def test_unet_of_another_prediction_type_is_refused_and_old_checkpoints_are_epsilon(autoencoder, tmp_path):
+    unet = common_parser().get_parsed_content("diffusion_unet_def", instantiate=True)
+    sha = weights_sha256(_load(autoencoder), "autoencoder")
+    path = write_unet(tmp_path / "unet.pt", autoencoder, prediction_type="epsilon")
+    with pytest.raises(BundleInputError, match="predicts 'epsilon', this run uses prediction_type 'v_prediction'; "
+                                               "pass --prediction_type epsilon"):
+        load_diffusion_unet(unet, str(path), "ddpm", sha, "v_prediction")
+    assert checkpoint_prediction_type(load_diffusion_unet(unet, str(path), "ddpm", sha, "epsilon")) == "epsilon"
+    legacy = _load(path)
+    del legacy["prediction_type"]
+    assert checkpoint_prediction_type(legacy) == "epsilon"
 
 
 def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):

@@ -165,6 +165,14 @@ def test_synthetic_cases_join_training_only_when_asked(tiny_phantoms, synthetic_
     assert last["trainer"]["iteration"] == 2 and last["num_synthetic_cases"] == 2
     assert last["synthetic_dir"] == str(synthetic_dir)
 
+    # a fixed epoch_length (the study's equal_steps): 1 step per epoch whatever the number of cases
+    equal = _workflow(**_settings(tiny_phantoms, tmp_path / "equal", synthetic_dir=str(synthetic_dir),
+                                  synthetic_ratio=1.0, max_epochs=2, epoch_length=1))
+    equal.initialize()
+    equal.run()
+    equal.finalize()
+    assert _load(tmp_path / "equal" / "segmentation_unet" / "segmentation_unet_last.pt")["trainer"]["iteration"] == 2
+
 
 def test_label_map_applies_to_real_labels_only(tiny_phantoms, synthetic_dir, tmp_path, monkeypatch):
     """Synthetic labels are written in bundle ids: a dataset's label_map must not remap them again."""
