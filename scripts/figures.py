@@ -111,6 +111,59 @@ def save_phantom_figure(cases: Sequence[Any], path: str, titles: Sequence[str] |
     return _save_figure(fig, path)
 
 
+def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path: str, num_cases: int = 4) -> str:
+    """Real image beside the image generated from its mask, for the first ``num_cases`` pairs.
+
+    ``pairs_dir`` is an inference output (``pairs.json``); each pair's ``mask`` is looked up among
+    the ``label`` entries of ``datalist`` to find the real image it was drawn from. Per case: axial
+    and coronal slices of the real image, the generated one, and the generated one with the label
+    overlay, same grey scale for both (RAS, radiological convention). Returns ``path``.
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    from scripts.data import load_datalist
+
+    real_of = {}
+    for section in ("training", "validation", "test"):
+        for item in load_datalist(datalist, dataset_dir, section):
+            real_of[os.path.realpath(item["label"])] = item["image"]
+    with open(os.path.join(pairs_dir, "pairs.json")) as f:
+        records = [r for r in json.load(f)["pairs"] if os.path.realpath(r["mask"]) in real_of][:num_cases]
+    if not records:
+        raise ValueError(f"{pairs_dir}: no pair was generated from a mask of {datalist}")
+    fig, axes = plt.subplots(len(records), 6, figsize=(15.0, 2.6 * len(records) + 0.4), squeeze=False)
+    for row, record in enumerate(records):
+        label_nii = nib.load(os.path.join(pairs_dir, record["label"]))
+        label = np.asarray(label_nii.dataobj)
+        real = nib.load(real_of[os.path.realpath(record["mask"])]).get_fdata(dtype=np.float32)
+        generated = nib.load(os.path.join(pairs_dir, record["image"])).get_fdata(dtype=np.float32)
+        real, lab, sp = _to_ras(real, label, label_nii.affine)
+        generated, _, _ = _to_ras(generated, label, label_nii.affine)
+        real = real / max(float(np.percentile(real, 99.5)), 1e-6)  # the real image's own [0, 1] scaling
+        z, y = _pick_slices(lab)
+        for k, (name, cut, aspect) in enumerate((("axial", lambda a: a[::-1, :, z].T, sp[1] / sp[0]),
+                                                 ("coronal", lambda a: a[::-1, y, :].T, sp[2] / sp[0]))):
+            for j, (what, image, overlay) in enumerate((("real", real, False), ("generated", generated, False),
+                                                         ("generated + mask", generated, True))):
+                ax = axes[row, 3 * k + j]
+                ax.imshow(cut(image), cmap="gray", vmin=0.0, vmax=1.0, origin="lower", aspect=aspect)
+                if overlay:
+                    ax.imshow(_overlay_rgba(cut(lab), 0.25), origin="lower", aspect=aspect, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{what}, {name}", fontsize=9)
+        axes[row, 0].set_ylabel(os.path.basename(record["image"]).replace("_image.nii.gz", ""), fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def _save_figure(fig: Any, path: str) -> str:
     """Write ``fig`` as PNG through a temporary sibling file and an atomic rename; close it."""
     import matplotlib.pyplot as plt

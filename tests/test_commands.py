@@ -59,3 +59,18 @@ def test_check_data_rejects_ids_missing_from_label_map(tiny_phantoms, tmp_path, 
         workflow.run()
     assert "label ids 2, 3 are not in 'label_map'" in str(find_input_error(err.value))
     assert not (tmp_path / "data_report.json").exists()
+
+
+def test_misspelt_setting_is_refused_and_no_means_no(tmp_path):
+    """A misspelt override used to be ignored (the default ran); `--save_figure false` used to write the figure."""
+    dataset = tmp_path / "phantom"
+    typo = run_bundle("--config_file", "configs/demo_data.yaml", "--dataset_dir", str(dataset), "--num_case", "3")
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr
+    errors = [line for line in typo.stderr.splitlines() if line.startswith("ERROR:")]
+    assert errors == ["ERROR: --num_case: not a setting of configs/demo_data.yaml; did you mean --num_cases?"]
+    assert not dataset.exists()
+
+    quiet = run_bundle("--config_file", "configs/demo_data.yaml", "--dataset_dir", str(dataset), "--num_cases", "3",
+                       "--save_figure", "false")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert (dataset / "datalist.json").is_file() and not (dataset / "figures").exists()
