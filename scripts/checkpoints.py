@@ -295,7 +295,7 @@ def export_weights(
         cast = getattr(torch, dtype)
         state = {name: t.to(cast) if t.is_floating_point() else t for name, t in state.items()}
     exported = {key: state, "source_epoch": checkpoint.get("epoch")}
-    for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "prediction_type", "latent_channels",
+    for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "prediction_type", "latent_channel_std", "latent_channels",
                   "autoencoder_sha256", "diffusion_unet_sha256", "labels"):  # what later stages check
         if extra in checkpoint:
             exported[extra] = checkpoint[extra]

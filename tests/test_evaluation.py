@@ -271,6 +271,9 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     os.chdir(BUNDLE_ROOT)
     autoencoder = write_autoencoder(tmp_path / "autoencoder.pt")
     unet = write_unet(tmp_path / "unet.pt", autoencoder)
+    recorded = torch.load(unet, weights_only=True)
+    recorded["latent_channel_std"] = reference = [0.5, 1.0, 2.0, 4.0]  # as stage 2 records the training latents'
+    torch.save(recorded, unet)
     output = tmp_path / "unconditional"
     workflow = ConfigWorkflow(config_file="configs/generate_unconditional.yaml", workflow_type=None, run_id="inference",
                               output_dir=str(output), device="$torch.device('cpu')", num_inference_steps=2, num_samples=2,
@@ -287,3 +290,7 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     assert all(np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1 for p in pixels)
     assert not np.array_equal(pixels[0], pixels[1])  # two seeds, two samples
     assert find_synthetic_volumes(str(output))[0] == {"image": str(output / "sample_0000_image.nii.gz")}  # evaluable, no labels
+    # the sampled latents' spread per channel, beside the training latents' recorded by stage 2
+    spread = record["latent_channel_std"]
+    assert len(spread) == 4 and all(s > 0 for s in spread) and record["reference_latent_channel_std"] == reference
+    assert record["latent_std_ratio"] == pytest.approx([s / r for s, r in zip(spread, reference)], rel=1e-3)

@@ -79,6 +79,7 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     # x0 error of unit-variance latents; the high-noise rows are the harder part of it
     assert 0.0 < metrics["val_x0_nmse"] < 10.0 and metrics["val_x0_nmse_high_t"] > 0.0
     assert last["prediction_type"] == "v_prediction"
+    assert len(last["latent_channel_std"]) == 4 and all(s > 0 for s in last["latent_channel_std"])
     # the sampled latents' spread is compared with the real latents' (0: the same)
     assert math.isfinite(metrics["val_sample_latent_std_error"]) and metrics["val_sample_latent_std_error"] >= 0.0
     # decoded samples: clipped to the [0, 1] range of preprocessed images, and not constant
