@@ -11,6 +11,10 @@ It also adds any ``--key value`` as a new config entry, so a misspelt setting
 (``--num_inference_step 5``) is silently ignored and the default used. :func:`check_cli_overrides`,
 first in every config's ``initialize``, refuses a key that none of the command's config files
 declares, with the closest declared ones.
+
+:func:`check_settings` checks the type and range of each user-facing setting a config lists in its
+``setting_checks`` before any work, so ``--seed -1`` or ``--num_inference_steps abc`` is one line
+naming the setting, not a traceback after the first volumes were sampled.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import ast
 import difflib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from scripts.errors import BundleInputError
 
-__all__ = ["TRUE_WORDS", "FALSE_WORDS", "as_bool", "check_cli_overrides"]
+__all__ = ["TRUE_WORDS", "FALSE_WORDS", "as_bool", "check_cli_overrides", "check_settings"]
 
 #: Arguments of ``monai.bundle run`` itself, not config overrides.
 RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file")
@@ -83,4 +87,72 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
         close = difflib.get_close_matches(key, declared, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
         raise BundleInputError(f"--{name}: not a setting of {files}{hint}")
+    return True
+
+
+def _describe(rule: Mapping[str, Any]) -> str:
+    kind = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "text", "dict": "a dict",
+            "list": "a list", "device": "a device (cpu, cuda, cuda:N)"}[rule["type"]]
+    if "choices" in rule:
+        kind = "one of " + ", ".join(map(str, rule["choices"]))
+    if rule["type"] == "list":
+        item = {"int": "integers", "float": "numbers"}.get(rule.get("item", ""), "values")
+        kind = f"a list of {rule['length']} {item}" if "length" in rule else f"a list of {item}"
+    bounds = [f">= {rule['min']}" if "min" in rule else "", f"<= {rule['max']}" if "max" in rule else ""]
+    bounds = " and ".join(b for b in bounds if b)
+    return kind + (f" {bounds}" if bounds else "") + (" or null" if rule.get("optional") else "")
+
+
+def _is_number(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "int" else isinstance(value, (int, float)) and value == value
+
+
+def _valid(value: Any, rule: Mapping[str, Any]) -> bool:
+    kind = rule["type"]
+    if kind == "bool":
+        try:
+            as_bool(value, "")
+            return True
+        except BundleInputError:
+            return False
+    if kind in ("int", "float"):
+        ok = _is_number(value, kind)
+        return ok and rule.get("min", value) <= value <= rule.get("max", value)
+    if kind == "str":
+        return isinstance(value, str) and ("choices" not in rule or value in rule["choices"])
+    if kind == "dict":
+        return isinstance(value, Mapping)
+    if kind == "list":
+        if not isinstance(value, (list, tuple)) or ("length" in rule and len(value) != rule["length"]):
+            return False
+        return "item" not in rule or all(_is_number(v, rule["item"]) for v in value)
+    if kind == "device":
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            return False
+        return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+    raise ValueError(f"unknown setting type {kind!r}")
+
+
+def check_settings(checks: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Check each setting against its rule; the first problem is one error line naming the setting.
+
+    ``checks`` maps a setting's name to ``{"value": ..., "type": int|float|bool|str|dict|list|device}``
+    with optional ``min``, ``max``, ``choices`` (str), ``length`` and ``item`` (list: int or float),
+    and ``optional`` (null allowed). Returns ``True`` for a config's ``initialize``.
+    """
+    for name, rule in checks.items():
+        value = rule["value"]
+        if value is None and rule.get("optional"):
+            continue
+        if not _valid(value, rule):
+            if rule["type"] == "device" and isinstance(value, (str,)) and value.startswith("cuda"):
+                raise BundleInputError(f"config '{name}': {value!r} asked for, but this machine has no CUDA device; "
+                                       "use --device cpu")
+            raise BundleInputError(f"config '{name}': expected {_describe(rule)}, got {value!r}")
     return True

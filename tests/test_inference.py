@@ -69,9 +69,9 @@ def mask_dir(tmp_path_factory, tiny_phantoms) -> Path:
 def infer(output: Path, weights: dict[str, str], **settings) -> Path:
     """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference",
-                              output_dir=str(output), device="$torch.device('cpu')", num_inference_steps=3,
-                              **TINY, **weights, **settings)
+    settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights, **settings}
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output),
+                              **settings)
     workflow.initialize()
     workflow.run()
     return output
@@ -379,3 +379,22 @@ def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(predic
                                   **{**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)})
         workflow.initialize()
         assert workflow.parser.get_parsed_content("scheduler").prediction_type == prediction_type
+
+
+@pytest.mark.parametrize("setting,value,expected", [
+    ("seed", -1, "config 'seed': expected an integer >= 0, got -1"),
+    ("num_inference_steps", "abc", "config 'num_inference_steps': expected an integer >= 1 or null, got 'abc'"),
+    ("num_samples_per_mask", 0, "config 'num_samples_per_mask': expected an integer >= 1, got 0"),
+    ("conditioning_scale", "abc", "config 'conditioning_scale': expected a number >= 0.0, got 'abc'"),
+    ("output_intensity_range", [0], "config 'output_intensity_range': expected a list of 2 numbers or null"),
+    ("label_map", [1, 2], "config 'label_map': expected a dict or null, got [1, 2]"),
+    ("mask_editing", "hcc", "config 'mask_editing': expected a dict or null, got 'hcc'"),
+    ("sampler", "euler", "config 'sampler': expected one of ddpm, ddim, rflow or null, got 'euler'"),
+    ("device", "cuda:7" if not torch.cuda.is_available() else "nonsense", "config 'device'"),
+])
+def test_bad_settings_are_one_error_before_any_work(setting, value, expected, weights, mask_dir, tmp_path):
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", weights["ddpm"], mask_dir=str(mask_dir), **{setting: value})
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError) and expected in str(error) and "\n" not in str(error)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))

@@ -286,3 +286,18 @@ def test_cli_error_is_one_line(tiny_phantoms, autoencoder, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and "config 'noise_schedule': unknown schedule 'ddim'" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("setting,value,expected", [
+    ("ema_decay", 1.0, "config 'ema_decay': expected a number >= 0.001 and <= 0.99999, got 1.0"),
+    ("batch_size", "two", "config 'batch_size': expected an integer >= 1, got 'two'"),
+    ("prediction_type", "sample", "config 'prediction_type': expected one of v_prediction, epsilon, got 'sample'"),
+])
+def test_bad_training_settings_stop_before_any_work(setting, value, expected, tiny_phantoms, autoencoder, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    run = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path, autoencoder_path=str(autoencoder), **{setting: value}))
+    with pytest.raises(Exception) as caught:
+        run.initialize()
+    assert expected in str(find_input_error(caught.value))
+    assert not (tmp_path / "latent_cache").exists()  # nothing encoded
