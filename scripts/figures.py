@@ -164,6 +164,34 @@ def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path
     return _save_figure(fig, path)
 
 
+def save_training_curves(log_dirs: dict[str, str], tags: Sequence[str], path: str) -> str:
+    """One panel per scalar ``tag``, one line per run: ``log_dirs`` maps a run's name to its TensorBoard folder.
+
+    For the model card's validation curves; tags a run did not log are skipped. Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.3), squeeze=False)
+    for name, log_dir in log_dirs.items():
+        accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for ax, tag in zip(axes[0], tags):
+            if tag in accumulator.Tags()["scalars"]:
+                events = accumulator.Scalars(tag)
+                ax.plot([e.step for e in events], [e.value for e in events], marker="o", ms=3, label=name)
+    for ax, tag in zip(axes[0], tags):
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def _save_figure(fig: Any, path: str) -> str:
     """Write ``fig`` as PNG through a temporary sibling file and an atomic rename; close it."""
     import matplotlib.pyplot as plt

@@ -400,3 +400,18 @@ def test_bad_settings_are_one_error_before_any_work(setting, value, expected, we
     error = find_input_error(caught.value)
     assert isinstance(error, BundleInputError) and expected in str(error) and "\n" not in str(error)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_its_mask(weights, tiny_phantoms, tmp_path):
+    from scripts.figures import save_comparison_figure
+
+    datalist = tiny_phantoms / "datalist.json"
+    out = infer(tmp_path / "out", weights["ddpm"], datalist=str(datalist), dataset_dir=str(tiny_phantoms),
+                section="training")
+    figure = save_comparison_figure(str(out), str(datalist), str(tiny_phantoms), str(tmp_path / "cmp.png"))
+    assert Path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(figure).stat().st_size > 5_000
+    with pytest.raises(ValueError, match="no pair was generated from a mask of"):  # masks from elsewhere
+        other = json.loads(datalist.read_text())
+        other["training"], other["validation"], other["test"] = other["test"], other["test"], other["test"]
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        save_comparison_figure(str(out), str(tmp_path / "other.json"), str(tiny_phantoms), str(tmp_path / "x.png"))

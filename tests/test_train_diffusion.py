@@ -96,6 +96,12 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     assert any(t.startswith("val_sample") for t in tags["images"]), tags
     assert {"train_loss", "val_x0_nmse", "val_x0_nmse_high_t", "val_sample_latent_std_error"} <= tags["scalars"]
 
+    from scripts.figures import save_training_curves
+
+    curves = save_training_curves({"ddpm": str(output / "diffusion_unet" / "tensorboard")},
+                                  ["val_x0_nmse", "val_sample_latent_std_error", "not_logged"], str(output / "curves.png"))
+    assert Path(curves).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_rflow_prepare_batch_targets_the_velocity():
     scheduler = common_parser().get_parsed_content("rflow_scheduler_def", instantiate=True)
