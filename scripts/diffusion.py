@@ -142,7 +142,8 @@ class X0Inferer(DiffusionInferer):
 
     For validation: with the clean latents as target (:class:`FixedNoisePrepareBatch` with
     ``x0_target=True``) a plain MSE metric becomes the x0 error, comparable across prediction types
-    and schedules, and the error at high noise levels (which ruins samples) weighs as it should.
+    of one schedule (a timestep is another noise level under another schedule), and the error at
+    high noise levels (which ruins samples) weighs as it should.
     """
 
     def __call__(  # type: ignore[override]
