@@ -10,8 +10,10 @@ chain, so every config installs :func:`install_error_hook` in its ``initialize``
 
 from __future__ import annotations
 
+import signal
 import sys
-from types import TracebackType
+import threading
+from types import FrameType, TracebackType
 
 __all__ = ["BundleInputError", "install_error_hook", "find_input_error"]
 
@@ -39,6 +41,9 @@ def find_input_error(exc: BaseException | None) -> BaseException | None:
 
 
 def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"ERROR: interrupted ({exc or 'Ctrl-C'}); nothing half-written was published", file=sys.stderr)
+        return
     user_error = find_input_error(exc)
     if user_error is None:
         sys.__excepthook__(exc_type, exc, tb)
@@ -49,10 +54,18 @@ def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: Traceb
     print(f"ERROR: {message}", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def install_error_hook() -> bool:
     """Print user-facing errors as one ``ERROR:`` line instead of a traceback; Python still exits 1.
 
+    SIGTERM (what batch schedulers and containers send) is handled like Ctrl-C: it raises
+    ``KeyboardInterrupt``, so every staging folder and temporary file is removed on the way out.
     Returns ``True`` so it can sit in a config's ``initialize`` list.
     """
     sys.excepthook = _one_line_hook
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     return True

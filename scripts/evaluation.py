@@ -442,7 +442,9 @@ class Evaluation:
     # ------------------------------------------------------------------ the whole run
     def run(self, output_dir: str, overwrite: bool = False) -> str:
         """Check every file, measure every set, write the report into ``output_dir``; returns it."""
-        staging = staging_dir(output_dir, overwrite)
+        inputs = [path for volume_set in (self.real, *self.synthetic) for item in volume_set.items for path in item.values()
+                  if isinstance(path, str)]
+        staging = staging_dir(output_dir, overwrite, inputs=inputs)
         try:
             for volume_set in (self.real, *self.synthetic):
                 volume_set.check()
@@ -454,7 +456,7 @@ class Evaluation:
                 sets[volume_set.name] = self._summary(volume_set.name, volume_set.source, measured, self._fid(measured, real))
                 histograms[volume_set.name] = measured.intensity.histograms
             self.write(staging, sets, histograms)
-            return publish(staging, output_dir)
+            return publish(staging, output_dir, overwrite)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

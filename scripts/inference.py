@@ -212,6 +212,9 @@ class MaskToImage:
         # the sampler seeds its starting noise; DDPM's stochastic steps draw from the global generator
         torch.manual_seed(seed)
         generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
+        if not torch.isfinite(generated).all():
+            raise BundleInputError("the generated image holds NaN or Inf: the weights produce non-finite values "
+                                   "(check --autoencoder_path, --diffusion_unet_path and --controlnet_path)")
         image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
         image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
         if self.output_range is not None:
@@ -268,7 +271,7 @@ def generate_pairs(
         raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
     save_preview = as_bool(save_preview, "save_preview")
     check_masks(masks, generator)
-    staging = staging_dir(output_dir, overwrite)
+    staging = staging_dir(output_dir, overwrite, inputs=[item["label"] for item in masks])
     try:
         records = []
         jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
@@ -282,7 +285,7 @@ def generate_pairs(
                            + ", ".join(failed))
         with open(os.path.join(staging, "pairs.json"), "w") as f:
             json.dump({"seed": int(seed), "pairs": records}, f, indent=1)
-        return publish(staging, output_dir)
+        return publish(staging, output_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

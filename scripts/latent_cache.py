@@ -239,7 +239,7 @@ def _build(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
         raise
-    root = publish(staging, cache_dir)
+    root = publish(staging, cache_dir, overwrite=True)
     logger.info(f"latent cache: {num_cases} cases encoded into {root}, scale_factor {1.0 / std:.6g}")
     return LatentCache(root=root, manifest=manifest, built=True)
 

@@ -1200,7 +1200,7 @@ def write_phantom_dataset(
         }
         with open(os.path.join(tmp, "datalist.json"), "w") as f:
             json.dump(datalist, f, indent=2)
-        publish(tmp, dataset_dir)
+        publish(tmp, dataset_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -77,7 +77,7 @@ def generate_unconditional(
             spread["latent_std_ratio"] = [round(s / r, 4) for s, r in zip(spread["latent_channel_std"], reference_latent_std)]
         with open(os.path.join(staging, "samples.json"), "w") as f:
             json.dump({"seed": int(seed), **spread, "samples": records}, f, indent=1)
-        return publish(staging, output_dir)
+        return publish(staging, output_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -242,8 +242,24 @@ def test_existing_output_is_kept_unless_overwrite(weights, mask_dir, tmp_path):
         infer(out, weights["ddpm"], mask_dir=str(mask_dir))
     assert "--overwrite true" in str(find_input_error(caught.value))
     assert (out / "mine.txt").read_text() == "keep me"
-    infer(out, weights["ddpm"], mask_dir=str(mask_dir), overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "pairs.json").exists()
+    with pytest.raises(Exception) as caught:  # a folder the bundle did not write is never replaced
+        infer(out, weights["ddpm"], mask_dir=str(mask_dir), overwrite=True)
+    assert "not a folder this bundle wrote" in str(find_input_error(caught.value))
+    assert (out / "mine.txt").read_text() == "keep me"
+    ours = infer(tmp_path / "ours", weights["ddpm"], mask_dir=str(mask_dir))
+    (ours / "stale.txt").write_text("from the old run")
+    infer(ours, weights["ddpm"], mask_dir=str(mask_dir), overwrite=True)
+    assert not (ours / "stale.txt").exists() and (ours / "pairs.json").exists()
+    # the mask folder itself (or its parent) as output: the inputs are never deleted
+    masks = tmp_path / "masks"
+    shutil.copytree(mask_dir, masks)
+    (masks / ".3d-lldm-output.json").write_text("{}")
+    before = sorted(p.name for p in masks.iterdir())
+    for target in (masks, tmp_path):
+        with pytest.raises(Exception) as caught:
+            infer(target, weights["ddpm"], mask_dir=str(masks), overwrite=True)
+        assert "holds an input of this command" in str(find_input_error(caught.value))
+    assert sorted(p.name for p in masks.iterdir()) == before
 
 
 def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weights, mask_dir, tmp_path):
