@@ -28,6 +28,7 @@ from scripts.augmentation_study import (
 )
 from scripts.checkpoints import weights_sha256
 from scripts.errors import BundleInputError, find_input_error
+from scripts.outputs import OWNER_MARKER
 from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
 CONFIG = "configs/augmentation_study.yaml"
@@ -151,7 +152,7 @@ def test_synthetic_pairs_come_only_from_the_kept_training_masks(study, tiny_phan
     assert [p["edits"] != {} for p in sorted(manifest["pairs"], key=lambda p: p["image"])] == [True, False, False]
     assert len({p["seed"] for p in manifest["pairs"]}) == 3  # each pair its own noise
     assert sorted(f.name for f in (out / "synthetic").iterdir()) == sorted(
-        ["pairs.json"] + names + [n.replace("_image", "_label") for n in names])
+        [OWNER_MARKER, "pairs.json"] + names + [n.replace("_image", "_label") for n in names])
 
 
 def test_rerun_skips_finished_runs_and_the_synthetic_set(study, monkeypatch):
