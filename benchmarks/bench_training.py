@@ -220,6 +220,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         unet_path = write_seeded_checkpoint(
             parse_configs(["configs/common.yaml"], base), "diffusion_unet_def", "diffusion_unet", options.work_dir / "unet.pt",
             seed=1, scale_factor=scale_factor, noise_schedule=str(parser.get_parsed_content("noise_schedule")),
+            prediction_type=str(parser.get_parsed_content("prediction_type")),
             autoencoder_sha256=weights_sha256(torch.load(autoencoder_path, weights_only=True), "autoencoder"),
         )
         parser = _stage_parser("configs/train_controlnet.yaml", options, base, diffusion_unet_path=str(unet_path))
