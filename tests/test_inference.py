@@ -20,6 +20,7 @@ from conftest import BUNDLE_ROOT, run_bundle, toy_label, write_nifti
 from scripts.checkpoints import weights_sha256
 from scripts.errors import BundleInputError, find_input_error
 from scripts.inference import output_seed
+from scripts.outputs import OWNER_MARKER
 from scripts.sampler import conditioning_embedded_once
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
@@ -137,8 +138,8 @@ def test_every_sampler_generates_several_samples_per_mask(sampler, schedule, wei
     write_nifti(masks / "case.nii.gz", label, affine)
     out = infer(tmp_path / "out", weights[schedule], mask_dir=str(masks), sampler=sampler, num_samples_per_mask=2)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["case_s0_image.nii.gz", "case_s0_label.nii.gz", "case_s1_image.nii.gz", "case_s1_label.nii.gz",
-                     "pairs.json"]
+    assert names == [OWNER_MARKER, "case_s0_image.nii.gz", "case_s0_label.nii.gz", "case_s1_image.nii.gz",
+                     "case_s1_label.nii.gz", "pairs.json"]
     first, second = (np.asanyarray(nib.load(out / f"case_s{k}_image.nii.gz").dataobj) for k in (0, 1))
     assert np.isfinite(first).all() and not np.allclose(first, second)
     pairs = json.loads((out / "pairs.json").read_text())["pairs"]
