@@ -187,7 +187,8 @@ def save_training_curves(log_dirs: dict[str, str], tags: Sequence[str], path: st
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a tag no run logged leaves an empty panel
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _save_figure(fig, path)
 
