@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.handlers import from_engine
 from monai.engines import DiffusionPrepareBatch, PrepareBatch, default_prepare_batch
+from monai.handlers import from_engine
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 
