@@ -32,6 +32,7 @@ if str(BUNDLE_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks
 
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
+from scripts.settings import layered_config_files  # noqa: E402
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -256,9 +257,9 @@ def grid_overrides(options: BenchOptions, grid: str) -> dict[str, Any]:
 
 
 def parse_configs(files: Sequence[str], overrides: Mapping[str, Any] | None = None) -> ConfigParser:
-    """The bundle configs ``files`` (layered in order) with ``overrides`` set; call inside :func:`in_bundle_root`."""
+    """The bundle configs ``files`` layered on configs/common.yaml, with ``overrides`` set; call inside :func:`in_bundle_root`."""
     parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
+    parser.read_config(layered_config_files(*[str(f) for f in files]))
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
@@ -319,7 +320,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> Path:
     """:func:`jsonable` ``payload`` as indented JSON at ``path``, written atomically."""
-    return write_text_atomic(path, json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(jsonable(payload), indent=4, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------- Markdown

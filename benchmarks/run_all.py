@@ -123,7 +123,7 @@ def summary_markdown(folder: Path) -> str:
             lines += [f"## {name}", "", "FAILED:", "", "```", p["results"]["error"].strip(), "```", ""]
         else:
             lines += [SUITES[name].markdown(p["results"]), ""]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,7 +51,7 @@ from scripts.data import load_datalist
 from scripts.errors import BundleInputError, find_input_error
 from scripts.outputs import publish, staging_dir, write_text_atomic
 from scripts.segmentation import PAIRS_MANIFEST, check_synthetic_sources, find_synthetic_pairs
-from scripts.settings import as_bool
+from scripts.settings import as_bool, layered_config_files
 
 __all__ = [
     "RENDER_VARIANT",
@@ -318,7 +318,8 @@ class AugmentationStudy:
         synthetic_dir: an existing folder of pairs with ``pairs.json`` to use instead of generating.
         num_renderings_per_mask: plain re-renderings per training mask (0: none).
         edited_layouts: variant name -> ``scripts.masks.MaskEditor`` options; one sample per mask each.
-        inference_configs / segmentation_configs: config files of the child commands (overlays allowed).
+        inference_configs / segmentation_configs: config files of the child commands (overlays allowed),
+            layered on configs/common.yaml (``scripts.settings.layered_config_files``).
         inference_overrides / segmentation_overrides: settings passed to those commands only.
         shared_overrides: settings passed to both (e.g. ``spacing``, ``spatial_size``).
         labels / label_map / device: passed to both commands.
@@ -368,8 +369,8 @@ class AugmentationStudy:
         self.given_synthetic_dir = os.path.abspath(synthetic_dir) if synthetic_dir else None
         self.num_renderings_per_mask = int(num_renderings_per_mask)
         self.edited_layouts = {str(k): dict(v or {}) for k, v in (edited_layouts or {}).items()}
-        self.inference_configs = [self._config_path(c) for c in inference_configs]
-        self.segmentation_configs = [self._config_path(c) for c in segmentation_configs]
+        self.inference_configs = [self._config_path(c) for c in layered_config_files(*inference_configs)]
+        self.segmentation_configs = [self._config_path(c) for c in layered_config_files(*segmentation_configs)]
         self.inference_overrides = self._overrides(inference_overrides, "inference_overrides")
         self.segmentation_overrides = self._overrides(segmentation_overrides, "segmentation_overrides")
         self.shared_overrides = self._overrides(shared_overrides, "shared_overrides")

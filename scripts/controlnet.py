@@ -36,7 +36,6 @@ __all__ = [
     "CONTROLNET_ONLY_PREFIXES",
     "init_controlnet_from_unet",
     "check_conditioning_channels",
-    "class_weight_table",
     "latent_weight_map",
     "load_controlnet",
     "WeightedTarget",
@@ -114,18 +113,6 @@ def check_conditioning_channels(in_channels: int, contract: LabelContract) -> bo
             "set it to '@num_classes'"
         )
     return True
-
-
-def class_weight_table(labels: Mapping[str, int], class_loss_weights: Mapping[str, float] | None) -> torch.Tensor:
-    """Loss weight per label id from ``{class name: weight}``; unlisted classes weigh 1."""
-    weights = torch.ones(len(labels))
-    for name, weight in (class_loss_weights or {}).items():
-        if name not in labels:
-            raise BundleInputError(f"config 'class_loss_weights': unknown class {name!r}; classes are {sorted(labels)}")
-        if not float(weight) > 0:
-            raise BundleInputError(f"config 'class_loss_weights': weight of {name!r} must be positive, got {weight}")
-        weights[int(labels[name])] = float(weight)
-    return weights
 
 
 def latent_weight_map(label: torch.Tensor, table: torch.Tensor, latent_size: tuple[int, ...]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
+from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -35,6 +36,9 @@ from scripts.labels import LabelContract, LabelContractd
 __all__ = [
     "NIFTI_SUFFIXES",
     "load_datalist",
+    "check_affine",
+    "check_real_dtype",
+    "load_nifti_header",
     "read_nifti",
     "check_case",
     "check_cases",
@@ -46,6 +50,13 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 #: Largest world-coordinate difference (mm) tolerated between an image affine and its label's.
 AFFINE_TOLERANCE_MM = 1e-3
+#: An affine whose 3x3 determinant is below this fraction of the product of its voxel sizes has
+#: (nearly) parallel or zero axes: singular for resampling.
+_SINGULAR_AFFINE_TOLERANCE = 1e-6
+#: numpy dtype kinds of real-valued voxels: boolean, signed and unsigned integer, floating point.
+_REAL_KINDS = "biuf"
+_DTYPE_KINDS = {"c": "complex numbers", "V": "structured voxels, e.g. RGB", "O": "Python objects",
+                "S": "text", "U": "text", "M": "dates", "m": "time spans"}
 
 
 def load_datalist(
@@ -77,10 +88,47 @@ def load_datalist(
     return load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=section, base_dir=dataset_dir)
 
 
-def read_nifti(path: str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D NIfTI fully (so truncated files fail here) and return ``(array, affine)``.
+def check_affine(affine: np.ndarray, source: str, role: str = "image") -> np.ndarray:
+    """Raise :class:`BundleInputError` naming ``source`` unless ``affine`` maps voxels to the world.
 
-    A trailing singleton 4th dimension is accepted (common in converted scans) and dropped.
+    A voxel-to-world matrix with NaN/Inf, a zero voxel size or axes that do not span 3D space (a
+    damaged or hand-edited sform/qform) cannot be resampled: MONAI's ``Spacing`` would fail, or
+    silently give NaN, only once generation has started. Returns the affine as float64.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(matrix)):
+        raise BundleInputError(f"{source}: {role} affine (voxel-to-world matrix of the header's sform/qform) "
+                               "contains NaN or Inf")
+    voxel_mm = affine_to_spacing(matrix, r=3, dtype=np.float64, suppress_zeros=False)  # voxel size per axis
+    volume = abs(float(np.linalg.det(matrix[:3, :3])))
+    # relative to the product of the voxel sizes, so that sub-millimetre voxels are not mistaken for
+    # a singular matrix while nearly parallel axes are caught
+    if not np.all(voxel_mm > 0) or volume <= _SINGULAR_AFFINE_TOLERANCE * float(np.prod(voxel_mm)):
+        raise BundleInputError(
+            f"{source}: {role} affine is singular (voxel sizes {', '.join(f'{v:g}' for v in voxel_mm)} mm, "
+            f"determinant {volume:.3g}): its voxel axes do not span 3D space; fix the header's sform/qform"
+        )
+    return matrix
+
+
+def check_real_dtype(dtype: np.dtype, source: str, role: str = "image") -> None:
+    """Raise :class:`BundleInputError` naming ``source`` and ``dtype`` unless it holds real numbers.
+
+    Integer, floating point and boolean voxels are accepted; complex voxels (whose imaginary part
+    would be dropped without a word), RGB or other structured voxels and anything else are not.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in _REAL_KINDS:
+        kind = _DTYPE_KINDS.get(dtype.kind, "not numeric")
+        shown = {("R", "G", "B"): "RGB", ("R", "G", "B", "A"): "RGBA"}.get(dtype.names, str(dtype))
+        raise BundleInputError(f"{source}: {role} has data type {shown} ({kind}); expected real numbers "
+                               "(integer or floating point voxels)")
+
+
+def load_nifti_header(path: str, role: str = "image") -> nib.Nifti1Image:
+    """Open a NIfTI without reading its voxels and check what the header says: a file that exists,
+    a 3D grid (a trailing singleton 4th dimension is accepted), real-valued voxels and a usable
+    affine (see :func:`check_affine`). Returns the lazily loaded image.
     """
     if not os.path.isfile(path):
         raise BundleInputError(f"{path}: {role} file not found")
@@ -88,6 +136,27 @@ def read_nifti(path: str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
         raise BundleInputError(f"{path}: {role} is not a NIfTI file (expected {' or '.join(NIFTI_SUFFIXES)})")
     try:
         img = nib.load(path)
+        dtype, shape = img.get_data_dtype(), tuple(int(s) for s in img.shape)
+    except Exception as e:  # nibabel raises many types for damaged files; all mean the same here
+        raise BundleInputError(f"{path}: cannot read {role} as NIfTI ({type(e).__name__}: {e})") from e
+    check_real_dtype(dtype, path, role)
+    if len(shape) == 4 and shape[-1] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise BundleInputError(f"{path}: {role} must be a 3D volume, got shape {shape}")
+    check_affine(img.affine, path, role)
+    return img
+
+
+def read_nifti(path: str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI fully (so truncated files fail here) and return ``(array, affine)``.
+
+    The header is checked first (:func:`load_nifti_header`: shape, real-valued data type, affine),
+    so a file that cannot be used is refused before its voxels are read. A trailing singleton 4th
+    dimension is accepted (common in converted scans) and dropped.
+    """
+    img = load_nifti_header(path, role)
+    try:
         array = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for damaged files; all mean the same here
         raise BundleInputError(f"{path}: cannot read {role} as NIfTI ({type(e).__name__}: {e})") from e

@@ -239,7 +239,7 @@ def load_diffusion_unet(
     unet: torch.nn.Module,
     path: str,
     noise_schedule: str | None,
-    autoencoder_sha256: str,
+    autoencoder_sha256: str | None,
     prediction_type: str | None = None,
 ) -> dict[str, Any]:
     """Load stage-2 UNet weights strictly and check they fit this run; returns the checkpoint.
@@ -250,7 +250,8 @@ def load_diffusion_unet(
     when it records the identity of the autoencoder whose latents it was
     trained on (``autoencoder_sha256``, see ``scripts.checkpoints.weights_sha256``), that must be
     the configured one: a UNet trained on another autoencoder's latents, or with the other
-    schedule, cannot be guided or sampled correctly.
+    schedule, cannot be guided or sampled correctly. ``autoencoder_sha256=None`` skips that check:
+    the starting point of fine-tuning on new latents (``init_diffusion_unet_path``).
     """
     checkpoint = load_network_weights(
         unet, path, "diffusion_unet", "diffusion UNet weights",
@@ -275,7 +276,7 @@ def load_diffusion_unet(
                 f"{prediction_type!r}; pass --prediction_type {trained_type}"
             )
     trained_on = checkpoint.get("autoencoder_sha256")
-    if trained_on is not None and trained_on != autoencoder_sha256:
+    if trained_on is not None and autoencoder_sha256 is not None and trained_on != autoencoder_sha256:
         raise BundleInputError(
             f"{path}: diffusion UNet was trained on the latents of other autoencoder weights "
             f"(weights sha256 {trained_on[:12]}..., --autoencoder_path holds {autoencoder_sha256[:12]}...); "
@@ -292,4 +293,3 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 def freeze(network: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no gradients: a network used, not trained (the stage-2 UNet in stage 3)."""
     return unwrap(network).eval().requires_grad_(False)
-

@@ -6,6 +6,10 @@
 errors raised while a config expression is evaluated in ``RuntimeError("Failed to evaluate ...")``.
 A researcher who pointed the bundle at a bad file needs the one sentence at the bottom of that
 chain, so every config installs :func:`install_error_hook` in its ``initialize`` section.
+
+A write that fails for a reason the user has to resolve (full disk, read-only file system, quota,
+permission) is such an error too, named by the folder being written
+(:func:`scripts.outputs.explain_write_error`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 import threading
 from types import FrameType, TracebackType
 
-__all__ = ["BundleInputError", "install_error_hook", "find_input_error"]
+__all__ = ["BundleInputError", "install_error_hook", "find_input_error", "error_line"]
 
 
 class BundleInputError(ValueError):
@@ -40,18 +44,38 @@ def find_input_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
-def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+def _write_error(exc: BaseException) -> str | None:
+    try:  # imported here: scripts.outputs imports this module
+        from scripts.outputs import explain_write_error
+    except ImportError:
+        return None
+    return explain_write_error(exc)
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one ``ERROR: ...`` line for ``exc``, or ``None`` when it is not the user's to fix (a bug:
+    the traceback is shown then)."""
     if isinstance(exc, KeyboardInterrupt):
-        print(f"ERROR: interrupted ({exc or 'Ctrl-C'}); nothing half-written was published", file=sys.stderr)
-        return
+        return f"ERROR: interrupted ({exc or 'Ctrl-C'}); nothing half-written was published"
     user_error = find_input_error(exc)
+    if not isinstance(user_error, BundleInputError):  # a bare OSError may be a failed write: name its folder
+        message = _write_error(exc)
+        if message is not None:
+            return "ERROR: " + " ".join(message.split())
     if user_error is None:
-        sys.__excepthook__(exc_type, exc, tb)
-        return
+        return None
     message = " ".join(str(user_error).split())  # force a single line
     if isinstance(user_error, OSError) and user_error.filename and str(user_error.filename) not in message:
         message = f"{user_error.filename}: {message}"
-    print(f"ERROR: {message}", file=sys.stderr)
+    return f"ERROR: {message}"
+
+
+def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    line = error_line(exc)
+    if line is None:
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    print(line, file=sys.stderr)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

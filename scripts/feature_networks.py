@@ -432,4 +432,3 @@ class FeatureExtractor(nn.Module):
 def load_feature_extractor(network_type: str, weights_path: str | Path) -> FeatureExtractor:
     """:func:`load_feature_network` wrapped with its input normalisation; see :class:`FeatureExtractor`."""
     return FeatureExtractor(network_type, load_feature_network(network_type, weights_path))
-

@@ -153,7 +153,7 @@ def load_generator(generator: MaskToImageGenerator, path: str, labels: Mapping[s
     """Load a ``configs/train_gan_baseline.yaml`` checkpoint into ``generator``, frozen; checks its labels."""
     checkpoint = load_network_weights(
         generator, path, "generator", "GAN baseline weights",
-        hint="train them with `python -m monai.bundle run training --config_file configs/train_gan_baseline.yaml` "
+        hint="train them with `python -m monai.bundle run training --config_file \"['configs/common.yaml', 'configs/train_gan_baseline.yaml']\"` "
              "and pass --gan_path",
     )
     if "labels" in checkpoint and dict(checkpoint["labels"]) != dict(labels):

@@ -12,17 +12,20 @@ For every input mask ``X.nii.gz`` the pipeline
    ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
    voxels, shape, affine and header, so the two always lie on the same grid.
 
-Every mask is checked before anything is generated: one bad mask stops the command at once with
-one line naming it, before any output exists (finding a bad file after hours of sampling would
-waste them, and a partial set of pairs is easy to mistake for a whole one). Outputs go to a
-staging folder that replaces ``output_dir`` only when every pair is written.
+Every mask is checked before anything is generated (its header: a 3D grid, real-valued voxels, a
+usable affine, and the memory it will need; then its voxels against the label contract): one bad
+mask stops the command at once with one line naming it, before any output exists (finding a bad
+file after hours of sampling would waste them, and a partial set of pairs is easy to mistake for
+a whole one). Outputs go to a staging folder that replaces ``output_dir`` only when every pair is
+written.
 """
 
 from __future__ import annotations
 
-import glob
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import zlib
@@ -36,7 +39,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
 from tqdm import tqdm
 
-from scripts.data import NIFTI_SUFFIXES, load_datalist, read_nifti
+from scripts.data import NIFTI_SUFFIXES, load_datalist, load_nifti_header, read_nifti
 from scripts.diffusion import check_noise_schedule
 from scripts.errors import BundleInputError
 from scripts.figures import save_pair_preview
@@ -98,6 +101,47 @@ def _stem(path: str) -> str:
     return os.path.splitext(name)[0]
 
 
+def _unreachable(path: str) -> str | None:
+    """Why the folder entry ``path`` is a symlink that leads nowhere usable, or ``None`` if it is not."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if e.errno == errno.ENOENT:
+            return f"broken symlink (its target {os.readlink(path)} does not exist)"
+        return f"symlink that cannot be followed ({e.strerror})"
+    return None
+
+
+def _scan_mask_dir(mask_dir: str) -> tuple[list[str], list[str]]:
+    """The NIfTI files of ``mask_dir`` (sorted paths) and the names of its other files.
+
+    Hidden entries are ignored and so are sub-folders, except one named like a mask
+    (``x.nii.gz/``); every entry that looks like a mask but is no readable file (that folder, a
+    broken symlink, a symlink loop, a pipe or device) gets a warning naming it, so a mask the user
+    expects is never left out without a word.
+    """
+    masks, others = [], []
+    for name in sorted(os.listdir(mask_dir)):
+        if name.startswith("."):
+            continue
+        path = os.path.join(mask_dir, name)
+        looks_like_mask = name.endswith(NIFTI_SUFFIXES)
+        problem = _unreachable(path)
+        if problem is None and looks_like_mask and not os.path.isfile(path):
+            problem = "a folder, not a file" if os.path.isdir(path) else "not a regular file"
+        if problem is not None:
+            logger.warning(f"{path}: skipped, {problem}")
+        elif looks_like_mask:
+            masks.append(path)
+        elif os.path.isfile(path):
+            others.append(name)
+    return masks, others
+
+
 def find_masks(
     mask_dir: str | None = None,
     datalist: str | None = None,
@@ -108,16 +152,16 @@ def find_masks(
     """Input masks as ``[{"label": path, "name": stem}]``, from the first source given.
 
     ``mask_dir``: every ``.nii``/``.nii.gz`` file in it (other files are listed in the log and
-    left alone); else the ``label`` entries of ``datalist``'s ``section``; else the bundle's demo
-    masks. Output names come from file names, so they must be unique.
+    left alone; broken symlinks, symlink loops and folders or other non-files named like a mask
+    are skipped with a warning naming each); else the ``label`` entries of ``datalist``'s
+    ``section``; else the bundle's demo masks. Output names come from file names, so they must be
+    unique.
     """
     if mask_dir:
         if not os.path.isdir(mask_dir):
             flag = "--demo_mask_dir" if mask_dir == demo_mask_dir else "--mask_dir"
             raise BundleInputError(f"{mask_dir}: mask folder not found ({flag})")
-        files = sorted(f for f in glob.glob(os.path.join(mask_dir, "*")) if os.path.isfile(f))
-        masks = [f for f in files if f.endswith(NIFTI_SUFFIXES)]
-        others = [os.path.basename(f) for f in files if f not in masks]
+        masks, others = _scan_mask_dir(mask_dir)
         if others:
             logger.warning(f"{mask_dir}: not NIfTI, left alone: {', '.join(others)}")
         where = mask_dir
@@ -157,6 +201,97 @@ def output_prefix(name: str, sample: int, num_samples: int) -> str:
     return name if num_samples == 1 else f"{name}_s{sample}"
 
 
+#: Memory needed for one mask, measured: peak RSS above what the command held after loading the
+#: networks, sampled phase by phase (and /usr/bin/time -v for the whole command), shipped demo
+#: weights, default 64^3 model grid at 5 x 5 x 4 mm, CPU, uint8 masks of 1.5 mm voxels:
+#:   150 x 150 x 100 (2.25 M voxels)    251 MiB
+#:   300 x 300 x 200 (18 M voxels)     1227 MiB (int16 1246, float64 1272, quality-gate retry and
+#:                                     preview 1219, with mask editing 1391)
+#:   400 x 400 x 260 (41.6 M voxels)   2512 MiB
+#:   600 x 600 x 400 (144 M, 0.75 mm)  8514 MiB (maximum resident set size of the whole command
+#:                                     9,208,940 kB by /usr/bin/time -v)
+#: The model grid stays at spatial_size and reading a uint8 mask takes 2 bytes per voxel: in every
+#: case the peak is ResampleToMatch bringing the generated image back onto the mask's own grid
+#: (its sampling grid and float32 output at the mask's size, about 62 bytes per mask voxel).
+#: Bytes per mask voxel, plus the voxel's own size as read:
+_MASK_GRID_BYTES_PER_VOXEL = 63
+#: Extra bytes per mask voxel with mask editing (the edited copy, int64 while edited).
+_EDITING_BYTES_PER_VOXEL = 10
+#: Bytes per voxel of the mask resampled to the model spacing, before the crop to spatial_size: that
+#: grid is large only for masks with coarser voxels than the model's (a 100 x 100 x 60 mask of 10 mm
+#: voxels gives 200 x 200 x 150 voxels at 5 x 5 x 4 mm: 325 MiB, 57 bytes per voxel).
+_RESAMPLED_BYTES_PER_VOXEL = 60
+#: Sampling, decoding and allocator slack, independent of the mask (120 to 250 MiB measured).
+_FIXED_BYTES = 200 * 2**20
+#: A mask that needs more than this share of the available memory gets a warning.
+_MEMORY_WARNING_SHARE = 0.5
+#: A cgroup limit at or above this is no limit (cgroup v1 reports about 2**63).
+_NO_CGROUP_LIMIT = 2**60
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_available() -> int | None:
+    """Memory left under this container's cgroup limit (cgroup v2 or v1), or ``None`` without a limit.
+
+    Reclaimable page cache (``inactive_file``) counts as available, as the kernel would free it.
+    """
+    for limit_file, usage_file, stat_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+         "/sys/fs/cgroup/memory/memory.stat"),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is None or usage is None or limit >= _NO_CGROUP_LIMIT:
+            continue
+        reclaimable = 0
+        try:
+            with open(stat_file) as f:
+                stats = dict(line.split() for line in f if len(line.split()) == 2)
+            reclaimable = int(stats.get("inactive_file", 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - usage + reclaimable)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give this process, or ``None`` where it cannot be told.
+
+    ``psutil``'s available memory when installed, else ``MemAvailable`` of ``/proc/meminfo``;
+    capped by the cgroup limit of a container or batch job, which those do not see.
+    """
+    available = None
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    limited = _cgroup_available()
+    if limited is not None:
+        available = limited if available is None else min(available, limited)
+    return available
+
+
+def _gb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes < 1e10 else f"{num_bytes / 1e9:.0f} GB"
+
+
 class MaskToImage:
     """One input mask -> (image, label) on the mask's own grid.
 
@@ -167,6 +302,8 @@ class MaskToImage:
         spatial_size: model-grid size (voxels).
         editor: optional ``scripts.masks.MaskEditor`` applied on the input grid before generation.
         output_range: the [0, 1] model intensities are mapped linearly onto it (None: keep [0, 1]).
+        memory_check: refuse, before anything is generated, a mask whose estimated peak memory
+            (:meth:`memory_estimate`) exceeds the available memory; warn above half of it.
     """
 
     def __init__(
@@ -177,8 +314,11 @@ class MaskToImage:
         spatial_size: Sequence[int],
         editor: Any = None,
         output_range: Sequence[float] | None = None,
+        memory_check: bool = True,
     ) -> None:
         self.sampler = sampler
+        self.spacing = tuple(float(s) for s in spacing)
+        self.memory_check = as_bool(memory_check, "memory_check")
         self.contract = contract
         self.editor = editor
         self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
@@ -191,6 +331,56 @@ class MaskToImage:
             ResizeWithPadOrCrop(spatial_size=spatial_size),
         ])
         self.to_mask_grid = ResampleToMatch(mode="bilinear", padding_mode="zeros")
+
+    def memory_estimate(self, mask: nib.Nifti1Image) -> int:
+        """Peak bytes that generating from ``mask`` takes beyond the loaded networks, from its header
+        alone (grid, data type, affine), without reading its voxels. Against the measurements noted
+        at ``_MASK_GRID_BYTES_PER_VOXEL`` it is 6 to 14 % high for masks of 18 M voxels or more, and
+        relatively higher for small masks, where the fixed part dominates.
+        """
+        shape = tuple(int(s) for s in mask.shape[:3])
+        scaled = mask.dataobj.slope not in (None, 1) or mask.dataobj.inter not in (None, 0)
+        itemsize = 8 if scaled else mask.get_data_dtype().itemsize  # nibabel scales into float64
+        per_voxel = _MASK_GRID_BYTES_PER_VOXEL + itemsize
+        if self.editor is not None and getattr(self.editor, "enabled", True):
+            per_voxel += _EDITING_BYTES_PER_VOXEL
+        # the grid Orientation + Spacing make before the crop, from the transforms themselves run
+        # lazily on a stand-in that holds no voxels
+        affine = torch.as_tensor(mask.affine, dtype=torch.float64)
+        stand_in = MetaTensor(torch.zeros(1).expand(1, *shape), affine=affine)
+        resampled = self.to_model_grid_shape(stand_in)
+        return int(_FIXED_BYTES + per_voxel * math.prod(shape) + _RESAMPLED_BYTES_PER_VOXEL * math.prod(resampled))
+
+    def to_model_grid_shape(self, on_mask_grid: MetaTensor) -> tuple[int, ...]:
+        """Shape of ``on_mask_grid`` reoriented and resampled to the model spacing, before the crop."""
+        # one lazy transform after the other: a lazy Compose would carry out the resampling at its end
+        pending = Orientation(axcodes="RAS", labels=None, lazy=True)(on_mask_grid)
+        pending = Spacing(pixdim=self.spacing, mode="nearest", lazy=True)(pending)
+        return tuple(int(s) for s in pending.peek_pending_shape())
+
+    def check_memory(self, path: str, mask: nib.Nifti1Image) -> int | None:
+        """Refuse ``mask`` (file ``path``) when its :meth:`memory_estimate` exceeds the available
+        memory; warn when it takes more than half. Returns the estimate (``None`` when not checked).
+        """
+        if not self.memory_check:
+            return None
+        available = available_memory()
+        if available is None:
+            logger.debug("available memory unknown here: masks are not checked against it")
+            return None
+        needed = self.memory_estimate(mask)
+        shape = "x".join(str(int(s)) for s in mask.shape[:3])
+        size = f"{shape} voxels of {mask.get_data_dtype()}"
+        if needed > available:
+            raise BundleInputError(
+                f"{path}: mask of {size} needs about {_gb(needed)} of memory to resample and write on its "
+                f"own grid, but only {_gb(available)} is available; free memory, use a larger machine, or "
+                f"resample the mask to coarser voxels (the model's are {'x'.join(f'{v:g}' for v in self.spacing)} mm)"
+            )
+        if needed > _MEMORY_WARNING_SHARE * available:
+            logger.warning(f"{path}: mask of {size} needs about {_gb(needed)} of the {_gb(available)} of memory "
+                           "available; other programs may run short")
+        return needed
 
     def read(self, path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
         """The checked, remapped label array of ``path`` and its NIfTI image (for the header)."""
@@ -242,7 +432,14 @@ def _label_dtype(like: nib.Nifti1Image, label: np.ndarray) -> Any:
 
 
 def check_masks(masks: Sequence[Mapping[str, str]], generator: MaskToImage) -> int:
-    """Read and check every mask before anything is generated; raises on the first bad one."""
+    """Check every mask before anything is generated; raises on the first bad one.
+
+    First every header (3D grid, real-valued data type, usable affine, the memory the mask will
+    need: see :meth:`MaskToImage.check_memory`), which takes no time, then every mask's voxels
+    against the label contract.
+    """
+    for item in masks:
+        generator.check_memory(item["label"], load_nifti_header(item["label"], role="label mask"))
     for item in tqdm(masks, desc="checking masks", unit="mask"):
         generator.read(item["label"])
     return len(masks)

@@ -21,7 +21,7 @@ from monai.transforms import MapLabelValue, MapTransform
 
 from scripts.errors import BundleInputError
 
-__all__ = ["LabelContract", "LabelContractd", "source_of"]
+__all__ = ["LabelContract", "LabelContractd", "class_weight_table", "source_of"]
 
 #: How many offending values an error message lists before it abbreviates.
 _MAX_LISTED = 8
@@ -138,3 +138,20 @@ class LabelContractd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.contract.prepare(d[key], source_of(d[key]))
         return d
+
+
+def class_weight_table(
+    labels: Mapping[str, int], class_weights: Mapping[str, float] | None, setting: str = "class_loss_weights"
+) -> torch.Tensor:
+    """Loss weight per label id from ``{class name: weight}``; unlisted classes weigh 1.
+
+    ``setting`` names the config key in error messages (stage 1 and stage 3 both weight losses by class).
+    """
+    weights = torch.ones(len(labels))
+    for name, weight in (class_weights or {}).items():
+        if name not in labels:
+            raise BundleInputError(f"config '{setting}': unknown class {name!r}; classes are {sorted(labels)}")
+        if not float(weight) > 0:
+            raise BundleInputError(f"config '{setting}': weight of {name!r} must be positive, got {weight}")
+        weights[int(labels[name])] = float(weight)
+    return weights

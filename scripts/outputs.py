@@ -14,10 +14,16 @@ Replacing a non-empty folder needs ``overwrite`` and is allowed only for a folde
 published itself (it holds :data:`OWNER_MARKER`), never for one that holds an input of the command,
 the bundle, the working directory, the home folder or ``/``. A second run that finishes writing
 into the same destination after another published there is refused instead of replacing it.
+
+A write that fails because the disk is full, the file system read-only, the quota used up or
+writing not permitted ends the command with one ``ERROR:`` line naming the destination and the
+cause (:func:`explain_write_error`, called by the error hook of :mod:`scripts.errors`), and what
+was staged is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -32,7 +38,7 @@ from contextlib import contextmanager
 from scripts.errors import BundleInputError
 from scripts.settings import as_bool
 
-__all__ = ["OWNER_MARKER", "atomic_path", "write_text_atomic", "staging_dir", "publish"]
+__all__ = ["OWNER_MARKER", "atomic_path", "write_text_atomic", "staging_dir", "publish", "explain_write_error"]
 
 #: File in every folder the bundle publishes: the proof that it may replace that folder.
 OWNER_MARKER = ".3d-lldm-output.json"
@@ -40,6 +46,19 @@ OWNER_MARKER = ".3d-lldm-output.json"
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 logger = logging.getLogger(__name__)
+
+#: errno of a write the user has to resolve (free space, another place), with what to do about it.
+WRITE_ERRORS = {
+    errno.ENOSPC: "free space there or choose another folder",
+    errno.EDQUOT: "free space within your quota or choose another folder",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+}
+#: What is being written now: a staging folder or temporary file -> (the destination the user named,
+#: whether it is a folder). Filled by :func:`staging_dir` and :func:`atomic_path`, emptied when they
+#: finish; an entry stays when the write failed, for :func:`explain_write_error` to name the destination.
+_WRITING: dict[str, tuple[str, bool]] = {}
 
 
 def _umask() -> int:
@@ -56,6 +75,7 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
     os.close(fd)
+    _WRITING[tmp] = (os.path.abspath(path), False)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
@@ -64,6 +84,7 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    del _WRITING[tmp]
 
 
 def write_text_atomic(path: str, text: str) -> str:
@@ -138,6 +159,7 @@ def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] =
     except OSError as e:
         raise BundleInputError(f"{parent}: cannot write output here ({e.strerror})") from e
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
+    _WRITING[staging] = (final_dir, True)
     return staging
 
 
@@ -171,6 +193,46 @@ def publish(staging: str, final_dir: str, overwrite: bool = False) -> str:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _WRITING.pop(os.path.abspath(staging), None)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final_dir
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def explain_write_error(exc: BaseException | None) -> str | None:
+    """One line for a failed write in ``exc``'s cause/context chain, or ``None`` if there is none.
+
+    A write error is an ``OSError`` with an errno of :data:`WRITE_ERRORS` met while writing a
+    staging folder or an atomic file (found by the file it names; an error that names no file, as
+    a full disk met inside a compressor, belongs to the latest of them), or, for a full disk, an
+    exceeded quota or a read-only file system, any file. The line names the folder being written
+    (for a staging folder: the destination the user gave), the cause and what to do; the staging
+    folder, if still there, is removed.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+            break
+        exc = exc.__cause__ or exc.__context__
+    else:
+        return None
+    filename = os.path.abspath(os.fsdecode(exc.filename)) if exc.filename else None
+    writing = [path for path in _WRITING if filename is None or _inside(filename, path)]
+    if writing:
+        target, is_folder = _WRITING.pop(writing[-1])
+        if is_folder:  # a staging folder: removed (if its command has not), the destination stays as it was
+            shutil.rmtree(writing[-1], ignore_errors=True)
+            folder, what = target, "the output"
+        else:
+            folder, what = os.path.dirname(target), os.path.basename(target)
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and filename is not None:
+        folder, what = os.path.dirname(filename), os.path.basename(filename)
+    else:
+        return None  # e.g. an input that may not be read: not a write error
+    cause = exc.strerror or os.strerror(exc.errno)
+    return f"{folder}: cannot write {what} ({cause}); nothing half-written was kept: {WRITE_ERRORS[exc.errno]}"

@@ -15,6 +15,10 @@ declares, with the closest declared ones.
 :func:`check_settings` checks the type and range of each user-facing setting a config lists in its
 ``setting_checks`` before any work, so ``--seed -1`` or ``--num_inference_steps abc`` is one line
 naming the setting, not a traceback after the first volumes were sampled.
+
+Every command layers its task config on ``configs/common.yaml``; :func:`layered_config_files`
+is the one place that knows the order (used by the drivers that start other commands, the
+benchmarks and the tests).
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from typing import Any
 
 from scripts.errors import BundleInputError
 
-__all__ = ["TRUE_WORDS", "FALSE_WORDS", "as_bool", "check_cli_overrides", "check_settings"]
+__all__ = ["TRUE_WORDS", "FALSE_WORDS", "as_bool", "check_cli_overrides", "check_settings", "layered_config_files"]
+
+#: Task configs that are overlays on another task (besides configs/common.yaml, under every task).
+BASE_TASKS = {
+    "evaluate": ("train_segmentation",),  # the segmentation networks and sliding-window inferer
+    "generate_unconditional": ("inference",),  # the weights, sampler and decoder of inference
+    "inference_gan_baseline": ("inference",),  # inputs, outputs and checks of inference, another generator
+}
 
 #: Arguments of ``monai.bundle run`` itself, not config overrides.
 RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file")
@@ -61,6 +72,28 @@ def _cli_options(argv: Sequence[str]) -> dict[str, str | None]:
     return options
 
 
+def layered_config_files(*files: str, config_dir: str | None = None) -> list[str]:
+    """Config files of one command in layering order: common.yaml, each task's base tasks, then ``files``.
+
+    ``files`` are config paths (``configs/inference.yaml``, an overlay such as ``configs/hires.yaml``)
+    in the order given; a file already listed is not repeated. Paths keep their form (relative or
+    absolute); the added ones are ``config_dir/<name>.yaml``, by default in the first file's folder.
+    """
+    config_dir = config_dir or (os.path.dirname(files[0]) if files else "") or "configs"
+    ordered: list[str] = []
+
+    def add(path: str) -> None:
+        if os.path.normpath(path) not in map(os.path.normpath, ordered):
+            ordered.append(path)
+
+    add(os.path.join(config_dir, "common.yaml"))
+    for path in files:
+        for base in BASE_TASKS.get(os.path.splitext(os.path.basename(path))[0], ()):
+            add(os.path.join(os.path.dirname(path) or config_dir, f"{base}.yaml"))
+        add(path)
+    return ordered
+
+
 def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     """Refuse a command-line override that no config file of the command declares.
 
@@ -86,7 +119,8 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
             continue
         close = difflib.get_close_matches(key, declared, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
-        raise BundleInputError(f"--{name}: not a setting of {files}{hint}")
+        task = files[-1] if isinstance(files, list) else files  # the task config, layered on configs/common.yaml
+        raise BundleInputError(f"--{name}: not a setting of {task}{hint}")
     return True
 
 

@@ -34,10 +34,15 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 class AutoencoderTrainer(AdversarialTrainer):
     """VAE-GAN training of ``AutoencoderKL`` against a ``PatchDiscriminator``.
 
-    Generator loss = ``recon_loss_function`` (L1) + ``kl_weight`` * KL + ``perceptual_loss``
+    Generator loss = reconstruction (L1) + ``kl_weight`` * KL + ``perceptual_loss``
     (already weighted; ``None`` to train without it) + ``adv_weight`` * adversarial. The
     discriminator and the adversarial term start only after ``adversarial_warmup_epochs`` epochs,
     so the discriminator does not overpower a generator that cannot reconstruct yet.
+
+    ``recon_class_weights`` (a weight per label id, ``scripts.labels.class_weight_table``) makes the
+    L1 term a weighted mean over voxels, each weighted by its class in the batch's ``label``. The
+    dark vessels and HCC fill about 1% of a volume, so with a plain mean the autoencoder learns to
+    blur them into the liver; weighting them keeps the contrast a label-guided generator needs.
 
     Per-iteration output keys: ``loss`` (generator total), ``recon_loss``, ``kl_loss``,
     ``perceptual_loss``, ``g_adv_loss``, ``d_loss`` (floats for logging), plus image/pred tensors.
@@ -50,6 +55,8 @@ class AutoencoderTrainer(AdversarialTrainer):
         perceptual_loss: torch.nn.Module | None = None,
         adv_weight: float = 0.1,
         adversarial_warmup_epochs: int = 0,
+        recon_class_weights: torch.Tensor | None = None,
+        label_key: str = "label",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("g_loss_function", PatchAdversarialLoss(criterion="least_squares"))
@@ -60,6 +67,9 @@ class AutoencoderTrainer(AdversarialTrainer):
         self.perceptual_loss = None if perceptual_loss is None else perceptual_loss.to(self.state.device)
         self.adv_weight = adv_weight
         self.adversarial_warmup_epochs = adversarial_warmup_epochs
+        uniform = recon_class_weights is None or bool(torch.all(torch.as_tensor(recon_class_weights) == 1))
+        self.recon_class_weights = None if uniform else torch.as_tensor(recon_class_weights, dtype=torch.float32)
+        self.label_key = label_key
         # AdversarialTrainer puts the network and optimizer objects into the engine's state dict,
         # which would pickle whole modules into checkpoints and break weights_only loading. The
         # checkpointer saves their state dicts itself; the engine keeps only its counters.
@@ -78,6 +88,18 @@ class AutoencoderTrainer(AdversarialTrainer):
             loss.backward()
             optimizer.step()
 
+    def _reconstruction_loss(
+        self, reconstruction: torch.Tensor, images: torch.Tensor, batchdata: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        if self.recon_class_weights is None:
+            return self.state.recon_loss_function(reconstruction, images)
+        if self.label_key not in batchdata:
+            raise ValueError(f"recon_class_weights need the label map under {self.label_key!r} in every batch")
+        table = self.recon_class_weights.to(images.device)
+        weights = table[torch.as_tensor(batchdata[self.label_key]).to(images.device).long()]
+        # MONAI's L1 losses have no per-voxel weight, hence the weighted mean written out here
+        return (weights * (reconstruction - images).abs()).sum() / (weights.sum() * images.shape[1])
+
     def _iteration(self, engine: AutoencoderTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -89,7 +111,7 @@ class AutoencoderTrainer(AdversarialTrainer):
         state.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
             reconstruction, z_mu, z_sigma = state.g_network(images)
-            recon_loss = state.recon_loss_function(reconstruction.float(), images.float())
+            recon_loss = engine._reconstruction_loss(reconstruction.float(), images.float(), batchdata)
             kl_loss = kl_divergence(z_mu.float(), z_sigma.float())
             g_loss = recon_loss + engine.kl_weight * kl_loss
             perceptual = torch.zeros((), device=images.device)

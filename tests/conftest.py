@@ -71,11 +71,14 @@ def contract(common_config: ConfigParser):
     return common_config.get_parsed_content("label_contract", instantiate=True)
 
 
-def run_bundle(*args: str, cwd: Path = BUNDLE_ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run ...`` in the bundle root, as a user would."""
+def run_bundle(
+    *args: str, cwd: Path = BUNDLE_ROOT, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run ...`` in the bundle root (or ``cwd``), as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", *args],
         cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
 from scripts.checkpoints import weights_sha256
+from scripts.settings import layered_config_files
 
 #: The tiny model grid of the stage-1 tests (32^3 voxels, 8^3 latents), without the stage-1 patch size.
 TINY = {k.lstrip("-"): eval(v) for k, v in zip(TINY_GRID[::2], TINY_GRID[1::2]) if k != "--patch_size"}
@@ -83,17 +84,17 @@ def overrides(dataset: Path, output: Path, **extra: Any) -> dict[str, Any]:
 
 def cli(config: str | list[str], dataset: Path, output: Path, **extra: Any) -> list[str]:
     """``python -m monai.bundle run`` arguments for the same overrides."""
-    files = config if isinstance(config, str) else str(config)
-    args = ["training", "--config_file", files]
+    files = layered_config_files(*([config] if isinstance(config, str) else config))
+    args = ["training", "--config_file", str(files)]
     for key, value in overrides(dataset, output, **extra).items():
         args += [f"--{key}", str(value)]
     return args
 
 
 def workflow(config: str, **settings: Any) -> ConfigWorkflow:
-    """A training workflow of ``config`` with ``settings`` overridden, not yet initialised.
+    """A training workflow of ``config`` (layered on configs/common.yaml) with ``settings`` overridden, not yet initialised.
 
-    Configs resolve ``configs/common.yaml`` relative to the bundle root: callers chdir there.
+    Config paths are relative to the bundle root: callers chdir there.
     """
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT, "run bundle workflows from the bundle root"
-    return ConfigWorkflow(config_file=config, workflow_type="train", **settings)
+    return ConfigWorkflow(config_file=layered_config_files(config), workflow_type="train", **settings)

@@ -29,9 +29,10 @@ from scripts.augmentation_study import (
 from scripts.checkpoints import weights_sha256
 from scripts.errors import BundleInputError, find_input_error
 from scripts.outputs import OWNER_MARKER
+from scripts.settings import layered_config_files
 from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
-CONFIG = "configs/augmentation_study.yaml"
+CONFIG = layered_config_files("configs/augmentation_study.yaml")
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 REPORT_ORDER = ["hcc", "liver", "portal_vein", "hepatic_vein"]
 NETWORKS = ["unet", "segresnet"]
@@ -180,7 +181,7 @@ def test_command_resumes_an_interrupted_run_without_training_again(study, tmp_pa
     trained = _mtimes(run, "segmentation_segresnet/*.pt") | _mtimes(run, "training.log")
     overlay = tmp_path / "study.yaml"
     overlay.write_text(yaml.safe_dump(settings))
-    result = run_bundle("training", "--config_file", json.dumps([CONFIG, str(overlay)]))
+    result = run_bundle("training", "--config_file", json.dumps([*CONFIG, str(overlay)]))
     assert result.returncode == 0, result.stderr[-3000:]
     assert _mtimes(out, "runs/*/segmentation_*/test_metrics.json").items() >= others.items()
     assert (run / "segmentation_segresnet" / "test_metrics.json").is_file()

@@ -11,11 +11,14 @@ from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, run_bundle
 from scripts.errors import find_input_error
+from scripts.settings import layered_config_files
+
+DEMO_DATA = layered_config_files("configs/demo_data.yaml")
 
 
 def test_demo_data_command_writes_dataset_and_refuses_to_overwrite(tmp_path):
     dataset = tmp_path / "phantom"
-    args = ["--config_file", "configs/demo_data.yaml", "--dataset_dir", str(dataset), "--num_cases", "3", "--seed", "5"]
+    args = ["--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3", "--seed", "5"]
     first = run_bundle(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     datalist = json.loads((dataset / "datalist.json").read_text())
@@ -35,7 +38,7 @@ def test_demo_data_command_writes_dataset_and_refuses_to_overwrite(tmp_path):
 
 def _check(tiny_phantoms, tmp_path, **overrides) -> ConfigWorkflow:
     workflow = ConfigWorkflow(
-        config_file="configs/check_data.yaml", workflow_type="infer", dataset_dir=str(tiny_phantoms),
+        config_file=layered_config_files("configs/check_data.yaml"), workflow_type="infer", dataset_dir=str(tiny_phantoms),
         output_dir=str(tmp_path), spacing=[10.0, 10.0, 8.0], spatial_size=[32, 32, 32], **overrides,
     )
     workflow.initialize()
@@ -64,13 +67,14 @@ def test_check_data_rejects_ids_missing_from_label_map(tiny_phantoms, tmp_path, 
 def test_misspelt_setting_is_refused_and_no_means_no(tmp_path):
     """A misspelt override used to be ignored (the default ran); `--save_figure false` used to write the figure."""
     dataset = tmp_path / "phantom"
-    typo = run_bundle("--config_file", "configs/demo_data.yaml", "--dataset_dir", str(dataset), "--num_case", "3")
+    typo = run_bundle("--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_case", "3")
     assert typo.returncode != 0 and "Traceback" not in typo.stderr
     errors = [line for line in typo.stderr.splitlines() if line.startswith("ERROR:")]
-    assert errors == ["ERROR: --num_case: not a setting of configs/demo_data.yaml; did you mean --num_cases?"]
+    assert len(errors) == 1
+    assert errors[0].startswith("ERROR: --num_case: not a setting of configs/demo_data.yaml; did you mean --num_cases")
     assert not dataset.exists()
 
-    quiet = run_bundle("--config_file", "configs/demo_data.yaml", "--dataset_dir", str(dataset), "--num_cases", "3",
+    quiet = run_bundle("--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3",
                        "--save_figure", "false")
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert (dataset / "datalist.json").is_file() and not (dataset / "figures").exists()

@@ -11,29 +11,30 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT
+from scripts.settings import layered_config_files
 
 CONFIGS = sorted(p for p in (BUNDLE_ROOT / "configs").glob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
 
 def _layers(path: Path) -> list[str]:
-    """The files a config is meant to be used with: an overlay goes on top of its base config."""
+    """The files a config is meant to be used with: common.yaml under it, an overlay on its base config."""
     if path.name.startswith("multi_gpu_"):
-        return [str(path.with_name(path.name[len("multi_gpu_"):])), str(path)]
+        return layered_config_files(str(path.with_name(path.name[len("multi_gpu_"):])), str(path))
     if path.name == "hires.yaml":
-        return [str(path.with_name("inference.yaml")), str(path)]
-    return [str(path)]
+        return layered_config_files(str(path.with_name("inference.yaml")), str(path))
+    return layered_config_files(str(path))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_resolves(path: Path, monkeypatch):
-    monkeypatch.chdir(BUNDLE_ROOT)  # configs pull shared keys from configs/common.yaml, relative to the bundle
+    monkeypatch.chdir(BUNDLE_ROOT)
     parser = ConfigParser()
     parser.read_config(_layers(path))
     if path.name == "metadata.json":
         assert parser["version"] in parser["changelog"]
         return
     parser.parse()
-    # every "@" reference and "%" macro resolves; nothing is run or instantiated
+    # every "@" reference resolves; nothing is run or instantiated
     for key in parser.get():
         parser.get_parsed_content(key, instantiate=False, eval_expr=False)
 
@@ -107,7 +108,7 @@ def test_hires_overlay_sets_the_paper_scale_grid_and_networks(base, monkeypatch)
     latent grid passes through every UNet level and the ControlNet still mirrors the UNet."""
     monkeypatch.chdir(BUNDLE_ROOT)
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / base), str(BUNDLE_ROOT / "configs" / "hires.yaml")])
+    parser.read_config(layered_config_files(str(BUNDLE_ROOT / "configs" / base), str(BUNDLE_ROOT / "configs" / "hires.yaml")))
     parser.parse()
     assert parser.get_parsed_content("spatial_size") == [256, 256, 128]
     compression = 2 ** (len(parser.get_parsed_content("autoencoder_def#channels")) - 1)
@@ -117,3 +118,26 @@ def test_hires_overlay_sets_the_paper_scale_grid_and_networks(base, monkeypatch)
     assert all(s % 2 ** (levels - 1) == 0 for s in latent)
     if "controlnet_def" in parser.get():
         assert parser.get_parsed_content("controlnet_def#channels") == parser.get_parsed_content("diffusion_unet_def#channels")
+
+
+def test_hires_overlay_edits_values_inside_the_shared_definitions():
+    """The overlay changes sizes only: what it does not name (network type, latent channels, norm
+    placement) stays as configs/common.yaml declares it, so the two cannot drift apart."""
+    common = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "common.yaml"))
+    overlay = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "hires.yaml"))
+    assert not any(isinstance(v, dict) and "_target_" in v for v in overlay.values()), "hires.yaml restates a definition"
+    parser = ConfigParser()
+    parser.read_config(layered_config_files(str(BUNDLE_ROOT / "configs" / "hires.yaml")))
+    for name in ("autoencoder_def", "discriminator_def", "diffusion_unet_def"):
+        layered, shared = parser[name], common[name]
+        edited = {key.split("#", 1)[1] for key in overlay if key.startswith(name + "#")}
+        assert edited, f"hires.yaml does not resize {name}"
+        assert {k: v for k, v in layered.items() if k not in edited} == {k: v for k, v in shared.items() if k not in edited}
+        assert all(layered[k] == overlay[f"{name}#{k}"] for k in edited)
+
+
+def test_task_configs_do_not_copy_shared_keys():
+    """Task configs layer on common.yaml instead of re-importing its keys with macros."""
+    for path in CONFIGS:
+        if path.suffix == ".yaml":
+            assert "%configs/" not in path.read_text(), f"{path.name} pulls keys with a working-directory macro"

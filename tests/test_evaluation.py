@@ -26,9 +26,10 @@ from scripts.errors import BundleInputError, find_input_error
 from scripts.evaluation import NO_SEGMENTER_NOTICE, Evaluation, find_synthetic_volumes, load_segmenter, real_volume_set
 from scripts.feature_networks import build_feature_network
 from scripts.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
+from scripts.settings import layered_config_files
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_unet  # noqa: F401
 
-CONFIG = "configs/evaluate.yaml"
+CONFIG = layered_config_files("configs/evaluate.yaml")
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
@@ -44,7 +45,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": {f"module.{k}": v for k, v in build_feature_network("medicalnet_resnet10").state_dict().items()}},
                files["medicalnet"])
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE_ROOT / CONFIG))
+    parser.read_config([str(BUNDLE_ROOT / c) for c in CONFIG])
     os.chdir(BUNDLE_ROOT)
     segmenter = parser.get_parsed_content("segmentation_networks#unet")()
     files["segmentation"] = root / "segmentation_unet_best.pt"
@@ -256,7 +257,7 @@ def test_sets_on_different_grids_are_one_error(tiny_phantoms, tmp_path):
 
 def test_cli_wrong_weights_is_one_error_line(tiny_phantoms, weights, tmp_path):
     folder = _write_pairs(tmp_path / "set", tiny_phantoms)
-    result = run_bundle("evaluating", "--config_file", CONFIG, "--dataset_dir", str(tiny_phantoms),
+    result = run_bundle("evaluating", "--config_file", str(CONFIG), "--dataset_dir", str(tiny_phantoms),
                         "--synthetic", str({"copy": str(folder)}), "--output_dir", str(tmp_path / "out"),
                         "--fid_3d_network", "medicalnet_resnet50", "--fid_3d_weights", str(weights["medicalnet"]),
                         "--fid_2_5d_network", "null")
@@ -275,7 +276,7 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     recorded["latent_channel_std"] = reference = [0.5, 1.0, 2.0, 4.0]  # as stage 2 records the training latents'
     torch.save(recorded, unet)
     output = tmp_path / "unconditional"
-    workflow = ConfigWorkflow(config_file="configs/generate_unconditional.yaml", workflow_type=None, run_id="inference",
+    workflow = ConfigWorkflow(config_file=layered_config_files("configs/generate_unconditional.yaml"), workflow_type=None, run_id="inference",
                               output_dir=str(output), device="$torch.device('cpu')", num_inference_steps=2, num_samples=2,
                               autoencoder_path=str(autoencoder), diffusion_unet_path=str(unet), **TINY)
     workflow.initialize()

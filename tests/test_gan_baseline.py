@@ -19,10 +19,11 @@ from monai.bundle import ConfigWorkflow
 from conftest import BUNDLE_ROOT
 from scripts.errors import find_input_error
 from scripts.evaluation import find_synthetic_volumes
+from scripts.settings import layered_config_files
 from stage_helpers import TINY, one_thread  # noqa: F401
 
-TRAIN = "configs/train_gan_baseline.yaml"
-INFER = "configs/inference_gan_baseline.yaml"
+TRAIN = layered_config_files("configs/train_gan_baseline.yaml")
+INFER = layered_config_files("configs/inference_gan_baseline.yaml")
 
 
 def _train(dataset: Path, output: Path, max_epochs: int) -> ConfigWorkflow:

@@ -22,9 +22,10 @@ from scripts.errors import BundleInputError, find_input_error
 from scripts.inference import output_seed
 from scripts.outputs import OWNER_MARKER
 from scripts.sampler import conditioning_embedded_once
+from scripts.settings import layered_config_files
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
-CONFIG = "configs/inference.yaml"
+CONFIG = layered_config_files("configs/inference.yaml")
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
@@ -269,7 +270,7 @@ def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weight
     shutil.copytree(mask_dir, masks)
     bad = _bad_masks(tmp_path / "bad")["unknown label"]
     shutil.copy(bad, masks / "zz_bad.nii.gz")
-    args = ["inference", "--config_file", CONFIG, "--mask_dir", str(masks), "--output_dir", str(tmp_path / "out"),
+    args = ["inference", "--config_file", str(CONFIG), "--mask_dir", str(masks), "--output_dir", str(tmp_path / "out"),
             "--device", "cpu", "--num_inference_steps", "2"]
     for key, value in {**TINY, **weights["ddpm"]}.items():
         args += [f"--{key}", str(value)]
@@ -278,6 +279,27 @@ def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weight
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1 and "zz_bad.nii.gz" in errors[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_command_runs_from_another_folder_with_bundle_root(weights, mask_dir, tmp_path):
+    """Absolute config paths, --bundle_root and the package on PYTHONPATH: the command works from any folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    files = layered_config_files(str(BUNDLE_ROOT / "configs" / "inference.yaml"))
+    args = ["inference", "--config_file", str(files), "--bundle_root", str(BUNDLE_ROOT), "--mask_dir", str(mask_dir),
+            "--device", "cpu", "--num_inference_steps", "2"]
+    for key, value in {**TINY, **weights["ddpm"]}.items():
+        args += [f"--{key}", str(value)]
+    result = run_bundle(*args, "--output_dir", str(tmp_path / "out"), cwd=elsewhere, env={"PYTHONPATH": str(BUNDLE_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_image.nii.gz"))
+    assert not any(elsewhere.iterdir())  # nothing written relative to the working directory
+    # without the package on the path: one line saying what to set, nothing generated
+    result = run_bundle(*args, "--output_dir", str(tmp_path / "out2"), cwd=elsewhere, env={"PYTHONPATH": ""})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and f"PYTHONPATH={BUNDLE_ROOT}" in errors[0]
+    assert not (tmp_path / "out2").exists()
 
 
 def test_unwritable_output_folder_is_one_error(weights, mask_dir, tmp_path):

@@ -1,9 +1,10 @@
 # Copyright (c) 3D-LLDM bundle contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Bundle metadata: schema validation offline, and versions equal to what is installed."""
+"""Bundle metadata: validation against the model zoo's schema offline, and versions equal to what is installed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from importlib.metadata import version
@@ -15,27 +16,60 @@ from monai.bundle import verify_metadata
 from conftest import BUNDLE_ROOT
 
 META = BUNDLE_ROOT / "configs" / "metadata.json"
-SCHEMA = BUNDLE_ROOT / "docs" / "metadata_schema.json"
+# The model zoo's metadata schema, named by its URL in metadata.json. The offline copy is the text the
+# MONAI project publishes as public/schema/meta_schema_20240725.json in the GitHub repository
+# Project-MONAI/project-monai.github.io (git blob 875e55b7a3e03967ce2df999073ab6ff073290fa), byte for
+# byte, so the tests never download it.
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+SCHEMA = BUNDLE_ROOT / "docs" / "meta_schema_20240725.json"
+SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"
 
 
 def _metadata() -> dict:
     return json.loads(META.read_text())
 
 
-def test_metadata_validates_against_the_bundled_schema():
-    verify_metadata(meta_file=str(META), filepath=str(SCHEMA))  # raises on failure; never downloads
+def _tensor_specs(meta: dict):
+    """(network, side, name, spec) for every tensor of every ``*_data_format``."""
+    for network, data_format in meta.items():
+        if network.endswith("_data_format"):
+            for side in ("inputs", "outputs"):
+                for name, spec in data_format[side].items():
+                    yield network, side, name, spec
+
+
+def test_schema_field_is_the_model_zoo_url():
+    assert _metadata()["schema"] == SCHEMA_URL
+
+
+def test_offline_schema_is_the_official_copy():
+    assert SCHEMA.name == SCHEMA_URL.rsplit("/", 1)[-1]
+    assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256
+
+
+def test_metadata_validates_against_the_official_schema():
+    # the schema file exists and its hash matches, so verify_metadata never downloads; it raises on failure
+    verify_metadata(meta_file=str(META), filepath=str(SCHEMA), hash_val=SCHEMA_SHA256, hash_type="sha256")
+
+
+def _set_value_range(meta: dict, value_range: list) -> None:
+    meta["autoencoder_data_format"]["outputs"]["latent"]["value_range"] = value_range
 
 
 @pytest.mark.parametrize(
     "breakage",
     [
+        lambda m: m.pop("schema"),
         lambda m: m.pop("network_data_format"),
-        lambda m: m.pop("intended_use"),
-        lambda m: m.update(version="one"),
+        lambda m: m.update(version=5),
         lambda m: m["autoencoder_data_format"]["inputs"]["image"].pop("num_channels"),
         lambda m: m["network_data_format"]["outputs"]["pred"].update(num_channels="1"),
+        lambda m: _set_value_range(m, ["-inf", "inf"]),
+        lambda m: m["controlnet_data_format"]["outputs"]["pred"].update(value_range=[0, "inf"]),
+        lambda m: m["network_data_format"]["inputs"]["label"].pop("value_range"),
     ],
-    ids=["no_network_data_format", "no_intended_use", "bad_version", "spec_without_channels", "channels_not_int"],
+    ids=["no_schema", "no_network_data_format", "version_not_string", "spec_without_channels",
+         "channels_not_int", "value_range_strings", "value_range_one_string", "spec_without_value_range"],
 )
 def test_schema_rejects_broken_metadata(tmp_path, breakage):
     meta = _metadata()
@@ -44,6 +78,23 @@ def test_schema_rejects_broken_metadata(tmp_path, breakage):
     broken.write_text(json.dumps(meta))
     with pytest.raises(ValueError):
         verify_metadata(meta_file=str(broken), filepath=str(SCHEMA))
+
+
+def test_value_ranges_are_min_max_or_not_known():
+    """The bundle specification's form: ``[MIN, MAX]``, or ``[]`` where the range is not known (latents)."""
+    for network, side, name, spec in _tensor_specs(_metadata()):
+        value_range = spec["value_range"]
+        where = f"{network}.{side}.{name}"
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range), where
+        assert value_range == [] or (len(value_range) == 2 and value_range[0] <= value_range[1]), where
+
+
+def test_model_card_fields_are_filled():
+    """Fields the model zoo shows that the official schema leaves optional."""
+    meta = _metadata()
+    for key in ("name", "intended_use", "data_source", "data_type", "image_classes", "label_classes", "pred_classes"):
+        assert isinstance(meta.get(key), str) and meta[key].strip(), key
+    assert meta["references"] and all(isinstance(r, str) and r for r in meta["references"])
 
 
 def test_version_has_a_changelog_entry():

@@ -18,6 +18,7 @@ import pytest
 from conftest import BUNDLE_ROOT
 from scripts.errors import BundleInputError
 from scripts.outputs import OWNER_MARKER, publish, staging_dir
+from scripts.settings import layered_config_files
 
 
 def _write(folder: Path, name: str = "result.txt", text: str = "new", overwrite: bool = False, inputs=()) -> Path:
@@ -92,7 +93,7 @@ def test_leftovers_of_ended_runs_are_removed_and_live_ones_kept(tmp_path):
 
 def test_sigterm_removes_the_staging_folder_and_prints_one_line(tmp_path):
     dataset = tmp_path / "phantom"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/demo_data.yaml",
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(layered_config_files("configs/demo_data.yaml")),
                "--dataset_dir", str(dataset), "--num_cases", "200", "--save_figure", "false"]
     process = subprocess.Popen(command, cwd=BUNDLE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

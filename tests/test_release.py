@@ -22,11 +22,12 @@ import yaml
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
 from scripts.errors import BundleInputError
 from scripts.release import release_name, write_release
+from scripts.settings import layered_config_files
 
 #: The command the unpacked release must run as a user would (cwd: the unpacked folder), on the tiny
 #: phantoms ("{dataset}") with --output_dir, --device cpu and the tiny grid added. Switching this smoke
 #: test to the main inference is this one line, e.g. ("configs/inference.yaml", "--num_steps", "2").
-RELEASE_SMOKE = ("configs/inference.yaml", "--num_inference_steps", "2")
+RELEASE_SMOKE = (str(layered_config_files("configs/inference.yaml")), "--num_inference_steps", "2")
 
 METADATA = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
 NAME = release_name(METADATA["name"])

@@ -19,8 +19,9 @@ from monai.bundle import ConfigWorkflow
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
 from scripts.checkpoints import export_weights
 from scripts.errors import find_input_error
+from scripts.settings import layered_config_files
 
-CONFIG = "configs/train_autoencoder.yaml"
+CONFIG = layered_config_files("configs/train_autoencoder.yaml")
 
 
 def _overrides(dataset: Path, output: Path, **extra) -> dict:
@@ -33,7 +34,7 @@ def _cli(dataset: Path, output: Path, max_epochs: int, **extra: str) -> list[str
     options = dict(zip(TINY_GRID[::2], TINY_GRID[1::2]))
     options.update({"--max_epochs": str(max_epochs), "--val_interval": "1", "--adversarial_warmup_epochs": "1"})
     options.update({f"--{k}": v for k, v in extra.items()})
-    return ["training", "--config_file", CONFIG, "--dataset_dir", str(dataset), "--output_dir", str(output),
+    return ["training", "--config_file", str(CONFIG), "--dataset_dir", str(dataset), "--output_dir", str(output),
             *[part for item in options.items() for part in item]]
 
 
@@ -71,6 +72,58 @@ def test_trains_two_epochs_and_validates(trained):
     assert events and sum(e.stat().st_size for e in events) > 0
 
 
+def test_validation_reports_the_reconstruction_contrast_against_the_real_one(trained):
+    """Stage 1 logs what a label-guided generator can reach: liver minus vessels/HCC after decoding."""
+    output, _ = trained
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "autoencoder" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val_recon_contrast", "val_real_contrast"} <= tags
+    real = [e.value for e in events.Scalars("val_real_contrast")]
+    assert all(r == pytest.approx(real[0]) and r > 0.1 for r in real)  # HBP phantoms: the liver is bright
+
+
+def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monkeypatch):
+    """An error on a heavily weighted class counts more: mean over voxels of w * |error| / mean(w)."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    weights = {"portal_vein": 10.0}
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train",
+                              **_overrides(tiny_phantoms, tmp_path, max_epochs=1, recon_class_weights=weights))
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    label = torch.ones(1, 1, 4, 4, 4)
+    label[0, 0, 0, 0, 0] = 2  # one portal-vein voxel
+    image, reconstruction = torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)
+    reconstruction[0, 0, 0, 0, 0] = 1.0  # the only error sits on that voxel
+    loss = trainer._reconstruction_loss(reconstruction, image, {"image": image, "label": label})
+    assert float(loss) == pytest.approx(10.0 / (63 + 10.0))  # plain L1 would give 1 / 64
+    plain = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, tmp_path, max_epochs=1))
+    plain.initialize()
+    plain_loss = plain.parser.get_parsed_content("train#trainer")._reconstruction_loss(reconstruction, image, {})
+    assert float(plain_loss) == pytest.approx(1.0 / 64)
+    with pytest.raises(Exception) as caught:
+        bad = ConfigWorkflow(config_file=CONFIG, workflow_type="train",
+                             **_overrides(tiny_phantoms, tmp_path, recon_class_weights={"vessel": 2.0}))
+        bad.initialize()
+        bad.parser.get_parsed_content("train#trainer")
+    assert "config 'recon_class_weights': unknown class 'vessel'" in str(find_input_error(caught.value))
+
+
+def test_fine_tuning_starts_from_the_given_weights(trained, tiny_phantoms, tmp_path, monkeypatch):
+    """--init_autoencoder_path loads stage-1 weights before training; without it the start is random."""
+    output, _ = trained
+    exported = export_weights(str(output / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "ae.pt"), "autoencoder")
+    monkeypatch.chdir(BUNDLE_ROOT)
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train",
+                              **_overrides(tiny_phantoms, tmp_path / "run", init_autoencoder_path=str(exported)))
+    workflow.initialize()
+    start = workflow.parser.get_parsed_content("autoencoder").state_dict()
+    saved = _load(exported)["autoencoder"]
+    assert all(torch.equal(start[k], saved[k].to(start[k].dtype)) for k in saved)
+
+
 def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, tmp_path, monkeypatch):
     output, _ = trained
     monkeypatch.chdir(BUNDLE_ROOT)
@@ -79,7 +132,7 @@ def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, 
     shipped = export_weights(str(best), str(tmp_path / "autoencoder.pt"), "autoencoder")
     assert set(_load(Path(shipped))) >= {"autoencoder", "source_epoch"} and "g_optimizer" not in _load(Path(shipped))
     overrides = {k: v for k, v in _overrides(tiny_phantoms, tmp_path).items() if k in ("dataset_dir", "output_dir", "spacing", "spatial_size")}
-    workflow = ConfigWorkflow(config_file="configs/inference_autoencoder.yaml", workflow_type="infer",
+    workflow = ConfigWorkflow(config_file=layered_config_files("configs/inference_autoencoder.yaml"), workflow_type="infer",
                               autoencoder_path=shipped, **overrides)
     workflow.initialize()
     workflow.run()
@@ -91,7 +144,7 @@ def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, 
     # the same volumes through the same weights: the PSNR the training validation recorded as best
     assert float(metrics["psnr"]) == pytest.approx(_load(best)["best_metric"], rel=1e-4)
     assert -1.0 <= float(metrics["ssim"]) <= 1.0
-    again = ConfigWorkflow(config_file="configs/inference_autoencoder.yaml", workflow_type="infer",
+    again = ConfigWorkflow(config_file=layered_config_files("configs/inference_autoencoder.yaml"), workflow_type="infer",
                            autoencoder_path=str(best), **overrides)
     with pytest.raises(RuntimeError) as err:  # an existing result is never overwritten unasked
         again.initialize()
@@ -120,10 +173,22 @@ def test_resume_after_sigkill_continues_epochs_and_optimizer(tiny_phantoms, tmp_
     assert steps == {4}
 
 
+def test_training_runs_from_another_folder_with_bundle_root(tiny_phantoms, tmp_path):
+    """Absolute config paths, --bundle_root and the package on PYTHONPATH: training works from any folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cmd = _cli(tiny_phantoms, tmp_path / "out", 1)
+    cmd[cmd.index(str(CONFIG))] = str(layered_config_files(str(BUNDLE_ROOT / "configs" / "train_autoencoder.yaml")))
+    result = run_bundle(*cmd, "--bundle_root", str(BUNDLE_ROOT), cwd=elsewhere, env={"PYTHONPATH": str(BUNDLE_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "autoencoder" / "autoencoder_last.pt").is_file()
+    assert not any(elsewhere.iterdir())
+
+
 def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
            "run", *_cli(tiny_phantoms, tmp_path, 1)]
-    cmd[cmd.index(CONFIG)] = f"['{CONFIG}', 'configs/multi_gpu_train_autoencoder.yaml']"
+    cmd[cmd.index(str(CONFIG))] = str([*CONFIG, "configs/multi_gpu_train_autoencoder.yaml"])
     result = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     last = _load(tmp_path / "autoencoder" / "autoencoder_last.pt")

@@ -23,11 +23,11 @@ from scripts.controlnet import (
     ControlNetTrainingInferer,
     WeightedMSELoss,
     WeightedTarget,
-    class_weight_table,
     init_controlnet_from_unet,
 )
 from scripts.diffusion import training_prepare_batch
 from scripts.errors import find_input_error
+from scripts.labels import class_weight_table
 from scripts.mask_fidelity import ClassIntensityMeans, MaskContrast
 from scripts.sampler import LatentDiffusionSampler
 from stage_helpers import common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401

@@ -25,9 +25,10 @@ from scripts.segmentation import (
     size_divisor,
     synthetic_pairs,
 )
+from scripts.settings import layered_config_files
 from stage_helpers import TINY, one_thread  # noqa: F401
 
-CONFIG = "configs/train_segmentation.yaml"
+CONFIG = layered_config_files("configs/train_segmentation.yaml")
 #: HCC leads every summary; the other foreground classes follow by id.
 REPORT_ORDER = ["hcc", "liver", "portal_vein", "hepatic_vein"]
 #: Tiny grid (32^3), 16^3 patches (a multiple of 16 suits VNet too), one patch per volume.
@@ -283,7 +284,7 @@ def test_resume_continues_from_the_checkpoint_epoch(tiny_phantoms, synthetic_dir
 
 
 def test_unknown_network_is_one_clear_error_line(tiny_phantoms, tmp_path):
-    args = ["training", "--config_file", CONFIG, "--dataset_dir", str(tiny_phantoms), "--output_dir", str(tmp_path / "out"),
+    args = ["training", "--config_file", str(CONFIG), "--dataset_dir", str(tiny_phantoms), "--output_dir", str(tmp_path / "out"),
             "--network", "resnet", "--device", "cpu"]
     result = run_bundle(*args)
     assert result.returncode != 0
