@@ -47,7 +47,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / c) for c in CONFIG])
     os.chdir(BUNDLE_ROOT)
-    segmenter = parser.get_parsed_content("segmentation_networks#unet")()
+    segmenter = parser.get_parsed_content("networks#unet")()
     files["segmentation"] = root / "segmentation_unet_best.pt"
     torch.save({"model": segmenter.state_dict(), "network": "unet", "labels": LABELS, "epoch": 1}, files["segmentation"])
     return files

@@ -289,3 +289,23 @@ def test_resuming_with_another_label_set_is_refused(tiny_phantoms, weights, tmp_
     with pytest.raises(RuntimeError) as err:
         run.run()
     assert f"{last}: cannot resume, it was saved with labels" in str(find_input_error(err.value))
+
+
+def test_fine_tuning_starts_from_given_controlnet_weights(tiny_phantoms, weights, tmp_path, monkeypatch):
+    """--init_controlnet_path: the ControlNet starts from those weights, not from the UNet's copy."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    torch.manual_seed(7)
+    start = tmp_path / "controlnet_start.pt"
+    definition = common_parser(**{"spatial_size": [32, 32, 32]}).get_parsed_content("controlnet_def")
+    torch.save({"controlnet": definition.state_dict()}, start)
+    run = workflow(CONFIG, **_settings(tiny_phantoms, tmp_path / "out", weights, init_controlnet_path=str(start)))
+    run.initialize()
+    loaded = run.parser.get_parsed_content("controlnet").state_dict()
+    saved = torch.load(start, weights_only=True)["controlnet"]
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    default = workflow(CONFIG, **_settings(tiny_phantoms, tmp_path / "out2", weights))
+    default.initialize()
+    copied = default.parser.get_parsed_content("controlnet").state_dict()
+    unet = torch.load(weights["unet"], weights_only=True)["diffusion_unet"]
+    shared = [k for k in unet if k in copied]
+    assert shared and all(torch.equal(copied[k], unet[k]) for k in shared)
