@@ -3,7 +3,7 @@
 """Whole vs tiled VAE decode: wall time, peak memory and seam error, from demo-size latents up to
 the latent of a 256x256x128 image (4x64x64x32).
 
-Both decodes go through the bundle's ``scripts.tiled_autoencoder.TiledAutoencoder`` built from
+Both decodes go through the bundle's ``scripts.networks.tiled_autoencoder.TiledAutoencoder`` built from
 ``tiled_autoencoder_def`` in the configs: "whole" with a window as large as the latent (one
 window, the plain decoder call), "tiled" with the configured ``latent_roi_size`` windows and
 ``tile_overlap`` (demo grid: 16^3 latent windows; ``configs/hires.yaml``: 32^3).
@@ -59,8 +59,8 @@ from benchmarks.common import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from scripts.checkpoints import load_network_weights
-from scripts.tiled_autoencoder import seam_error
+from scripts.core.checkpoints import load_network_weights
+from scripts.networks.tiled_autoencoder import seam_error
 
 __all__ = ["MEMORY_TARGET", "num_windows", "prepare_latent", "decode_worker", "run", "markdown"]
 

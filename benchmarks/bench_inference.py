@@ -16,7 +16,7 @@ Two figures:
   and writing the pair; ``initialize_seconds`` is the set-up (parsing, weights) before it.
 
 The command needs ``models/diffusion_unet.pt`` and ``models/controlnet.pt``: without them the suite
-reports why it was skipped. The default sampler is the model's own (``scripts.inference.check_sampler``:
+reports why it was skipped. The default sampler is the model's own (``scripts.generation.inference.check_sampler``:
 rectified flow at 30 steps for an rflow model, DDIM at 50 steps for a DDPM model).
 
     python benchmarks/bench_inference.py [--threads N]
@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.common import BUNDLE_ROOT, DEMO_MASKS, MODELS, BenchOptions, Stopwatch, fmt, in_bundle_root, trained_weights
-from scripts.settings import layered_config_files
+from scripts.core.settings import layered_config_files
 
 __all__ = ["TARGET_SECONDS", "COMMAND", "run", "markdown"]
 

@@ -2,10 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sampling speed (and quality) of DDPM-1000, DDIM-50 and rectified flow at 30 steps.
 
-What is timed is the bundle's guided sampler, ``scripts.sampler.LatentDiffusionSampler`` with the
+What is timed is the bundle's guided sampler, ``scripts.generation.sampler.LatentDiffusionSampler`` with the
 ControlNet, built from the configs (``configs/inference.yaml``, plus ``configs/hires.yaml`` for
 the paper-scale grid) and fed the demo masks brought onto the model grid exactly as inference does
-(``scripts.inference.MaskToImage``). Per volume it reports
+(``scripts.generation.inference.MaskToImage``). Per volume it reports
 
 * ``seconds_per_step``: median time of one reverse step (ControlNet + UNet + scheduler);
 * ``overhead_seconds_per_volume``: everything before the first step (one-hot map, the conditioning
@@ -69,12 +69,12 @@ from benchmarks.common import (
     trained_weights,
 )
 from benchmarks.quality import quality_report
-from scripts.checkpoints import load_network_weights, weights_sha256
-from scripts.controlnet import load_controlnet
-from scripts.diffusion import freeze, load_diffusion_unet
-from scripts.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
-import scripts.sampler as sampler_module
-from scripts.sampler import LatentDiffusionSampler, set_sampling_timesteps
+from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.models.controlnet import load_controlnet
+from scripts.models.diffusion import freeze, load_diffusion_unet
+from scripts.generation.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
+import scripts.generation.sampler as sampler_module
+from scripts.generation.sampler import LatentDiffusionSampler, set_sampling_timesteps
 
 __all__ = [
     "SamplerSetting", "SETTINGS", "StepClock", "limit_steps", "default_conv3d", "Pipeline", "build_pipeline", "run", "markdown",
@@ -168,7 +168,7 @@ def limit_steps(scheduler: Any, max_steps: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def default_conv3d() -> Iterator[None]:
     """Sampling with PyTorch's default CPU 3D convolution kernels: the sampler's oneDNN switch
-    (``scripts.sampler.onednn_conv3d``) turned off, the "before" of the ``onednn_conv3d`` study.
+    (``scripts.generation.sampler.onednn_conv3d``) turned off, the "before" of the ``onednn_conv3d`` study.
 
     For one volume PyTorch picks oneDNN only when ``N * C * D * H > 20480`` (a rule written for 2D
     images that ignores the last axis), so every layer on the demo latent grid runs the slower
@@ -191,7 +191,7 @@ class Pipeline:
     parser: Any
     unet: torch.nn.Module
     controlnet: torch.nn.Module
-    decoder: Any  # scripts.tiled_autoencoder.TiledAutoencoder, or None: decoding not timed here
+    decoder: Any  # scripts.networks.tiled_autoencoder.TiledAutoencoder, or None: decoding not timed here
     contract: Any
     labels: dict[str, int]
     spacing: list[float]
@@ -433,7 +433,7 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
 
     out["conditioning_embedded_once"] = _before_after(
         lambda: _per_step_embedding_run(sampler, label, seed, steps), guided(), repeats,
-        "ControlNet conditioning embedding computed once per volume instead of at every step (scripts/sampler.py)",
+        "ControlNet conditioning embedding computed once per volume instead of at every step (scripts/generation/sampler.py)",
     )
     bar.update()
     out["inference_mode"] = _before_after(
@@ -445,7 +445,7 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
         out["onednn_conv3d"] = _before_after(
             guided(default_conv3d, decode=True), guided(decode=True), repeats,
             "3D convolutions of one volume on oneDNN instead of PyTorch's slow_conv3d "
-            "(scripts.sampler.onednn_conv3d, on by default)",
+            "(scripts.generation.sampler.onednn_conv3d, on by default)",
         )
     else:
         out["onednn_conv3d"] = {"skipped": "CPU only"}

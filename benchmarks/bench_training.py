@@ -12,7 +12,7 @@ first warms up, the second is reported (``seconds_per_epoch`` includes data load
 Stage 2 runs twice:
 
 * ``diffusion_unet_latent_cache``: as configured, from latents encoded once
-  (``scripts.latent_cache``); the one-off cost of building the cache is reported beside it;
+  (``scripts.data.latent_cache``); the one-off cost of building the cache is reported beside it;
 * ``diffusion_unet_encode_on_the_fly``: the same trainer fed preprocessed images (kept in memory
   by MONAI's ``CacheDataset``, as stage 1 does), each batch encoded by the frozen autoencoder
   inside the step (:class:`EncodingPrepareBatch`), i.e. training without the latent cache;
@@ -54,7 +54,7 @@ from benchmarks.common import (
     parse_configs,
     write_seeded_checkpoint,
 )
-from scripts.checkpoints import weights_sha256
+from scripts.core.checkpoints import weights_sha256
 
 __all__ = ["TARGET_CACHE_SPEEDUP", "EncodingPrepareBatch", "time_trainer", "run", "markdown"]
 
@@ -66,7 +66,7 @@ class EncodingPrepareBatch(PrepareBatch):
     """Stage-2 batches without the latent cache: encode the image batch, then the schedule's preparation.
 
     The frozen autoencoder's latent MEAN (``TiledAutoencoder.encode``) is scaled by ``scale_factor``,
-    as ``scripts.latent_cache.LoadLatentCased`` does for cached latents, and handed to ``diffusion``
+    as ``scripts.data.latent_cache.LoadLatentCased`` does for cached latents, and handed to ``diffusion``
     (noise, timesteps, target), so the training step is otherwise identical.
     """
 
@@ -135,7 +135,7 @@ def training_datalist(options: BenchOptions) -> tuple[Path, Path, dict[str, int]
     root = Path(options.dataset_dir)
     note = str(root)
     if not (root / "datalist.json").is_file():
-        from scripts.phantom import write_phantom_dataset
+        from scripts.data.phantom import write_phantom_dataset
 
         root = options.work_dir / "phantoms"
         write_phantom_dataset(str(root), num_cases=8 if options.quick else 40, seed=0)
@@ -208,7 +208,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
                 **{"train#dataset": dataset,
                    "train#prepare_batch": {"_target_": "benchmarks.bench_training.EncodingPrepareBatch",
                                            "encoder": "@tiled_autoencoder", "scale_factor": "@scale_factor",
-                                           "diffusion": "$scripts.diffusion.training_prepare_batch(@noise_schedule, @noise_scheduler)"}},
+                                           "diffusion": "$scripts.models.diffusion.training_prepare_batch(@noise_schedule, @noise_scheduler)"}},
             )
             parser.get_parsed_content("load_autoencoder")  # frozen weights into the encoder the batches use
             with Stopwatch(device) as preprocess:

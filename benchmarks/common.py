@@ -32,7 +32,7 @@ if str(BUNDLE_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks
 
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
-from scripts.settings import layered_config_files  # noqa: E402
+from scripts.core.settings import layered_config_files  # noqa: E402
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -313,7 +313,7 @@ def jsonable(value: Any) -> Any:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary sibling file, then rename it over ``path`` (never half-written)."""
-    from scripts.outputs import write_text_atomic as write
+    from scripts.core.outputs import write_text_atomic as write
 
     return Path(write(str(path), text))
 

@@ -4,9 +4,9 @@
 
 A faster sampler is only worth having at equal quality, so every setting of the sampling suite
 passes the images it generated (on the model grid, with the label maps they were generated from)
-through :func:`quality_report`: mask fidelity (``scripts.mask_fidelity``: mean intensity per class
+through :func:`quality_report`: mask fidelity (``scripts.evaluation.mask_fidelity``: mean intensity per class
 and the HBP contrast liver - (vessels ∪ HCC)) and the 2.5D FID of ``configs/evaluate.yaml``
-(``scripts.fid``, with its offline default extractor, the shipped stage-1 encoder) against the
+(``scripts.evaluation.fid``, with its offline default extractor, the shipped stage-1 encoder) against the
 real test split of the phantom dataset, next to the FID between two halves of that split. It
 means something only for trained weights; with seeded random weights the report is ``None`` with
 the reason. More metrics: one more entry of :data:`QUALITY_METRICS`, a function
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import BUNDLE_ROOT, MODELS
-from scripts.mask_fidelity import ClassIntensityMeans, MaskContrast
+from scripts.evaluation.mask_fidelity import ClassIntensityMeans, MaskContrast
 
 #: Real volumes the FID compares against: the test split of the demo phantom dataset.
 REFERENCE_DATASET = BUNDLE_ROOT / "datasets" / "phantom"
@@ -57,9 +57,9 @@ def _fid_reference() -> tuple[Any, list[dict[str, torch.Tensor]]] | None:
         return None
     from monai.bundle import ConfigParser
 
-    from scripts.checkpoints import load_network_weights
-    from scripts.data import load_datalist
-    from scripts.fid import fid_protocol
+    from scripts.core.checkpoints import load_network_weights
+    from scripts.data.cases import load_datalist
+    from scripts.evaluation.fid import fid_protocol
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "common.yaml"))

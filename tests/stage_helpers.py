@@ -15,8 +15,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
-from scripts.checkpoints import weights_sha256
-from scripts.settings import layered_config_files
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.settings import layered_config_files
 
 #: The tiny model grid of the stage-1 tests (32^3 voxels, 8^3 latents), without the stage-1 patch size.
 TINY = {k.lstrip("-"): eval(v) for k, v in zip(TINY_GRID[::2], TINY_GRID[1::2]) if k != "--patch_size"}

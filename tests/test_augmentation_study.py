@@ -17,19 +17,19 @@ import torch
 import yaml
 from monai.bundle import ConfigWorkflow
 
-import scripts.augmentation_study as study_module
+import scripts.studies.augmentation_study as study_module
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.augmentation_study import (
+from scripts.studies.augmentation_study import (
     AugmentationStudy,
     check_synthetic_set,
     format_table,
     select_real_cases,
     summarise,
 )
-from scripts.checkpoints import weights_sha256
-from scripts.errors import BundleInputError, find_input_error
-from scripts.outputs import OWNER_MARKER
-from scripts.settings import layered_config_files
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.core.outputs import OWNER_MARKER
+from scripts.core.settings import layered_config_files
 from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/augmentation_study.yaml")

@@ -10,8 +10,8 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.errors import find_input_error
-from scripts.settings import layered_config_files
+from scripts.core.errors import find_input_error
+from scripts.core.settings import layered_config_files
 
 DEMO_DATA = layered_config_files("configs/demo_data.yaml")
 

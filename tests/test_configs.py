@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT
-from scripts.settings import layered_config_files
+from scripts.core.settings import layered_config_files
 
 CONFIGS = sorted(p for p in (BUNDLE_ROOT / "configs").glob("*") if p.suffix in (".yaml", ".yml", ".json"))
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import toy_image, toy_label, write_dataset, write_nifti
-from scripts.data import check_case, check_cases, load_datalist, preprocessing_transforms
-from scripts.errors import BundleInputError
+from scripts.data.cases import check_case, check_cases, load_datalist, preprocessing_transforms
+from scripts.core.errors import BundleInputError
 
 LPS_ANISOTROPIC = np.diag([-3.0, -2.0, 6.0, 1.0])  # LPS axes, 3 x 2 x 6 mm voxels
 
@@ -138,7 +138,7 @@ def test_pair_chain_brings_lps_anisotropic_case_onto_the_grid(tmp_path, contract
 
 
 def test_label_map_applies_in_the_chain(tmp_path, common_config):
-    from scripts.labels import LabelContract
+    from scripts.data.labels import LabelContract
 
     label = toy_label()
     label[label == 4] = 9  # the dataset calls HCC 9

@@ -21,12 +21,12 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, run_bundle, write_nifti
-from scripts.diversity import PairwiseMsSsim, ms_ssim_weights
-from scripts.errors import BundleInputError, find_input_error
-from scripts.evaluation import NO_SEGMENTER_NOTICE, Evaluation, find_synthetic_volumes, load_segmenter, real_volume_set
-from scripts.feature_networks import build_feature_network
-from scripts.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
-from scripts.settings import layered_config_files
+from scripts.evaluation.diversity import PairwiseMsSsim, ms_ssim_weights
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.evaluation.evaluation import NO_SEGMENTER_NOTICE, Evaluation, find_synthetic_volumes, load_segmenter, real_volume_set
+from scripts.networks.feature_networks import build_feature_network
+from scripts.evaluation.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
+from scripts.core.settings import layered_config_files
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/evaluate.yaml")

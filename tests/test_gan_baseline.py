@@ -17,9 +17,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
-from scripts.errors import find_input_error
-from scripts.evaluation import find_synthetic_volumes
-from scripts.settings import layered_config_files
+from scripts.core.errors import find_input_error
+from scripts.evaluation.evaluation import find_synthetic_volumes
+from scripts.core.settings import layered_config_files
 from stage_helpers import TINY, one_thread  # noqa: F401
 
 TRAIN = layered_config_files("configs/train_gan_baseline.yaml")

@@ -17,12 +17,12 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, run_bundle, toy_label, write_nifti
-from scripts.checkpoints import weights_sha256
-from scripts.errors import BundleInputError, find_input_error
-from scripts.inference import output_seed
-from scripts.outputs import OWNER_MARKER
-from scripts.sampler import conditioning_embedded_once
-from scripts.settings import layered_config_files
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.generation.inference import output_seed
+from scripts.core.outputs import OWNER_MARKER
+from scripts.generation.sampler import conditioning_embedded_once
+from scripts.core.settings import layered_config_files
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/inference.yaml")
@@ -224,7 +224,7 @@ def test_bad_weights_are_one_error_naming_the_file(which, weights, mask_dir, tmp
 
 
 def test_weights_that_differ_from_large_files_yml_are_refused(weights, tmp_path, monkeypatch):
-    import scripts.checkpoints as checkpoints
+    import scripts.core.checkpoints as checkpoints
 
     listed = tmp_path / "large_files.yml"
     shutil.copy(weights["ddpm"]["autoencoder_path"], tmp_path / "autoencoder.pt")
@@ -353,7 +353,7 @@ def test_demo_weights_give_the_hbp_pattern_on_unseen_masks(tmp_path):
 def test_onednn_convolutions_give_the_same_output_and_are_restored():
     """Sampling runs the networks' 3D convolutions on oneDNN (much faster for one small volume on
     CPU); the results match the default kernels and the layers are restored afterwards."""
-    from scripts.sampler import onednn_conv3d
+    from scripts.generation.sampler import onednn_conv3d
 
     torch.manual_seed(0)
     unet = common_parser().get_parsed_content("diffusion_unet_def", instantiate=True).eval()
@@ -442,7 +442,7 @@ def test_bad_settings_are_one_error_before_any_work(setting, value, expected, we
 
 
 def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_its_mask(weights, tiny_phantoms, tmp_path):
-    from scripts.figures import save_comparison_figure
+    from scripts.tools.figures import save_comparison_figure
 
     datalist = tiny_phantoms / "datalist.json"
     out = infer(tmp_path / "out", weights["ddpm"], datalist=str(datalist), dataset_dir=str(tiny_phantoms),

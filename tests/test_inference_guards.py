@@ -17,11 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import scripts.inference as inference
+import scripts.generation.inference as inference
 from conftest import toy_label, write_nifti
-from scripts.data import check_cases, load_nifti_header
-from scripts.errors import BundleInputError, find_input_error
-from scripts.inference import MaskToImage, available_memory, find_masks
+from scripts.data.cases import check_cases, load_nifti_header
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.generation.inference import MaskToImage, available_memory, find_masks
 from stage_helpers import one_thread  # noqa: F401
 from test_inference import infer, weights  # noqa: F401
 
@@ -85,7 +85,7 @@ def generated(monkeypatch) -> list[str]:
 
 @pytest.fixture
 def warnings_logged() -> list[str]:
-    """Warnings of scripts.inference, caught on its own logger: a bundle run reconfigures the root
+    """Warnings of scripts.generation.inference, caught on its own logger: a bundle run reconfigures the root
     logger from configs/logging.conf, which removes pytest's caplog handler."""
     caught: list[str] = []
 
@@ -95,9 +95,9 @@ def warnings_logged() -> list[str]:
                 caught.append(record.getMessage())
 
     handler = Catch()
-    logging.getLogger("scripts.inference").addHandler(handler)
+    logging.getLogger("scripts.generation.inference").addHandler(handler)
     yield caught
-    logging.getLogger("scripts.inference").removeHandler(handler)
+    logging.getLogger("scripts.generation.inference").removeHandler(handler)
 
 
 def _good_mask(folder: Path, name: str = "a_good.nii.gz", shape=(24, 24, 16)) -> str:

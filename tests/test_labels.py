@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.errors import BundleInputError
-from scripts.labels import LabelContract, LabelContractd
+from scripts.core.errors import BundleInputError
+from scripts.data.labels import LabelContract, LabelContractd
 
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.checkpoints import load_network_weights, weights_sha256
-from scripts.data import load_datalist
-from scripts.latent_cache import LoadLatentCased, prepare_latent_cache
+from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.data.cases import load_datalist
+from scripts.data.latent_cache import LoadLatentCased, prepare_latent_cache
 from stage_helpers import common_parser, one_thread, write_autoencoder  # noqa: F401  (one_thread: autouse)
 
 

@@ -13,9 +13,9 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from scripts.errors import BundleInputError
-from scripts.labels import LabelContract
-from scripts.masks import MaskEditor, MaskEditord, spacing_from_affine
+from scripts.core.errors import BundleInputError
+from scripts.data.labels import LabelContract
+from scripts.data.masks import MaskEditor, MaskEditord, spacing_from_affine
 from tests.conftest import COMMON, toy_label
 
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
@@ -233,7 +233,7 @@ def test_editor_is_configured_from_yaml():
     parser = ConfigParser()
     parser.read_config(str(COMMON))
     parser["mask_editor"] = {
-        "_target_": "scripts.masks.MaskEditor",
+        "_target_": "scripts.data.masks.MaskEditor",
         "labels": "@labels",
         "remove_hcc": "all",
         "insert_hcc_diameters_mm": [15, 25],

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import BUNDLE_ROOT
-from scripts.errors import BundleInputError
-from scripts.outputs import OWNER_MARKER, publish, staging_dir
-from scripts.settings import layered_config_files
+from scripts.core.errors import BundleInputError
+from scripts.core.outputs import OWNER_MARKER, publish, staging_dir
+from scripts.core.settings import layered_config_files
 
 
 def _write(folder: Path, name: str = "result.txt", text: str = "new", overwrite: bool = False, inputs=()) -> Path:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.errors import BundleInputError
-from scripts.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
+from scripts.core.errors import BundleInputError
+from scripts.data.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
 
 TINY = (32, 32, 24)
 SMALL = (48, 48, 40)

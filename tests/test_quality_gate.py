@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scripts.errors import BundleInputError
-from scripts.quality_gate import HBPQualityGate
-from scripts.settings import as_bool
+from scripts.core.errors import BundleInputError
+from scripts.generation.quality_gate import HBPQualityGate
+from scripts.core.settings import as_bool
 
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
-from scripts.errors import BundleInputError
-from scripts.release import release_name, write_release
-from scripts.settings import layered_config_files
+from scripts.core.errors import BundleInputError
+from scripts.tools.release import release_name, write_release
+from scripts.core.settings import layered_config_files
 
 #: The command the unpacked release must run as a user would (cwd: the unpacked folder), on the tiny
 #: phantoms ("{dataset}") with --output_dir, --device cpu and the tiny grid added. Switching this smoke
@@ -46,7 +46,7 @@ def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def release(tmp_path_factory) -> Path:
     """The release zip, written by the command a maintainer runs in the bundle root."""
     out = tmp_path_factory.mktemp("release") / "dist"
-    result = _python("-m", "scripts.release", "--output_dir", str(out), cwd=BUNDLE_ROOT)
+    result = _python("-m", "scripts.tools.release", "--output_dir", str(out), cwd=BUNDLE_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     zip_path = out / f"{NAME}_v{METADATA['version']}.zip"
     assert result.stdout.strip() == (
@@ -85,7 +85,7 @@ def test_zip_holds_one_bundle_folder_with_what_a_user_needs(release):
     assert {n.split("/")[0] for n in names} == {NAME}
     files = {n[len(NAME) + 1:] for n in names}
     assert {"LICENSE", "README.md", "requirements.txt", "large_files.yml", "configs/metadata.json",
-            "configs/common.yaml", "configs/logging.conf", "scripts/__init__.py", "scripts/release.py",
+            "configs/common.yaml", "configs/logging.conf", "scripts/__init__.py", "scripts/tools/release.py",
             "docs/README.md"} <= files
     assert {entry["path"] for entry in LARGE_FILES} <= files and any(f.startswith("models/") and f.endswith(".pt")
                                                                      for f in files)
@@ -123,7 +123,7 @@ def test_rebuilds_are_byte_identical_and_skip_junk(release, unpacked, tmp_path):
 
 def test_refuses_to_overwrite_unless_asked(release, unpacked, tmp_path):
     before = _sha256(release)
-    result = _python("-m", "scripts.release", "--output_dir", str(release.parent), cwd=BUNDLE_ROOT)
+    result = _python("-m", "scripts.tools.release", "--output_dir", str(release.parent), cwd=BUNDLE_ROOT)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"ERROR: {release}: exists; pass --overwrite true or choose another --output_dir"

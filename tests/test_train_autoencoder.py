@@ -17,9 +17,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
-from scripts.checkpoints import export_weights
-from scripts.errors import find_input_error
-from scripts.settings import layered_config_files
+from scripts.core.checkpoints import export_weights
+from scripts.core.errors import find_input_error
+from scripts.core.settings import layered_config_files
 
 CONFIG = layered_config_files("configs/train_autoencoder.yaml")
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT, COMMON
-from scripts.checkpoints import weights_sha256
-from scripts.controlnet import (
+from scripts.core.checkpoints import weights_sha256
+from scripts.models.controlnet import (
     CONTROLNET_ONLY_PREFIXES,
     ControlNetPrepareBatch,
     ControlNetTrainingInferer,
@@ -25,11 +25,11 @@ from scripts.controlnet import (
     WeightedTarget,
     init_controlnet_from_unet,
 )
-from scripts.diffusion import training_prepare_batch
-from scripts.errors import find_input_error
-from scripts.labels import class_weight_table
-from scripts.mask_fidelity import ClassIntensityMeans, MaskContrast
-from scripts.sampler import LatentDiffusionSampler
+from scripts.models.diffusion import training_prepare_batch
+from scripts.core.errors import find_input_error
+from scripts.data.labels import class_weight_table
+from scripts.evaluation.mask_fidelity import ClassIntensityMeans, MaskContrast
+from scripts.generation.sampler import LatentDiffusionSampler
 from stage_helpers import common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401
 
 CONFIG = "configs/train_controlnet.yaml"

@@ -19,15 +19,15 @@ import pytest
 import torch
 
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.checkpoints import weights_sha256
-from scripts.diffusion import (
+from scripts.core.checkpoints import weights_sha256
+from scripts.models.diffusion import (
     RFlowPrepareBatch,
     checkpoint_prediction_type,
     load_diffusion_unet,
     predicted_x0,
     training_prepare_batch,
 )
-from scripts.errors import BundleInputError, find_input_error
+from scripts.core.errors import BundleInputError, find_input_error
 from stage_helpers import cli, common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401
 
 CONFIG = "configs/train_diffusion.yaml"
@@ -96,7 +96,7 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     assert any(t.startswith("val_sample") for t in tags["images"]), tags
     assert {"train_loss", "val_x0_nmse", "val_x0_nmse_high_t", "val_sample_latent_std_error"} <= tags["scalars"]
 
-    from scripts.figures import save_training_curves
+    from scripts.tools.figures import save_training_curves
 
     curves = save_training_curves({"ddpm": str(output / "diffusion_unet" / "tensorboard")},
                                   ["val_x0_nmse", "val_sample_latent_std_error", "not_logged"], str(output / "curves.png"))

@@ -15,17 +15,17 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-import scripts.segmentation  # noqa: F401  (configs reach it as scripts.segmentation)
+import scripts.models.segmentation  # noqa: F401  (configs reach it as scripts.models.segmentation)
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.errors import BundleInputError, find_input_error
-from scripts.segmentation import (
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.models.segmentation import (
     check_patch_fits,
     check_synthetic_sources,
     find_synthetic_pairs,
     size_divisor,
     synthetic_pairs,
 )
-from scripts.settings import layered_config_files
+from scripts.core.settings import layered_config_files
 from stage_helpers import TINY, one_thread  # noqa: F401
 
 CONFIG = layered_config_files("configs/train_segmentation.yaml")

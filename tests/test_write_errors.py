@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_ROOT, toy_label, write_nifti
-from scripts.errors import error_line
-from scripts.outputs import atomic_path, publish, staging_dir
+from scripts.core.errors import error_line
+from scripts.core.outputs import atomic_path, publish, staging_dir
 from stage_helpers import TINY, one_thread  # noqa: F401
 from test_inference import CONFIG, weights  # noqa: F401
 
@@ -45,7 +45,7 @@ def test_full_disk_during_inference_is_one_error_line_naming_the_output_folder(w
         args += [f"--{key}", str(value)]
     script = (
         "import os, runpy, sys\n"
-        "import scripts.inference as inference\n"
+        "import scripts.generation.inference as inference\n"
         "save = inference._save\n"
         "def save_on_full_disk(array, like, path, dtype):\n"
         f"    os.symlink({FULL_DEVICE!r}, path)\n"
@@ -98,7 +98,7 @@ def test_a_failed_atomic_file_write_names_its_folder_and_keeps_the_old_file(tmp_
 
 
 def test_the_hook_prints_the_line_instead_of_a_traceback(tmp_path, capsys):
-    from scripts.errors import _one_line_hook
+    from scripts.core.errors import _one_line_hook
 
     out = tmp_path / "out"
     staging = staging_dir(str(out))
