@@ -25,7 +25,7 @@ from scripts.core.outputs import BUNDLE_ROOT, atomic_path
 __all__ = [
     "unwrap",
     "save_atomic",
-    "file_sha256",
+    "file_hash",
     "listed_sha256",
     "load_checkpoint",
     "load_network_weights",
@@ -53,13 +53,11 @@ def save_atomic(obj: Any, path: str) -> str:
     return path
 
 
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
+def file_hash(path: str, hash_type: str = "sha256") -> str:
+    """Hex digest of a file's bytes (``hash_type``: a ``hashlib`` name, e.g. sha256, md5); the one
+    place the bundle hashes a file (weights against ``large_files.yml``, the release, FID weights)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, hash_type).hexdigest()
 
 
 def listed_sha256(path: str, large_files: str | None = None) -> str | None:
@@ -91,7 +89,7 @@ def load_checkpoint(path: str, what: str = "checkpoint", hint: str = "") -> dict
     if not os.path.isfile(path):
         raise BundleInputError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
     expected = listed_sha256(path)
-    if expected is not None and file_sha256(path) != expected:
+    if expected is not None and file_hash(path) != expected:
         raise BundleInputError(
             f"{path}: {what} do not match the sha256 listed in large_files.yml (damaged or replaced file); "
             "restore it, e.g. with git checkout or python -m monai.bundle download_large_files --bundle_path ."

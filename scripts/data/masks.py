@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.networks.blocks import Warp
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
@@ -42,7 +43,7 @@ from scipy import ndimage
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import source_of
 
-__all__ = ["MaskEditor", "MaskEditord", "spacing_from_affine"]
+__all__ = ["MaskEditor", "MaskEditord"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,6 @@ _NODULE_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 _IRREGULAR_LOBES = 3
 
 Seed = int | np.random.Generator | None
-
-
-def spacing_from_affine(affine: np.ndarray | torch.Tensor) -> tuple[float, float, float]:
-    """Voxel size in mm along each array axis: the column norms of the affine's 3x3 block."""
-    matrix = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    return tuple(float(s) for s in np.linalg.norm(matrix[:3, :3], axis=0))  # type: ignore[return-value]
 
 
 def _equivalent_diameter_mm(num_voxels: int, spacing: np.ndarray) -> float:
@@ -193,7 +188,7 @@ class MaskEditor:
 
         Args:
             label: integer-valued label map, ``(X, Y, Z)`` or channel-first ``(1, X, Y, Z)``.
-            spacing: voxel size in mm along X, Y, Z (see :func:`spacing_from_affine`).
+            spacing: voxel size in mm along X, Y, Z (``monai.data.utils.affine_to_spacing`` of its affine).
             seed: an int or a ``numpy.random.Generator``; the same seed gives the same edit.
             source: the mask's file name, used in error messages.
 
@@ -448,7 +443,7 @@ class MaskEditord(MapTransform):
             label = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
             source = source_of(label)
             array = label.detach().cpu().numpy()
-            edited, summary = self.editor(array, spacing_from_affine(label.affine), seed=seed, source=source)
+            edited, summary = self.editor(array, affine_to_spacing(label.affine.detach().cpu().numpy(), r=3, suppress_zeros=False), seed=seed, source=source)
             d[key] = convert_to_dst_type(edited, label)[0]  # same type, dtype, device, affine and meta
             logger.info("mask edits for %s (seed %d): %s", source, seed, summary)
             if self.summary_key is not None:

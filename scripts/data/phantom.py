@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+from monai.data.utils import affine_to_spacing
 
 from scripts.core.errors import BundleInputError
 from scripts.core.outputs import publish, staging_dir
@@ -206,7 +207,7 @@ class _Grid:
 
     def __post_init__(self) -> None:
         self._inv = np.linalg.inv(self.affine)
-        self.voxel_mm = float(np.mean(np.linalg.norm(self.affine[:3, :3], axis=0)))
+        self.voxel_mm = float(np.mean(affine_to_spacing(self.affine, r=3, suppress_zeros=False)))
 
     @property
     def full(self) -> tuple[slice, slice, slice]:
@@ -241,7 +242,7 @@ class _Grid:
         Smooth textures and the bias field do not need per-voxel evaluation; this keeps them
         cheap while staying tied to world coordinates.
         """
-        spacing = np.linalg.norm(self.affine[:3, :3], axis=0)
+        spacing = affine_to_spacing(self.affine, r=3, suppress_zeros=False)
         factors = [max(1, int(round(cell_mm / s))) for s in spacing]
         sizes = [int(math.ceil((n - 1) / f)) + 2 for n, f in zip(self.shape, factors)]
         idx = [np.arange(m, dtype=np.float64) * f for m, f in zip(sizes, factors)]

@@ -30,7 +30,7 @@ import torch
 from monai.metrics import FIDMetric
 from monai.metrics.fid import compute_frechet_distance
 
-from scripts.core.checkpoints import file_sha256, load_network_weights
+from scripts.core.checkpoints import file_hash, load_network_weights
 from scripts.core.errors import BundleInputError
 from scripts.networks import feature_networks
 from scripts.networks.feature_networks import canonical_network_type, load_feature_extractor
@@ -296,6 +296,6 @@ def describe(network: str | None, weights_path: str | None, autoencoder_path: st
     return {
         "network": str(network),
         "weights": None if not path else os.path.abspath(path),
-        "weights_sha256": file_sha256(path) if exists else None,
+        "weights_sha256": file_hash(path) if exists else None,
         "offline_surrogate": str(network).lower() == AUTOENCODER,  # True: not comparable with published FIDs
     }

@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
 from tqdm import tqdm
 
@@ -391,7 +392,7 @@ class MaskToImage:
         """The edited label (the label itself without an editor) and a summary of the edits."""
         if self.editor is None:
             return label, {}
-        edited, summary = self.editor(label, spacing=np.linalg.norm(affine[:3, :3], axis=0), seed=seed, source=source)
+        edited, summary = self.editor(label, spacing=affine_to_spacing(np.asarray(affine, dtype=np.float64), r=3, suppress_zeros=False), seed=seed, source=source)
         self.contract.check(edited, f"{source} (edited)", remapped=True)
         return np.asarray(edited), dict(summary)
 

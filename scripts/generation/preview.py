@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from monai.data.utils import affine_to_spacing
 
 from scripts.core.outputs import atomic_path
 
@@ -29,7 +30,7 @@ def to_ras(image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> tuple[np
     ornt = nib.orientations.io_orientation(affine)
     img = nib.orientations.apply_orientation(image, ornt)
     lab = nib.orientations.apply_orientation(label, ornt)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int).argsort()]
+    spacing = affine_to_spacing(affine, r=3, suppress_zeros=False)[ornt[:, 0].astype(int).argsort()]
     return img, lab, spacing
 
 

@@ -30,15 +30,16 @@ fixed Unix permissions and deflate level (the zoo touches files to a fixed date 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import subprocess
-import tempfile
+import shutil
 import zipfile
 from typing import Sequence
 
+from scripts.core.checkpoints import file_hash
+from scripts.core.outputs import atomic_path
 from scripts.core.errors import BundleInputError, install_error_hook
 
 __all__ = ["release_name", "release_files", "check_large_files", "write_release", "main"]
@@ -99,14 +100,6 @@ def _large_files_path(bundle_root: str) -> str | None:
     return None
 
 
-def _file_hash(path: str, hash_type: str) -> str:
-    digest = hashlib.new(hash_type)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_large_files(bundle_root: str) -> list[str]:
     """Check every ``large_files.yml`` entry is present with its hash; return their relative paths.
 
@@ -143,7 +136,7 @@ def check_large_files(bundle_root: str) -> list[str]:
         if hash_val:
             if hash_type not in _HASH_TYPES:
                 raise BundleInputError(f"{listing}: {rel} has unknown hash_type {hash_type!r}")
-            actual = _file_hash(full, hash_type)
+            actual = file_hash(full, hash_type)
             if actual != hash_val:
                 raise BundleInputError(
                     f"{rel}: {hash_type} is {actual} but {os.path.basename(listing)} says {hash_val}; "
@@ -214,12 +207,6 @@ def _zip_entry(arcname: str, size: int) -> zipfile.ZipInfo:
     return info
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_release(bundle_root: str = ".", output_dir: str = "dist", overwrite: bool = False) -> str:
     """Write ``<output_dir>/<name>_v<version>.zip`` from ``bundle_root`` and return its path.
 
@@ -236,25 +223,16 @@ def write_release(bundle_root: str = ".", output_dir: str = "dist", overwrite: b
     files = release_files(bundle_root)
     folder = os.path.dirname(zip_path)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(zip_path)}.", suffix=".tmp", dir=folder)
-    except OSError as e:
+        with atomic_path(zip_path) as tmp:
+            with zipfile.ZipFile(tmp, "w", compresslevel=9) as zf:
+                for rel in files:
+                    src = os.path.join(bundle_root, rel)
+                    with open(src, "rb") as fin, zf.open(_zip_entry(f"{name}/{rel}", os.path.getsize(src)), "w") as fout:
+                        shutil.copyfileobj(fin, fout, _CHUNK)
+            if os.path.exists(zip_path) and not overwrite:  # appeared while we were zipping
+                raise BundleInputError(refuse)
+    except PermissionError as e:
         raise BundleInputError(f"{folder}: cannot write the release here ({e.strerror})") from e
-    try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compresslevel=9) as zf:
-            for rel in files:
-                src = os.path.join(bundle_root, rel)
-                with open(src, "rb") as fin, zf.open(_zip_entry(f"{name}/{rel}", os.path.getsize(src)), "w") as fout:
-                    for chunk in iter(lambda: fin.read(_CHUNK), b""):
-                        fout.write(chunk)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files
-        if os.path.exists(zip_path) and not overwrite:  # appeared while we were zipping
-            raise BundleInputError(refuse)
-        os.replace(tmp, zip_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return zip_path
 
 
@@ -279,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = write_release(a.bundle_root, a.output_dir, overwrite=a.overwrite)
     with zipfile.ZipFile(path) as zf:
         count = len(zf.namelist())
-    print(f"{path}: {count} files, {os.path.getsize(path)} bytes, sha256 {_file_hash(path, 'sha256')}")
+    print(f"{path}: {count} files, {os.path.getsize(path)} bytes, sha256 {file_hash(path, 'sha256')}")
 
 
 if __name__ == "__main__":
