@@ -30,7 +30,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Sequence

@@ -30,7 +30,6 @@ here) channels-last-3d memory and ``torch.compile``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics

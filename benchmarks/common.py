@@ -32,6 +32,7 @@ if str(BUNDLE_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks
 
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
+from scripts.core import outputs  # noqa: E402
 from scripts.core.settings import layered_config_files  # noqa: E402
 
 __all__ = [
@@ -338,7 +339,5 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A GitHub-flavoured Markdown table of :func:`fmt` cells (the bundle's one table writer)."""
+    return outputs.markdown_table(headers, [[fmt(c) for c in row] for row in rows])

@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import bench_decode, bench_inference, bench_sampling, bench_training
-from benchmarks.common import BUNDLE_ROOT, BenchOptions, environment, write_json_atomic, write_text_atomic
+from benchmarks.common import BUNDLE_ROOT, BenchOptions, environment, markdown_table, write_json_atomic, write_text_atomic
 
 __all__ = ["SUITES", "RESULTS_DIR", "parse_args", "options_from_args", "summary_markdown", "main"]
 
@@ -110,13 +110,14 @@ def summary_markdown(folder: Path) -> str:
     lines = ["# Benchmark results", ""]
     if not payloads:
         return "\n".join(lines + ["No results yet.", ""])
-    lines += ["| suite | mode | date (UTC) | CPU | threads | GPU | torch | MONAI | load (1/5/15 min) | suite time s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name, p in payloads.items():
         e = p["environment"]
         load = "/".join(str(x) for x in e.get("load_average_1_5_15_min") or [])
-        lines.append(f"| {name} | {p['mode']} | {e['date_utc']} | {e['cpu_model']} ({e['cpu_cores']} cores) | "
-                     f"{e['torch_threads']} | {e['gpu'] or '-'} | {e['torch']} | {e['monai']} | {load} | {p['suite_seconds']:.0f} |")
+        rows.append([name, p["mode"], e["date_utc"], f"{e['cpu_model']} ({e['cpu_cores']} cores)", e["torch_threads"],
+                     e["gpu"] or "-", e["torch"], e["monai"], load, f"{p['suite_seconds']:.0f}"])
+    lines.append(markdown_table(["suite", "mode", "date (UTC)", "CPU", "threads", "GPU", "torch", "MONAI",
+                                 "load (1/5/15 min)", "suite time s"], rows))
     lines += ["", "Commands: " + "; ".join(sorted({f"`{p['command']}`" for p in payloads.values()})), ""]
     for name, p in payloads.items():
         if "error" in p["results"]:

@@ -30,10 +30,10 @@ from scripts.core.checkpoints import weights_sha256
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import OWNER_MARKER
 from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
 from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/augmentation_study.yaml")
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 REPORT_ORDER = ["hcc", "liver", "portal_vein", "hepatic_vein"]
 NETWORKS = ["unet", "segresnet"]
 RUNS = ["unet_real_seed0", "unet_synthetic1_seed0", "segresnet_real_seed0", "segresnet_synthetic1_seed0"]

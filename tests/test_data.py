@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import nibabel as nib
 import numpy as np

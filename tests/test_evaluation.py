@@ -23,14 +23,15 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from conftest import BUNDLE_ROOT, run_bundle, write_nifti
 from scripts.evaluation.diversity import PairwiseMsSsim, ms_ssim_weights
 from scripts.core.errors import BundleInputError, find_input_error
-from scripts.evaluation.evaluation import NO_SEGMENTER_NOTICE, Evaluation, find_synthetic_volumes, load_segmenter, real_volume_set
+from scripts.data.pairs import find_pairs
+from scripts.evaluation.evaluation import NO_SEGMENTER_NOTICE, Evaluation, load_segmenter, real_volume_set
 from scripts.networks.feature_networks import build_feature_network
 from scripts.evaluation.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
 from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/evaluate.yaml")
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / c) for c in CONFIG])
     os.chdir(BUNDLE_ROOT)
-    segmenter = parser.get_parsed_content("segmentation_networks#unet")()
+    segmenter = parser.get_parsed_content("networks#unet")()  # segmentation_networks is "@networks"
     files["segmentation"] = root / "segmentation_unet_best.pt"
     torch.save({"model": segmenter.state_dict(), "network": "unet", "labels": LABELS, "epoch": 1}, files["segmentation"])
     return files
@@ -237,7 +238,7 @@ def test_bad_synthetic_folder_is_one_error_naming_it(problem, tmp_path, tiny_pha
         _write_pairs(folder, tiny_phantoms)
         (folder / "case1_label.nii.gz").unlink()
     with pytest.raises(BundleInputError) as caught:
-        find_synthetic_volumes(str(folder))
+        find_pairs(str(folder), labels_required=False)
     assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -290,7 +291,7 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     pixels = [np.asanyarray(i.dataobj) for i in images]
     assert all(np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1 for p in pixels)
     assert not np.array_equal(pixels[0], pixels[1])  # two seeds, two samples
-    assert find_synthetic_volumes(str(output))[0] == {"image": str(output / "sample_0000_image.nii.gz")}  # evaluable, no labels
+    assert find_pairs(str(output), labels_required=False)[0] == {"image": str(output / "sample_0000_image.nii.gz")}  # evaluable, no labels
     # the sampled latents' spread per channel, beside the training latents' recorded by stage 2
     spread = record["latent_channel_std"]
     assert len(spread) == 4 and all(s > 0 for s in spread) and record["reference_latent_channel_std"] == reference

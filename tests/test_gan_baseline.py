@@ -18,7 +18,7 @@ from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT
 from scripts.core.errors import find_input_error
-from scripts.evaluation.evaluation import find_synthetic_volumes
+from scripts.data.pairs import find_pairs
 from scripts.core.settings import layered_config_files
 from stage_helpers import TINY, one_thread  # noqa: F401
 
@@ -86,7 +86,7 @@ def test_generates_pairs_in_the_inference_layout(trained, tiny_phantoms, tmp_pat
         assert image.shape == given.shape and np.allclose(image.affine, given.affine, atol=1e-5)
         pixels = np.asanyarray(image.dataobj)
         assert np.isfinite(pixels).all() and 0 <= pixels.min() and pixels.max() <= 1 and pixels.std() > 0
-    assert len(find_synthetic_volumes(str(output))) == 2  # what configs/evaluate.yaml reads
+    assert len(find_pairs(str(output), labels_required=False)) == 2  # what configs/evaluate.yaml reads
 
 
 def test_missing_gan_weights_are_one_error_naming_the_file(tiny_phantoms, tmp_path):

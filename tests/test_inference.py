@@ -23,10 +23,10 @@ from scripts.generation.inference import output_seed
 from scripts.core.outputs import OWNER_MARKER
 from scripts.generation.sampler import conditioning_embedded_once
 from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/inference.yaml")
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 def _write_controlnet(path: Path, unet: Path, seed: int = 0) -> Path:

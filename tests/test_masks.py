@@ -17,9 +17,9 @@ from scipy import ndimage
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract
 from scripts.data.masks import MaskEditor, MaskEditord
+from scripts.data.labels import LABELS
 from tests.conftest import COMMON, toy_label
 
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 BACKGROUND, LIVER, PORTAL, HEPATIC, HCC = range(5)
 SPACING = (1.5, 1.5, 3.0)  # anisotropic, as in thick-slice MRI
 ALL_NODULES = np.ones((3, 3, 3), dtype=bool)

@@ -10,8 +10,8 @@ import pytest
 from scripts.core.errors import BundleInputError
 from scripts.generation.quality_gate import HBPQualityGate
 from scripts.core.settings import as_bool
+from scripts.data.labels import LABELS
 
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 def _case(vein: float, hcc: float, hcc_voxels: int = 27) -> tuple[np.ndarray, np.ndarray]:

@@ -18,10 +18,10 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 import scripts.models.segmentation  # noqa: F401  (configs reach it as scripts.models.segmentation)
 from conftest import BUNDLE_ROOT, run_bundle
 from scripts.core.errors import BundleInputError, find_input_error
+from scripts.data.pairs import find_pairs
 from scripts.models.segmentation import (
     check_patch_fits,
     check_synthetic_sources,
-    find_synthetic_pairs,
     size_divisor,
     synthetic_pairs,
 )
@@ -199,7 +199,7 @@ def _pairs(folder: Path, names: list[str]) -> Path:
 def test_synthetic_pair_choice_is_seeded_and_spreads_over_masks(tmp_path):
     folder = _pairs(tmp_path / "s", [f"{m}_s{k}_{r}.nii.gz" for m in "abcd" for k in range(3) for r in ("image", "label")]
                     + ["pairs.json", "a_s0_preview.png", ".hidden_image.nii.gz"])
-    assert len(find_synthetic_pairs(str(folder))) == 12
+    assert len(find_pairs(str(folder))) == 12
     chosen = synthetic_pairs(str(folder), 1.5, 4, seed=7)  # round(1.5 x 4) = 6
     assert len(chosen) == 6 and chosen == synthetic_pairs(str(folder), 1.5, 4, seed=7)
     masks = [Path(p["image"]).name[0] for p in chosen]
@@ -223,7 +223,7 @@ def test_synthetic_pair_choice_is_seeded_and_spreads_over_masks(tmp_path):
         (["case1.nii.gz"], "s", 1.0, "case1.nii.gz: synthetic NIfTI files must be named X_image.nii.gz / X_label.nii.gz"),
         (["a_image.nii.gz", "a_label.nii.gz"], "s", -1.0, "config 'synthetic_ratio' must be a number >= 0"),
         (["a_image.nii.gz", "a_label.nii.gz"], "s", 0.1, "rounds to 0 synthetic cases"),
-        ([], "missing", 1.0, "missing: synthetic_dir is not a folder"),
+        ([], "missing", 1.0, "missing: synthetic folder not found"),
     ],
 )
 def test_synthetic_pair_errors(files, folder, ratio, expected, tmp_path):

@@ -34,11 +34,21 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from scripts.core.errors import BundleInputError
 from scripts.core.settings import as_bool
 
-__all__ = ["OWNER_MARKER", "atomic_path", "write_text_atomic", "staging_dir", "publish", "explain_write_error"]
+__all__ = [
+    "OWNER_MARKER",
+    "atomic_path",
+    "write_text_atomic",
+    "markdown_table",
+    "staging_dir",
+    "publish",
+    "staged_output",
+    "explain_write_error",
+]
 
 #: File in every folder the bundle publishes: the proof that it may replace that folder.
 OWNER_MARKER = ".3d-lldm-output.json"
@@ -92,6 +102,13 @@ def write_text_atomic(path: str, text: str) -> str:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
     return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (every report the bundle writes); cells are written with ``str``."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _contains(folder: str, path: str) -> bool:
@@ -197,6 +214,19 @@ def publish(staging: str, final_dir: str, overwrite: bool = False) -> str:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final_dir
+
+
+@contextmanager
+def staged_output(final_dir: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
+    """The one transaction of every output folder: a :func:`staging_dir` for the block to fill,
+    published onto ``final_dir`` (:func:`publish`) when the block ends without error, removed otherwise."""
+    staging = staging_dir(final_dir, overwrite, inputs=inputs)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, final_dir, overwrite)
 
 
 def _inside(path: str, folder: str) -> bool:

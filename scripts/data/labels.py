@@ -21,10 +21,16 @@ from monai.transforms import MapLabelValue, MapTransform
 
 from scripts.core.errors import BundleInputError
 
-__all__ = ["LabelContract", "LabelContractd", "class_weight_table", "source_of"]
+__all__ = [
+    "LABELS",
+    "LabelContract", "LabelContractd", "class_weight_table", "source_of", "class_intensity_sums", "class_means"]
 
 #: How many offending values an error message lists before it abbreviates.
 _MAX_LISTED = 8
+
+#: The bundle's label ids (class name -> id), the one copy in code: ``labels`` in configs/common.yaml
+#: holds the same (a test checks); phantoms are drawn with these ids.
+LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 def source_of(data: Any, default: str = "<label map>") -> str:
@@ -155,3 +161,30 @@ def class_weight_table(
             raise BundleInputError(f"config '{setting}': weight of {name!r} must be positive, got {weight}")
         weights[int(labels[name])] = float(weight)
     return weights
+
+
+def class_intensity_sums(
+    image: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray, num_classes: int, squares: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Per-class intensity sums and voxel counts of ``image`` within ``label`` (ids ``0..num_classes-1``).
+
+    The one per-class accumulator of the bundle (latent cache references, mask-fidelity metrics,
+    the evaluation report, the quality gate): float64 ``(sums, counts)`` of length ``num_classes``,
+    ``(sums, sums of squares, counts)`` with ``squares``, on ``label``'s device.
+    """
+    if not isinstance(label, torch.Tensor):
+        label = torch.from_numpy(np.asarray(label).astype(np.int64))
+    ids = label.detach().long().flatten()
+    values = torch.as_tensor(image).detach().flatten().to(ids.device, torch.float64)
+    n = int(num_classes)
+    sums = torch.bincount(ids, weights=values, minlength=n)[:n]
+    counts = torch.bincount(ids, minlength=n)[:n].double()
+    if squares:
+        return sums, torch.bincount(ids, weights=values * values, minlength=n)[:n], counts
+    return sums, counts
+
+
+def class_means(sums: Sequence[float] | torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Mean intensity per class from :func:`class_intensity_sums`; NaN for a class without voxels."""
+    sums, counts = torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))

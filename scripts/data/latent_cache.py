@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,8 @@ from monai.transforms import Transform
 from tqdm import tqdm
 
 from scripts.core.errors import BundleInputError
-from scripts.core.outputs import publish, staging_dir
+from scripts.core.outputs import staged_output
+from scripts.data.labels import class_intensity_sums
 
 __all__ = ["CACHE_FORMAT", "LatentCache", "cache_fingerprint", "prepare_latent_cache", "latent_channel_std", "LoadLatentCased"]
 
@@ -188,8 +188,7 @@ def _build(
     num_classes: int,
     progress: bool,
 ) -> LatentCache:
-    staging = staging_dir(cache_dir, overwrite=True)
-    try:
+    with staged_output(cache_dir, overwrite=True) as staging:  # nothing half-written stays behind
         # float64 running sums: one pass, no need to hold every latent for the standard deviation
         count, total, total_sq = 0, 0.0, 0.0
         manifest_sections: dict[str, list[dict[str, Any]]] = {}
@@ -236,10 +235,7 @@ def _build(
         }
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
-        raise
-    root = publish(staging, cache_dir, overwrite=True)
+    root = os.path.abspath(cache_dir)
     logger.info(f"latent cache: {num_cases} cases encoded into {root}, scale_factor {1.0 / std:.6g}")
     return LatentCache(root=root, manifest=manifest, built=True)
 
@@ -322,10 +318,7 @@ def _plain(x: Any) -> torch.Tensor:
 
 def _class_sums(image: torch.Tensor, label: torch.Tensor, num_classes: int) -> tuple[list[float], list[int]]:
     """Per-class intensity sums and voxel counts of one preprocessed case."""
-    ids = label.long().flatten()
-    values = image.double().flatten()
-    sums = torch.bincount(ids, weights=values, minlength=num_classes)[:num_classes]
-    counts = torch.bincount(ids, minlength=num_classes)[:num_classes]
+    sums, counts = class_intensity_sums(image, label, num_classes)
     return [float(s) for s in sums], [int(c) for c in counts]
 
 

@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -33,9 +32,9 @@ import numpy as np
 from monai.data.utils import affine_to_spacing
 
 from scripts.core.errors import BundleInputError
-from scripts.core.outputs import publish, staging_dir
+from scripts.core.outputs import staged_output
+from scripts.data.labels import LABELS
 
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 DEFAULT_SPACING_RANGE = ((2.0, 3.0), (2.0, 3.0), (2.5, 4.0))
 DEFAULT_FOV_MM = (320.0, 320.0, 240.0)
@@ -1178,8 +1177,7 @@ def write_phantom_dataset(
         raise BundleInputError(f"config val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
     num_cases = int(num_cases)
     dataset_dir = os.path.abspath(os.path.expanduser(str(dataset_dir)))
-    tmp = staging_dir(dataset_dir, overwrite)
-    try:
+    with staged_output(dataset_dir, overwrite) as tmp:
         os.makedirs(os.path.join(tmp, "imagesTr"))
         os.makedirs(os.path.join(tmp, "labelsTr"))
         items = []
@@ -1201,8 +1199,4 @@ def write_phantom_dataset(
         }
         with open(os.path.join(tmp, "datalist.json"), "w") as f:
             json.dump(datalist, f, indent=2)
-        publish(tmp, dataset_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return os.path.join(dataset_dir, "datalist.json")

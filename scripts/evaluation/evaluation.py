@@ -27,8 +27,6 @@ import logging
 import math
 import os
 import random
-import re
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -41,28 +39,28 @@ from monai.networks.utils import one_hot
 from monai.transforms import Compose, MapTransform
 from tqdm import tqdm
 
-from scripts.data.cases import NIFTI_SUFFIXES, check_case, load_datalist, read_nifti
+from scripts.data.cases import check_case, load_datalist, read_nifti
 from scripts.evaluation.diversity import PairwiseMsSsim
 from scripts.core.errors import BundleInputError
 from scripts.evaluation.fid import Fid3D, Fid25D
-from scripts.data.labels import LabelContract
-from scripts.evaluation.mask_fidelity import class_means, contrast
+from scripts.data.labels import LabelContract, class_intensity_sums, class_means
+from scripts.data.pairs import find_pairs
+from scripts.evaluation.mask_fidelity import contrast
 from scripts.core.checkpoints import load_checkpoint
 from scripts.models.segmentation import load_segmentation_weights, select_network
-from scripts.core.outputs import publish, staging_dir
+from scripts.core.outputs import markdown_table, staged_output
 
 __all__ = [
     "NO_SEGMENTER_NOTICE",
     "VolumeSet",
     "image_only",
     "real_volume_set",
-    "find_synthetic_volumes",
     "synthetic_volume_sets",
     "load_segmenter",
     "ClassIntensityStats",
     "SegmentationDice",
     "Evaluation",
-    "markdown_table",
+    "table_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +69,6 @@ NO_SEGMENTER_NOTICE = (
     "mask-fidelity Dice skipped: no segmentation checkpoint configured (train one with "
     "configs/train_segmentation.yaml and pass --segmentation_checkpoint PATH)"
 )
-_IMAGE_FILE = re.compile(r"^(?P<prefix>.+)_image(?P<suffix>\.nii(\.gz)?)$")
 #: Name of the real set's row in the table.
 REAL = "real"
 
@@ -128,34 +125,6 @@ def real_volume_set(
     return VolumeSet(REAL, items, preprocessing, f"{datalist} {sections}", contract)
 
 
-def find_synthetic_volumes(folder: str) -> list[dict[str, str]]:
-    """Every ``X_image.nii[.gz]`` of ``folder`` (not recursive), with ``X_label`` beside it when present.
-
-    A folder mixes no paired and unpaired images: an image lacking its label where others have
-    one is an error naming it (a half-copied folder would otherwise lose its mask fidelity silently).
-    """
-    if not os.path.isdir(folder):
-        raise BundleInputError(f"{folder}: synthetic folder not found")
-    names = set(os.listdir(folder))
-    items = []
-    for name in sorted(names):
-        match = _IMAGE_FILE.match(name)
-        if name.startswith(".") or match is None or not name.endswith(NIFTI_SUFFIXES):
-            continue
-        item = {"image": os.path.join(os.path.abspath(folder), name)}
-        labels = [f"{match['prefix']}_label{s}" for s in NIFTI_SUFFIXES if f"{match['prefix']}_label{s}" in names]
-        if labels:
-            item["label"] = os.path.join(os.path.abspath(folder), labels[0])
-        items.append(item)
-    if not items:
-        raise BundleInputError(f"{folder}: no synthetic images (X_image.nii.gz) in this folder")
-    with_label = [item for item in items if "label" in item]
-    if with_label and len(with_label) != len(items):
-        lacking = next(item["image"] for item in items if "label" not in item)
-        raise BundleInputError(f"{lacking}: has no X_label file beside it, while other images in the folder have one")
-    return items
-
-
 def synthetic_volume_sets(
     folders: Mapping[str, str], preprocessing: Compose, contract: LabelContract
 ) -> list[VolumeSet]:
@@ -169,7 +138,7 @@ def synthetic_volume_sets(
     for name, folder in folders.items():
         if str(name) == REAL:
             raise BundleInputError(f"config 'synthetic': the set name {REAL!r} is reserved for the real volumes")
-        items = find_synthetic_volumes(str(folder))
+        items = find_pairs(str(folder), labels_required=False)
         paired = all("label" in item for item in items)
         sets.append(VolumeSet(str(name), items, preprocessing if paired else image_only(preprocessing), str(folder), contract))
     return sets
@@ -264,10 +233,10 @@ class ClassIntensityStats:
             return
         self.labelled = True
         ids = label.detach().flatten().long().cpu()
-        n = len(self.names)
-        self.sums += torch.bincount(ids, weights=values, minlength=n)[:n]
-        self.squares += torch.bincount(ids, weights=values * values, minlength=n)[:n]
-        self.counts += torch.bincount(ids, minlength=n)[:n].double()
+        sums, squares, counts = class_intensity_sums(values, ids, len(self.names), squares=True)
+        self.sums += sums
+        self.squares += squares
+        self.counts += counts
         for i, name in enumerate(self.names):
             self.histograms[name] += self._histogram(values[ids == i].float())
 
@@ -443,8 +412,7 @@ class Evaluation:
         """Check every file, measure every set, write the report into ``output_dir``; returns it."""
         inputs = [path for volume_set in (self.real, *self.synthetic) for item in volume_set.items for path in item.values()
                   if isinstance(path, str)]
-        staging = staging_dir(output_dir, overwrite, inputs=inputs)
-        try:
+        with staged_output(output_dir, overwrite, inputs=inputs) as staging:
             for volume_set in (self.real, *self.synthetic):
                 volume_set.check()
             real = self.measure(self.real)
@@ -455,10 +423,7 @@ class Evaluation:
                 sets[volume_set.name] = self._summary(volume_set.name, volume_set.source, measured, self._fid(measured, real))
                 histograms[volume_set.name] = measured.intensity.histograms
             self.write(staging, sets, histograms)
-            return publish(staging, output_dir, overwrite)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        return os.path.abspath(output_dir)
 
     # ------------------------------------------------------------------ the report
     def columns(self) -> list[str]:
@@ -508,7 +473,7 @@ class Evaluation:
         with open(os.path.join(folder, "metrics.md"), "w") as f:
             f.write(self.markdown(rows, sets))
         save_histograms(histograms, self.contract.names, os.path.join(folder, "intensity_histograms.png"))
-        logger.info("evaluation table:\n" + markdown_table(rows, self.columns()))
+        logger.info("evaluation table:\n" + table_of(rows, self.columns()))
 
     def markdown(self, rows: Sequence[Mapping[str, Any]], sets: Mapping[str, Mapping[str, Any]]) -> str:
         names = self.contract.names
@@ -527,11 +492,11 @@ class Evaluation:
             "trained on real data, run on the images, against their label maps. Contrast: mean(bright classes) "
             "- mean(dark classes). n/a: not measured (null in metrics.json).",
             "",
-            markdown_table(rows, self.columns()),
+            table_of(rows, self.columns()),
             "",
             "## Intensity per class (mean ± std, preprocessed [0, 1] scale)",
             "",
-            markdown_table(intensity_rows, ["set", *names]),
+            table_of(intensity_rows, ["set", *names]),
             "",
         ])
 
@@ -544,11 +509,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+def table_of(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table, one row per mapping, one column per key of ``columns``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
 
 
 def save_histograms(histograms: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str], path: str) -> str:

@@ -22,14 +22,9 @@ import torch
 from ignite.metrics.metric import Metric, reinit__is_reduced, sync_all_reduce
 
 from scripts.core.errors import BundleInputError
+from scripts.data.labels import class_intensity_sums, class_means
 
-__all__ = ["class_means", "contrast", "ClassIntensityMeans", "MaskContrast"]
-
-
-def class_means(sums: Sequence[float] | torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Mean intensity per class; NaN for a class without voxels."""
-    sums, counts = torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)
-    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+__all__ = ["contrast", "ClassIntensityMeans", "MaskContrast"]
 
 
 def contrast(
@@ -94,10 +89,9 @@ class ClassIntensityMeans(Metric):
     def update(self, output: Sequence[Any]) -> None:
         images, labels = output
         for image, label in zip(images, labels):
-            ids = torch.as_tensor(label).long().flatten().to(self._device)
-            values = torch.as_tensor(image).detach().flatten().to(self._device, torch.float64)
-            self._sums += torch.bincount(ids, weights=values, minlength=len(self.labels))[: len(self.labels)]
-            self._counts += torch.bincount(ids, minlength=len(self.labels))[: len(self.labels)].double()
+            sums, counts = class_intensity_sums(image, torch.as_tensor(label).to(self._device), len(self.labels))
+            self._sums += sums
+            self._counts += counts
 
     @sync_all_reduce("_sums", "_counts")
     def compute(self) -> dict[str, float]:

@@ -23,11 +23,9 @@ written.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
-import shutil
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,7 +43,8 @@ from scripts.models.diffusion import check_noise_schedule
 from scripts.core.errors import BundleInputError
 from scripts.generation.preview import save_pair_preview
 from scripts.data.labels import LabelContract
-from scripts.core.outputs import publish, staging_dir
+from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
+from scripts.core.outputs import staged_output
 from scripts.generation.quality_gate import HBPQualityGate
 from scripts.core.settings import as_bool
 
@@ -469,8 +468,7 @@ def generate_pairs(
         raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
     save_preview = as_bool(save_preview, "save_preview")
     check_masks(masks, generator)
-    staging = staging_dir(output_dir, overwrite, inputs=[item["label"] for item in masks])
-    try:
+    with staged_output(output_dir, overwrite, inputs=[item["label"] for item in masks]) as staging:
         records = []
         jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
         for item, k in tqdm(jobs, desc="generating", unit="volume"):
@@ -481,12 +479,8 @@ def generate_pairs(
         if failed:
             logger.warning(f"{len(failed)} volume(s) failed the quality gate in every attempt (kept the best; see pairs.json): "
                            + ", ".join(failed))
-        with open(os.path.join(staging, "pairs.json"), "w") as f:
-            json.dump({"seed": int(seed), "pairs": records}, f, indent=1)
-        return publish(staging, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_pairs_manifest(staging, records, seed=int(seed))
+    return os.path.abspath(output_dir)
 
 
 def _write_pair(
@@ -510,13 +504,13 @@ def _write_pair(
         image, case_seed, gate_record = _regenerate_until_gate_passes(
             image, case_seed, edited, nifti.affine, generator, quality_gate, seed, item["name"], sample, device
         )
-    _save(image, nifti, os.path.join(folder, f"{prefix}_image.nii.gz"), np.float32)
-    _save(edited, nifti, os.path.join(folder, f"{prefix}_label.nii.gz"), _label_dtype(nifti, edited))
+    names = {role: pair_file_name(prefix, role) for role in ROLES}
+    _save(image, nifti, os.path.join(folder, names["image"]), np.float32)
+    _save(edited, nifti, os.path.join(folder, names["label"]), _label_dtype(nifti, edited))
     if save_preview:
         save_pair_preview(image, edited, nifti.affine, os.path.join(folder, f"{prefix}_preview.png"), title=prefix)
     return {
-        "image": f"{prefix}_image.nii.gz",
-        "label": f"{prefix}_label.nii.gz",
+        **names,
         "mask": os.path.abspath(item["label"]),
         "sample": sample,
         "seed": case_seed,

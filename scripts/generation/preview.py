@@ -11,15 +11,16 @@ import numpy as np
 from monai.data.utils import affine_to_spacing
 
 from scripts.core.outputs import atomic_path
+from scripts.data.labels import LABELS
 
 __all__ = ["OVERLAY", "to_ras", "pick_slices", "save_figure", "save_pair_preview"]
 
 # label id -> (name, RGB colour) of the overlay
 OVERLAY = {
-    1: ("liver", (0.15, 0.8, 0.25)),
-    2: ("portal vein", (0.2, 0.55, 1.0)),
-    3: ("hepatic vein", (0.95, 0.3, 0.9)),
-    4: ("HCC", (1.0, 0.85, 0.1)),
+    LABELS["liver"]: ("liver", (0.15, 0.8, 0.25)),
+    LABELS["portal_vein"]: ("portal vein", (0.2, 0.55, 1.0)),
+    LABELS["hepatic_vein"]: ("hepatic vein", (0.95, 0.3, 0.9)),
+    LABELS["hcc"]: ("HCC", (1.0, 0.85, 0.1)),
 }
 
 
@@ -37,7 +38,7 @@ def to_ras(image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> tuple[np
 def pick_slices(label: np.ndarray) -> tuple[int, int]:
     """Axial (z) and coronal (y) indices with the most HCC voxels (ties: most liver), else liver."""
     liver = (label > 0).astype(np.float64)
-    score = liver / max(float(liver.sum()), 1.0) + (label == 4)
+    score = liver / max(float(liver.sum()), 1.0) + (label == LABELS["hcc"])
     if not liver.any():
         return label.shape[2] // 2, label.shape[1] // 2
     return int(np.argmax(score.sum(axis=(0, 1)))), int(np.argmax(score.sum(axis=(0, 2))))
@@ -70,7 +71,7 @@ def save_pair_preview(image: np.ndarray, label: np.ndarray, affine: np.ndarray, 
 
     img, lab, sp = to_ras(np.asarray(image, dtype=np.float32), np.asarray(label), np.asarray(affine, dtype=np.float64))
     z, y = pick_slices(lab)
-    x = int(np.argmax(((lab > 0) / max(float((lab > 0).sum()), 1.0) + (lab == 4)).sum(axis=(1, 2))))
+    x = int(np.argmax(((lab > 0) / max(float((lab > 0).sum()), 1.0) + (lab == LABELS["hcc"])).sum(axis=(1, 2))))
     if not (lab > 0).any():
         x = lab.shape[0] // 2
     vmax = float(np.percentile(img, 99.5)) or 1.0

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from scripts.core.errors import BundleInputError
+from scripts.data.labels import class_intensity_sums, class_means
 
 __all__ = ["HBPQualityGate"]
 
@@ -70,17 +71,17 @@ class HBPQualityGate:
         maps [0, 1] onto it).
         """
         image = np.asarray(image, dtype=np.float64) / float(intensity_span)
-        label = np.asarray(label)
         bright_name, bright_id = self.bright
-        bright_voxels = label == bright_id
-        if bright_voxels.sum() < self.min_class_voxels:
+        num_classes = 1 + max(bright_id, *(class_id for _, class_id in self.dark))
+        sums, counts = class_intensity_sums(image, np.asarray(label), num_classes)
+        means = class_means(sums, counts)
+        if counts[bright_id] < self.min_class_voxels:
             return {"passed": True, "margin": None, "contrast": {}, "note": f"too little {bright_name} to judge"}
-        bright_mean = float(image[bright_voxels].mean())
+        bright_mean = float(means[bright_id])
         contrasts = {}
         for name, class_id in self.dark:
-            voxels = label == class_id
-            if voxels.sum() >= self.min_class_voxels:
-                contrasts[name] = round(bright_mean - float(image[voxels].mean()), 4)
+            if counts[class_id] >= self.min_class_voxels:
+                contrasts[name] = round(bright_mean - float(means[class_id]), 4)
         if not contrasts:
             return {"passed": True, "margin": None, "contrast": {}, "note": "no dark class large enough to judge"}
         margin = min(contrasts.values()) - self.min_contrast

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 
 import nibabel as nib
@@ -24,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from scripts.core.errors import BundleInputError
+from scripts.data.pairs import pair_file_name
 from scripts.generation.inference import output_seed
-from scripts.core.outputs import publish, staging_dir
+from scripts.core.outputs import staged_output
 
 __all__ = ["model_grid_affine", "generate_unconditional"]
 
@@ -55,8 +55,7 @@ def generate_unconditional(
     """
     if int(num_samples) < 1:
         raise BundleInputError(f"config 'num_samples' must be at least 1, got {num_samples}")
-    staging = staging_dir(output_dir, overwrite)
-    try:
+    with staged_output(output_dir, overwrite) as staging:
         records, latents = [], []
         for k in tqdm(range(int(num_samples)), desc="sampling", unit="volume"):
             name = f"{prefix}_{k:04d}"
@@ -69,15 +68,12 @@ def generate_unconditional(
             affine = model_grid_affine(spacing, image.shape)
             nifti = nib.Nifti1Image(image.astype(np.float32), affine)
             nifti.header.set_xyzt_units("mm")
-            nib.save(nifti, os.path.join(staging, f"{name}_image.nii.gz"))
-            records.append({"image": f"{name}_image.nii.gz", "seed": case_seed})
+            nib.save(nifti, os.path.join(staging, pair_file_name(name, "image")))
+            records.append({"image": pair_file_name(name, "image"), "seed": case_seed})
         spread = {"latent_channel_std": [round(float(v), 4) for v in torch.stack(latents).transpose(0, 1).flatten(1).std(1)]}
         if reference_latent_std is not None:
             spread["reference_latent_channel_std"] = [round(float(v), 4) for v in reference_latent_std]
             spread["latent_std_ratio"] = [round(s / r, 4) for s, r in zip(spread["latent_channel_std"], reference_latent_std)]
         with open(os.path.join(staging, "samples.json"), "w") as f:
             json.dump({"seed": int(seed), **spread, "samples": records}, f, indent=1)
-        return publish(staging, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return os.path.abspath(output_dir)

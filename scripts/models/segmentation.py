@@ -23,17 +23,16 @@ from typing import Any
 
 import torch
 
-from scripts.data.cases import NIFTI_SUFFIXES
 from scripts.core.checkpoints import load_network_weights
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract
+from scripts.data.pairs import PAIRS_MANIFEST, find_pairs, pair_prefix, read_pairs_manifest
 from scripts.core.outputs import write_text_atomic
 
 __all__ = [
     "select_network",
     "size_divisor",
     "check_patch_fits",
-    "find_synthetic_pairs",
     "synthetic_pairs",
     "check_synthetic_sources",
     "load_segmentation_weights",
@@ -43,11 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``X_image.nii.gz`` / ``X_label.nii.gz`` (``X`` may end in ``_s{k}``: several samples of one mask).
-_PAIR_FILE = re.compile(r"^(?P<prefix>.+)_(?P<role>image|label)(?P<suffix>\.nii(\.gz)?)$")
 _SAMPLE_SUFFIX = re.compile(r"_s\d+$")
-#: Written by ``scripts.generation.inference.generate_pairs``: maps each pair to the mask it was generated from.
-PAIRS_MANIFEST = "pairs.json"
 
 
 # ---------------------------------------------------------------------------------------- networks
@@ -92,37 +87,6 @@ def check_patch_fits(network: torch.nn.Module, patch_size: Sequence[int], name: 
 
 
 # ---------------------------------------------------------------------------------------- synthetic pairs
-def find_synthetic_pairs(synthetic_dir: str) -> list[dict[str, str]]:
-    """Every ``X_image`` + ``X_label`` NIfTI pair in ``synthetic_dir`` (not recursive), sorted by ``X``.
-
-    Hidden files and non-NIfTI files (``pairs.json``, previews) are skipped; a NIfTI file that is
-    not part of a pair is an error naming it, so a wrong or half-copied folder is caught.
-    """
-    if not os.path.isdir(synthetic_dir):
-        raise BundleInputError(f"{synthetic_dir}: synthetic_dir is not a folder")
-    found: dict[str, dict[str, str]] = {}
-    for name in sorted(os.listdir(synthetic_dir)):
-        path = os.path.join(os.path.abspath(synthetic_dir), name)
-        if name.startswith(".") or not name.endswith(NIFTI_SUFFIXES) or not os.path.isfile(path):
-            continue
-        match = _PAIR_FILE.match(name)
-        if match is None:
-            raise BundleInputError(f"{path}: synthetic NIfTI files must be named X_image.nii.gz / X_label.nii.gz")
-        roles = found.setdefault(match["prefix"], {})
-        if match["role"] in roles:
-            raise BundleInputError(f"{path}: a second synthetic {match['role']} for {match['prefix']!r} "
-                                   f"(also {roles[match['role']]})")
-        roles[match["role"]] = path
-    for prefix, roles in found.items():
-        for have, lack in (("image", "label"), ("label", "image")):
-            if lack not in roles:
-                raise BundleInputError(f"{roles[have]}: synthetic {have} has no {lack} file "
-                                       f"({prefix}_{lack}.nii.gz) beside it")
-    if not found:
-        raise BundleInputError(f"{synthetic_dir}: no synthetic pairs (X_image.nii.gz + X_label.nii.gz) in this folder")
-    return [{"image": roles["image"], "label": roles["label"]} for _, roles in sorted(found.items())]
-
-
 def synthetic_pairs(synthetic_dir: str | None, ratio: float, num_real: int, seed: int = 0) -> list[dict[str, str]]:
     """The synthetic pairs to train on: ``round(ratio * num_real)`` of those in ``synthetic_dir``.
 
@@ -145,13 +109,13 @@ def synthetic_pairs(synthetic_dir: str | None, ratio: float, num_real: int, seed
     if wanted == 0:
         raise BundleInputError(f"config 'synthetic_ratio' {ratio:g} x {num_real} real training cases rounds to 0 "
                                "synthetic cases; raise --synthetic_ratio or pass 0 for real cases only")
-    pairs = find_synthetic_pairs(synthetic_dir)
+    pairs = find_pairs(synthetic_dir)
     if wanted > len(pairs):
         raise BundleInputError(f"{synthetic_dir}: synthetic_ratio {ratio:g} x {num_real} real training cases needs "
                                f"{wanted} synthetic pairs, the folder has {len(pairs)}")
     groups: dict[str, list[dict[str, str]]] = {}
     for pair in pairs:
-        prefix = _PAIR_FILE.match(os.path.basename(pair["image"]))["prefix"]
+        prefix = pair_prefix(pair["image"])
         groups.setdefault(_SAMPLE_SUFFIX.sub("", prefix), []).append(pair)
     rng = random.Random(int(seed))
     order = sorted(groups)
@@ -175,15 +139,14 @@ def check_synthetic_sources(
     """
     if not synthetic or not synthetic_dir:
         return 0
+    content = read_pairs_manifest(synthetic_dir)
     manifest = os.path.join(synthetic_dir, PAIRS_MANIFEST)
-    if not os.path.isfile(manifest):
+    if content is None:
         logger.warning(f"{manifest} not found: cannot check that the synthetic pairs come from training masks")
         return 0
     try:
-        with open(manifest) as f:
-            records = json.load(f)["pairs"]
-        sources = {os.path.basename(r["image"]): os.path.realpath(r["mask"]) for r in records if r.get("mask")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        sources = {os.path.basename(r["image"]): os.path.realpath(r["mask"]) for r in content["pairs"] if r.get("mask")}
+    except (KeyError, TypeError, AttributeError) as e:
         raise BundleInputError(f"{manifest}: cannot read the synthetic pairs manifest ({type(e).__name__}: {e})") from e
     held_out_labels = {os.path.realpath(item["label"]) for item in held_out}
     known = 0

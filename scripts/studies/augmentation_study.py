@@ -48,10 +48,12 @@ import yaml
 from tqdm import tqdm
 
 from scripts.data.cases import load_datalist
+from scripts.data.labels import LABELS
 from scripts.data.masks import MaskEditor
 from scripts.core.errors import BundleInputError, find_input_error
-from scripts.core.outputs import publish, staging_dir, write_text_atomic
-from scripts.models.segmentation import PAIRS_MANIFEST, check_synthetic_sources, find_synthetic_pairs
+from scripts.core.outputs import markdown_table, staged_output, write_text_atomic
+from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
+from scripts.models.segmentation import check_synthetic_sources
 from scripts.core.settings import as_bool, layered_config_files
 
 __all__ = [
@@ -169,7 +171,7 @@ def check_synthetic_set(
     study's real training cases (e.g. extra unannotated-image masks) are allowed and counted.
     Returns ``{"num_pairs", "num_source_masks", "sources_outside_training"}``.
     """
-    pairs = find_synthetic_pairs(synthetic_dir)
+    pairs = find_pairs(synthetic_dir)
     manifest = os.path.join(synthetic_dir, PAIRS_MANIFEST)
     if not os.path.isfile(manifest):
         raise BundleInputError(f"{synthetic_dir}: no {PAIRS_MANIFEST} recording the source mask of each pair; "
@@ -178,7 +180,7 @@ def check_synthetic_set(
     if known < len(pairs):
         raise BundleInputError(f"{manifest}: {len(pairs) - known} of {len(pairs)} synthetic pairs have no source mask "
                                "recorded; the study cannot prove they do not come from validation or test masks")
-    records = _read_json(manifest)["pairs"]
+    records = read_pairs_manifest(synthetic_dir, required=True)["pairs"]
     sources = {os.path.realpath(r["mask"]) for r in records if r.get("mask")}
     outside = sorted(sources - {os.path.realpath(c["label"]) for c in training})
     if outside:
@@ -292,12 +294,11 @@ def format_table(
     """A Markdown table: one row per key of ``table``, Dice per condition then each difference."""
     synthetic = list(conditions[1:])
     header = [first_column, *(titles[c] for c in conditions), *(f"Δ x{c[len('synthetic'):]}" for c in synthetic)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, cells in table.items():
-        values = [_cell(cells["dice"][c]) for c in conditions]
-        values += [_cell(cells["difference"][c], signed=True) for c in synthetic]
-        lines.append("| " + " | ".join([row, *values]) + " |")
-    return "\n".join(lines)
+    rows = [
+        [row, *(_cell(cells["dice"][c]) for c in conditions), *(_cell(cells["difference"][c], signed=True) for c in synthetic)]
+        for row, cells in table.items()
+    ]
+    return markdown_table(header, rows)
 
 
 # ---------------------------------------------------------------------------------------- the study
@@ -442,7 +443,7 @@ class AugmentationStudy:
             # options checked now, not after hours of generation
             for name, options in self.edited_layouts.items():
                 try:
-                    editor = MaskEditor(labels=self.labels or _DEFAULT_LABELS, **options)
+                    editor = MaskEditor(labels=self.labels or LABELS, **options)
                 except TypeError as e:
                     raise BundleInputError(f"config 'edited_layouts#{name}': {e}") from e
                 if not editor.enabled:
@@ -536,7 +537,7 @@ class AugmentationStudy:
         settings = self._synthetic_settings()
         merged_manifest = os.path.join(self.synthetic_dir, PAIRS_MANIFEST)
         if os.path.isfile(merged_manifest):
-            recorded = _read_json(merged_manifest)
+            recorded = read_pairs_manifest(self.synthetic_dir, required=True)
             if not _same(recorded.get("settings"), settings):
                 raise BundleInputError(
                     f"{merged_manifest}: the synthetic set was generated with other settings "
@@ -574,24 +575,17 @@ class AugmentationStudy:
 
     def _merge(self, parts_root: str, settings: Mapping[str, Any], wall: Mapping[str, float]) -> None:
         """Copy every variant's pairs into one folder as ``<variant>_<name>``, with one manifest."""
-        staging = staging_dir(self.synthetic_dir, overwrite=False)
-        try:
+        with staged_output(self.synthetic_dir, overwrite=False) as staging:
             records = []
             for name in self.variants():
                 part = os.path.join(parts_root, name)
-                for record in _read_json(os.path.join(part, PAIRS_MANIFEST))["pairs"]:
+                for record in read_pairs_manifest(part, required=True)["pairs"]:
                     merged = {**record, "variant": name}
-                    for role in ("image", "label"):
+                    for role in ROLES:
                         merged[role] = f"{name}_{record[role]}"
                         shutil.copy2(os.path.join(part, record[role]), os.path.join(staging, merged[role]))
                     records.append(merged)
-            manifest = {"seed": self.seed, "settings": settings, "wall_time_s": dict(wall), "pairs": records}
-            with open(os.path.join(staging, PAIRS_MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=1)
-            publish(staging, self.synthetic_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            write_pairs_manifest(staging, records, seed=self.seed, settings=settings, wall_time_s=dict(wall))
         logger.info(f"{len(records)} synthetic pairs in {self.synthetic_dir}")
 
     def grid(self) -> list[dict[str, Any]]:
@@ -719,15 +713,14 @@ class AugmentationStudy:
                       format_table({n: t[first] for n, t in summary.items()}, self.conditions, titles, "network"), ""]
         for network, table in summary.items():
             lines += [f"## {network}", "", format_table(table, self.conditions, titles, "class"), ""]
-        lines += ["## Runs", "", "| run | status | real / synthetic cases | training | evaluating |",
-                  "|---|---|---|---|---|"]
+        rows = []
         for r in runs:
             wall = r.get("wall_time_s") or {}
             cases = (f"{r['num_real_training_cases']} / {r['num_synthetic_training_cases']}"
                      if r.get("status") == "done" else "")
             status = r.get("status", "pending") + (" (" + r["error"] + ")" if r.get("error") else "")
-            lines.append(f"| {r['name']} | {status} | {cases} | {_minutes(wall.get('training'))} | "
-                         f"{_minutes(wall.get('evaluating'))} |")
+            rows.append([r["name"], status, cases, _minutes(wall.get("training")), _minutes(wall.get("evaluating"))])
+        lines += ["## Runs", "", markdown_table(["run", "status", "real / synthetic cases", "training", "evaluating"], rows)]
         generation = synthetic.get("wall_time_s")
         if isinstance(generation, Mapping) and generation:
             lines += ["", f"Synthetic generation: {_minutes(_generation_seconds(synthetic))} ("
@@ -782,7 +775,6 @@ class AugmentationStudy:
 
 
 #: Default labels for checking mask-editing options when none are given (configs/common.yaml's).
-_DEFAULT_LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 def _load_configs(files: Sequence[str]) -> dict[str, Any]:

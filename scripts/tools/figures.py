@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scripts.data.pairs import read_pairs_manifest
 from scripts.generation.preview import OVERLAY, pick_slices, save_figure, to_ras
 
 def _as_arrays(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,7 +91,6 @@ def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path
     and coronal slices of the real image, the generated one, and the generated one with the label
     overlay, same grey scale for both (RAS, radiological convention). Returns ``path``.
     """
-    import json
 
     import matplotlib
 
@@ -104,8 +104,8 @@ def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path
     for section in ("training", "validation", "test"):
         for item in load_datalist(datalist, dataset_dir, section):
             real_of[os.path.realpath(item["label"])] = item["image"]
-    with open(os.path.join(pairs_dir, "pairs.json")) as f:
-        records = [r for r in json.load(f)["pairs"] if os.path.realpath(r["mask"]) in real_of][:num_cases]
+    manifest = read_pairs_manifest(pairs_dir, required=True)
+    records = [r for r in manifest["pairs"] if os.path.realpath(r["mask"]) in real_of][:num_cases]
     if not records:
         raise ValueError(f"{pairs_dir}: no pair was generated from a mask of {datalist}")
     fig, axes = plt.subplots(len(records), 6, figsize=(15.0, 2.6 * len(records) + 0.4), squeeze=False)
