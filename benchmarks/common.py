@@ -32,6 +32,7 @@ if str(BUNDLE_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks
 
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
+
 from scripts.core import outputs  # noqa: E402
 from scripts.core.settings import layered_config_files  # noqa: E402
 
@@ -277,7 +278,9 @@ def seeded_network(parser: ConfigParser, definition: str, seed: int) -> torch.nn
     return parser.get_parsed_content(definition, instantiate=True, lazy=False)
 
 
-def write_seeded_checkpoint(parser: ConfigParser, definition: str, key: str, path: Path, seed: int, **extra: Any) -> Path:
+def write_seeded_checkpoint(
+    parser: ConfigParser, definition: str, key: str, path: Path, seed: int, **extra: Any
+) -> Path:
     """Save ``{key: state_dict, **extra}`` of a seeded random ``definition`` as the training configs save it."""
     network = seeded_network(parser, definition, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +337,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "-"
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
     return str(value)
 
 

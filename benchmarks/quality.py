@@ -31,7 +31,9 @@ REFERENCE_DATASET = BUNDLE_ROOT / "datasets" / "phantom"
 __all__ = ["QUALITY_METRICS", "mask_fidelity", "quality_report"]
 
 
-def mask_fidelity(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], context: Mapping[str, Any]) -> dict[str, Any]:
+def mask_fidelity(
+    images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], context: Mapping[str, Any]
+) -> dict[str, Any]:
     """Per-class mean intensity and the bright-dark contrast, pooled over all volumes and per volume.
 
     ``images`` and ``labels`` are channel-first ``(1, *spatial)`` tensors on the model grid.
@@ -40,7 +42,7 @@ def mask_fidelity(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
     means.update((list(images), list(labels)))
     result = dict(means.compute())
     per_volume = []
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         metric = MaskContrast(labels=context["labels"], prefix="")
         metric.update(([image], [label]))
         per_volume.append(metric.compute())
@@ -65,15 +67,22 @@ def _fid_reference() -> tuple[Any, list[dict[str, torch.Tensor]]] | None:
     parser.read_config(str(BUNDLE_ROOT / "configs" / "common.yaml"))
     autoencoder = parser.get_parsed_content("autoencoder_def", instantiate=True)
     load_network_weights(autoencoder, str(autoencoder_path), "autoencoder", "autoencoder weights")
-    protocol = fid_protocol(2, "autoencoder", autoencoder=autoencoder, autoencoder_path=str(autoencoder_path),
-                            compression=parser.get_parsed_content("autoencoder_compression"))
+    protocol = fid_protocol(
+        2,
+        "autoencoder",
+        autoencoder=autoencoder,
+        autoencoder_path=str(autoencoder_path),
+        compression=parser.get_parsed_content("autoencoder_compression"),
+    )
     preprocessing = parser.get_parsed_content("pair_preprocessing", instantiate=True)
     cases = load_datalist(str(datalist), str(REFERENCE_DATASET), "test")
     real = [protocol.volume_features(preprocessing(case)["image"].as_tensor()) for case in cases]
     return protocol, real
 
 
-def fid_2_5d(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], context: Mapping[str, Any]) -> dict[str, Any] | None:
+def fid_2_5d(
+    images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], context: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """2.5D FID (offline autoencoder extractor) of ``images`` against the real test split, and the
     FID between two halves of that split for scale; None without the phantom dataset."""
     reference = _fid_reference()
@@ -83,16 +92,17 @@ def fid_2_5d(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], con
     synthetic = [protocol.volume_features(image) for image in images]
     distance = protocol.distance(synthetic, real)
     halves = protocol.distance(real[0::2], real[1::2])
-    return {"fid_2_5d": distance["mean"], "per_plane": {p: distance[p] for p in ("xy", "yz", "zx")},
-            "real_halves_fid_2_5d": halves["mean"], "real_volumes": len(real),
-            "extractor": "offline stage-1 encoder (models/autoencoder.pt): not comparable with published FIDs"}
+    return {
+        "fid_2_5d": distance["mean"],
+        "per_plane": {p: distance[p] for p in ("xy", "yz", "zx")},
+        "real_halves_fid_2_5d": halves["mean"],
+        "real_volumes": len(real),
+        "extractor": "offline stage-1 encoder (models/autoencoder.pt): not comparable with published FIDs",
+    }
 
 
 #: name -> metric function; each entry becomes a key of the quality report.
-QUALITY_METRICS: dict[str, Callable[..., dict[str, Any] | None]] = {
-    "mask_fidelity": mask_fidelity,
-    "fid": fid_2_5d,
-}
+QUALITY_METRICS: dict[str, Callable[..., dict[str, Any] | None]] = {"mask_fidelity": mask_fidelity, "fid": fid_2_5d}
 
 
 def quality_report(

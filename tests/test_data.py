@@ -4,15 +4,14 @@
 
 from __future__ import annotations
 
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import toy_image, toy_label, write_dataset, write_nifti
-from scripts.data.cases import check_case, check_cases, load_datalist, preprocessing_transforms
+
 from scripts.core.errors import BundleInputError
+from scripts.data.cases import check_case, check_cases, load_datalist, preprocessing_transforms
 
 LPS_ANISOTROPIC = np.diag([-3.0, -2.0, 6.0, 1.0])  # LPS axes, 3 x 2 x 6 mm voxels
 
@@ -27,8 +26,13 @@ def test_datalist_paths_resolve_against_dataset_dir(tmp_path):
 
 @pytest.mark.parametrize(
     "content, expected",
-    [(None, "datalist not found"), ("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
-     ('{"training": [{"image": "a.nii.gz"}]}', "lacks ['label']"), ('{"training": {"image": 1}}', "must be a list")],
+    [
+        (None, "datalist not found"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"training": [{"image": "a.nii.gz"}]}', "lacks ['label']"),
+        ('{"training": {"image": 1}}', "must be a list"),
+    ],
 )
 def test_datalist_errors(tmp_path, content, expected):
     path = tmp_path / "datalist.json"

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from scripts.core.errors import BundleInputError
-from scripts.data.labels import LabelContract, LabelContractd
-from scripts.data.labels import LABELS
-
+from scripts.data.labels import LABELS, LabelContract, LabelContractd
 
 
 def test_contract_comes_from_common_config(contract):

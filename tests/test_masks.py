@@ -15,9 +15,8 @@ from monai.data.utils import affine_to_spacing
 from scipy import ndimage
 
 from scripts.core.errors import BundleInputError
-from scripts.data.labels import LabelContract
+from scripts.data.labels import LABELS, LabelContract
 from scripts.data.masks import MaskEditor, MaskEditord
-from scripts.data.labels import LABELS
 from tests.conftest import COMMON, toy_label
 
 BACKGROUND, LIVER, PORTAL, HEPATIC, HCC = range(5)
@@ -26,7 +25,7 @@ ALL_NODULES = np.ones((3, 3, 3), dtype=bool)
 
 
 def _offsets_mm(shape, centre, spacing=SPACING):
-    axes = [(np.arange(n) - c) * s for n, c, s in zip(shape, centre, spacing)]
+    axes = [(np.arange(n) - c) * s for n, c, s in zip(shape, centre, spacing, strict=True)]
     return np.meshgrid(*axes, indexing="ij")
 
 
@@ -94,9 +93,7 @@ def test_several_nodules_stay_separate_and_irregular_ones_stay_inside():
 
 
 def test_same_seed_same_edit_other_seed_other_edit():
-    editor = MaskEditor(
-        LABELS, elastic_displacement_mm=4.0, remove_hcc=1, hcc_scale=1.2, insert_hcc_diameters_mm=[10]
-    )
+    editor = MaskEditor(LABELS, elastic_displacement_mm=4.0, remove_hcc=1, hcc_scale=1.2, insert_hcc_diameters_mm=[10])
     label = synthetic_liver(hcc_centres=((26, 28, 14), (14, 26, 28)))
     first, summary = editor(label, SPACING, seed=7)
     again, summary_again = editor(label, SPACING, seed=np.random.default_rng(7))

@@ -75,7 +75,10 @@ def listed_sha256(path: str, large_files: str | None = None) -> str | None:
     root = os.path.dirname(os.path.abspath(large_files))
     target = os.path.realpath(path)
     for entry in entries:
-        if os.path.realpath(os.path.join(root, entry["path"])) == target and entry.get("hash_type", "sha256") == "sha256":
+        if (
+            os.path.realpath(os.path.join(root, entry["path"])) == target
+            and entry.get("hash_type", "sha256") == "sha256"
+        ):
             return str(entry["hash_val"]).lower()
     return None
 
@@ -160,7 +163,9 @@ def _reapply_lambda(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     the schedule (a larger ``max_epochs`` in the lambda), the next epoch must use the new curve,
     not that rate (0 at the end of a finished run). For an interrupted run the two agree.
     """
-    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+    for group, base_lr, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
@@ -207,7 +212,9 @@ class StageCheckpointer:
         self.last_path = os.path.join(save_dir, f"{stage}_last.pt")
         self.best_path = os.path.join(save_dir, f"{stage}_best.pt")
         # read a leftover checkpoint now, so a damaged one stops the command before training starts
-        self._resume_from = load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
+        self._resume_from = (
+            load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
+        )
         if self._resume_from is not None:
             self._check_resumable(must_match)
 
@@ -257,8 +264,10 @@ class StageCheckpointer:
         if self.evaluator is not None and "best_metric" in checkpoint:
             self.evaluator.state.best_metric = checkpoint["best_metric"]
             self.evaluator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
-        logger.info(f"resumed {self.stage} from {self.last_path} at epoch {engine.state.epoch}, "
-                    f"iteration {engine.state.iteration}")
+        logger.info(
+            f"resumed {self.stage} from {self.last_path} at epoch {engine.state.epoch}, "
+            f"iteration {engine.state.iteration}"
+        )
 
     def save_last(self, engine: Any) -> None:
         if self.is_main_process:
@@ -272,12 +281,7 @@ class StageCheckpointer:
 
 
 def export_weights(
-    checkpoint_path: str,
-    output_path: str,
-    key: str,
-    overwrite: bool = False,
-    dtype: str | None = None,
-    **info: Any,
+    checkpoint_path: str, output_path: str, key: str, overwrite: bool = False, dtype: str | None = None, **info: Any
 ) -> str:
     """Write the bare ``key`` weights of a training checkpoint (no optimizer state) for shipping.
 
@@ -289,7 +293,7 @@ def export_weights(
     """
     checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
     if key not in checkpoint:
-        raise BundleInputError(f"{checkpoint_path}: has no '{key}' weights (keys: {sorted(checkpoint)})")
+        raise BundleInputError(f"{checkpoint_path}: has no {key!r} weights (keys: {sorted(checkpoint)})")
     if os.path.exists(output_path) and not overwrite:
         raise BundleInputError(f"{output_path}: exists; pass overwrite=True to replace it")
     state = checkpoint[key]
@@ -297,8 +301,18 @@ def export_weights(
         cast = getattr(torch, dtype)
         state = {name: t.to(cast) if t.is_floating_point() else t for name, t in state.items()}
     exported = {key: state, "source_epoch": checkpoint.get("epoch")}
-    for extra in ("best_metric", "best_metric_epoch", "scale_factor", "noise_schedule", "prediction_type", "latent_channel_std", "latent_channels",
-                  "autoencoder_sha256", "diffusion_unet_sha256", "labels"):  # what later stages check
+    for extra in (
+        "best_metric",
+        "best_metric_epoch",
+        "scale_factor",
+        "noise_schedule",
+        "prediction_type",
+        "latent_channel_std",
+        "latent_channels",
+        "autoencoder_sha256",
+        "diffusion_unet_sha256",
+        "labels",
+    ):  # what later stages check
         if extra in checkpoint:
             exported[extra] = checkpoint[extra]
     exported.update(info)

@@ -119,8 +119,12 @@ def _contains(folder: str, path: str) -> bool:
 
 def _check_replaceable(final_dir: str, inputs: Sequence[str]) -> None:
     """Raise unless the non-empty ``final_dir`` is a folder the bundle published and holds nothing precious."""
-    protected = {"/": os.sep, "the home folder": os.path.expanduser("~"), "the working directory": os.getcwd(),
-                 "the bundle": BUNDLE_ROOT}
+    protected = {
+        "/": os.sep,
+        "the home folder": os.path.expanduser("~"),
+        "the working directory": os.getcwd(),
+        "the bundle": BUNDLE_ROOT,
+    }
     for what, folder in protected.items():
         if _contains(final_dir, folder):
             raise BundleInputError(f"{final_dir}: holds {what}; it is never replaced, choose another output folder")
@@ -128,8 +132,10 @@ def _check_replaceable(final_dir: str, inputs: Sequence[str]) -> None:
     if held:
         raise BundleInputError(f"{final_dir}: holds an input of this command ({held[0]}); choose another output folder")
     if not os.path.isfile(os.path.join(final_dir, OWNER_MARKER)):
-        raise BundleInputError(f"{final_dir}: not a folder this bundle wrote (no {OWNER_MARKER}); it is not replaced "
-                               "even with --overwrite true: remove it yourself or choose another folder")
+        raise BundleInputError(
+            f"{final_dir}: not a folder this bundle wrote (no {OWNER_MARKER}); it is not replaced "
+            "even with --overwrite true: remove it yourself or choose another folder"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -166,7 +172,9 @@ def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] =
         raise BundleInputError(f"{final_dir}: exists and is a file; choose another output folder")
     if os.path.isdir(final_dir) and os.listdir(final_dir):
         if not overwrite:
-            raise BundleInputError(f"{final_dir}: exists and is not empty; pass --overwrite true or choose another folder")
+            raise BundleInputError(
+                f"{final_dir}: exists and is not empty; pass --overwrite true or choose another folder"
+            )
         _check_replaceable(final_dir, inputs)
     parent = os.path.dirname(final_dir)
     try:
@@ -195,10 +203,13 @@ def publish(staging: str, final_dir: str, overwrite: bool = False) -> str:
         if os.path.isdir(final_dir):
             if os.listdir(final_dir):
                 if not as_bool(overwrite, "overwrite") or not os.path.isfile(os.path.join(final_dir, OWNER_MARKER)):
-                    raise BundleInputError(f"{final_dir}: another run wrote this folder while this one was working; "
-                                           "its content is kept and this run's output discarded")
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.old-{os.getpid()}-",
-                                       dir=os.path.dirname(final_dir))
+                    raise BundleInputError(
+                        f"{final_dir}: another run wrote this folder while this one was working; "
+                        "its content is kept and this run's output discarded"
+                    )
+                old = tempfile.mkdtemp(
+                    prefix=f".{os.path.basename(final_dir)}.old-{os.getpid()}-", dir=os.path.dirname(final_dir)
+                )
                 os.rmdir(old)
                 os.rename(final_dir, old)
             else:

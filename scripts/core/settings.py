@@ -57,7 +57,7 @@ def as_bool(value: Any, name: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
-    raise BundleInputError(f"config '{name}': expected true/false/1/0/yes/no, got {value!r}")
+    raise BundleInputError(f"config {name!r}: expected true/false/1/0/yes/no, got {value!r}")
 
 
 def _cli_options(argv: Sequence[str]) -> dict[str, str | None]:
@@ -125,8 +125,15 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
 
 
 def _describe(rule: Mapping[str, Any]) -> str:
-    kind = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "text", "dict": "a dict",
-            "list": "a list", "device": "a device (cpu, cuda, cuda:N)"}[rule["type"]]
+    kind = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true/false",
+        "str": "text",
+        "dict": "a dict",
+        "list": "a list",
+        "device": "a device (cpu, cuda, cuda:N)",
+    }[rule["type"]]
     if "choices" in rule:
         kind = "one of " + ", ".join(map(str, rule["choices"]))
     if rule["type"] == "list":
@@ -186,7 +193,8 @@ def check_settings(checks: Mapping[str, Mapping[str, Any]]) -> bool:
             continue
         if not _valid(value, rule):
             if rule["type"] == "device" and isinstance(value, (str,)) and value.startswith("cuda"):
-                raise BundleInputError(f"config '{name}': {value!r} asked for, but this machine has no CUDA device; "
-                                       "use --device cpu")
-            raise BundleInputError(f"config '{name}': expected {_describe(rule)}, got {value!r}")
+                raise BundleInputError(
+                    f"config {name!r}: {value!r} asked for, but this machine has no CUDA device; " "use --device cpu"
+                )
+            raise BundleInputError(f"config {name!r}: expected {_describe(rule)}, got {value!r}")
     return True

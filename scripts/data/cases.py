@@ -55,8 +55,15 @@ AFFINE_TOLERANCE_MM = 1e-3
 _SINGULAR_AFFINE_TOLERANCE = 1e-6
 #: numpy dtype kinds of real-valued voxels: boolean, signed and unsigned integer, floating point.
 _REAL_KINDS = "biuf"
-_DTYPE_KINDS = {"c": "complex numbers", "V": "structured voxels, e.g. RGB", "O": "Python objects",
-                "S": "text", "U": "text", "M": "dates", "m": "time spans"}
+_DTYPE_KINDS = {
+    "c": "complex numbers",
+    "V": "structured voxels, e.g. RGB",
+    "O": "Python objects",
+    "S": "text",
+    "U": "text",
+    "M": "dates",
+    "m": "time spans",
+}
 
 
 def load_datalist(
@@ -77,11 +84,11 @@ def load_datalist(
         raise BundleInputError(f"{datalist}: expected a JSON object with 'training'/'validation'/'test' lists")
     entries = content.get(section) or []
     if not isinstance(entries, list):
-        raise BundleInputError(f"{datalist}: section '{section}' must be a list of {{'image': ..., 'label': ...}}")
+        raise BundleInputError(f"{datalist}: section {section!r} must be a list of {{'image': ..., 'label': ...}}")
     for i, entry in enumerate(entries):
         missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
         if missing:
-            raise BundleInputError(f"{datalist}: entry {i} of '{section}' lacks {missing}")
+            raise BundleInputError(f"{datalist}: entry {i} of {section!r} lacks {missing}")
     if not entries:
         return []
     # MONAI's reader resolves every path against base_dir, the MSD convention.
@@ -97,8 +104,9 @@ def check_affine(affine: np.ndarray, source: str, role: str = "image") -> np.nda
     """
     matrix = np.asarray(affine, dtype=np.float64)
     if not np.all(np.isfinite(matrix)):
-        raise BundleInputError(f"{source}: {role} affine (voxel-to-world matrix of the header's sform/qform) "
-                               "contains NaN or Inf")
+        raise BundleInputError(
+            f"{source}: {role} affine (voxel-to-world matrix of the header's sform/qform) " "contains NaN or Inf"
+        )
     voxel_mm = affine_to_spacing(matrix, r=3, dtype=np.float64, suppress_zeros=False)  # voxel size per axis
     volume = abs(float(np.linalg.det(matrix[:3, :3])))
     # relative to the product of the voxel sizes, so that sub-millimetre voxels are not mistaken for
@@ -121,8 +129,10 @@ def check_real_dtype(dtype: np.dtype, source: str, role: str = "image") -> None:
     if dtype.kind not in _REAL_KINDS:
         kind = _DTYPE_KINDS.get(dtype.kind, "not numeric")
         shown = {("R", "G", "B"): "RGB", ("R", "G", "B", "A"): "RGBA"}.get(dtype.names, str(dtype))
-        raise BundleInputError(f"{source}: {role} has data type {shown} ({kind}); expected real numbers "
-                               "(integer or floating point voxels)")
+        raise BundleInputError(
+            f"{source}: {role} has data type {shown} ({kind}); expected real numbers "
+            "(integer or floating point voxels)"
+        )
 
 
 def load_nifti_header(path: str, role: str = "image") -> nib.Nifti1Image:
@@ -167,7 +177,9 @@ def read_nifti(path: str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(img.affine, dtype=np.float64)
 
 
-def check_case(item: dict[str, str], contract: LabelContract, image_key: str = "image", label_key: str = "label") -> None:
+def check_case(
+    item: dict[str, str], contract: LabelContract, image_key: str = "image", label_key: str = "label"
+) -> None:
     """Check one datalist entry: readable 3D NIfTIs, finite image, matching grids, valid labels.
 
     ``image_key`` may be absent from ``item`` (label-only inputs, as in inference).
@@ -184,7 +196,9 @@ def check_case(item: dict[str, str], contract: LabelContract, image_key: str = "
             f"{item[label_key]}: label shape {label.shape} differs from its image {item[image_key]} shape {image.shape}"
         )
     # Compare where the two grids put voxel corners in the world, in mm.
-    corners = np.array([[i, j, k, 1.0] for i in (0, image.shape[0]) for j in (0, image.shape[1]) for k in (0, image.shape[2])])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, image.shape[0]) for j in (0, image.shape[1]) for k in (0, image.shape[2])]
+    )
     offset = np.abs(corners @ image_affine.T - corners @ label_affine.T).max()
     if offset > AFFINE_TOLERANCE_MM:
         raise BundleInputError(
@@ -246,7 +260,7 @@ def preprocessing_transforms(
 
 def check_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int]) -> bool:
     """Every preprocessed volume has ``spatial_size``; a larger training patch cannot be cut from it."""
-    if len(patch_size) != len(spatial_size) or any(p > s for p, s in zip(patch_size, spatial_size)):
+    if len(patch_size) != len(spatial_size) or any(p > s for p, s in zip(patch_size, spatial_size, strict=True)):
         raise BundleInputError(
             f"config 'patch_size' {list(patch_size)} does not fit in the preprocessed volume size "
             f"'spatial_size' {list(spatial_size)}: lower --patch_size or raise --spatial_size"

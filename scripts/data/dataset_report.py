@@ -20,10 +20,10 @@ import numpy as np
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from scripts.data.cases import check_cases, load_datalist
 from scripts.core.errors import BundleInputError
-from scripts.data.labels import LabelContract
 from scripts.core.outputs import write_text_atomic
+from scripts.data.cases import check_cases, load_datalist
+from scripts.data.labels import LabelContract
 
 __all__ = ["describe_case", "write_dataset_report"]
 
@@ -70,8 +70,13 @@ def write_dataset_report(
         raise BundleInputError(f"{datalist}: no cases in sections {list(sections)}")
     write_text_atomic(output_path, json.dumps(report, indent=2))
     for section, summary in report["sections"].items():
-        print(f"{section}: {summary['num_cases']} cases" + (
-            f", cases lacking a class after preprocessing: {summary['cases_without_class']}" if summary["num_cases"] else ""
-        ))
+        print(
+            f"{section}: {summary['num_cases']} cases"
+            + (
+                f", cases lacking a class after preprocessing: {summary['cases_without_class']}"
+                if summary["num_cases"]
+                else ""
+            )
+        )
     print(f"report written to {output_path}")
     return report

@@ -23,7 +23,13 @@ from scripts.core.errors import BundleInputError
 
 __all__ = [
     "LABELS",
-    "LabelContract", "LabelContractd", "class_weight_table", "source_of", "class_intensity_sums", "class_means"]
+    "LabelContract",
+    "LabelContractd",
+    "class_weight_table",
+    "source_of",
+    "class_intensity_sums",
+    "class_means",
+]
 
 #: How many offending values an error message lists before it abbreviates.
 _MAX_LISTED = 8
@@ -66,9 +72,7 @@ class LabelContract:
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         bad_targets = sorted({v for v in self.label_map.values() if v not in ids})
         if bad_targets:
-            raise BundleInputError(
-                f"config 'label_map': targets {_listed(bad_targets)} are not bundle label ids {ids}"
-            )
+            raise BundleInputError(f"config 'label_map': targets {_listed(bad_targets)} are not bundle label ids {ids}")
         self._remap = (
             MapLabelValue(orig_labels=list(self.label_map), target_labels=list(self.label_map.values()))
             if self.label_map
@@ -103,7 +107,9 @@ class LabelContract:
             unknown = [int(u) for u in unique if u not in self.labels.values()]
             hint = "" if remapped else "; map dataset ids with the 'label_map' override, e.g. --label_map \"{7: 1}\""
             if unknown:
-                raise BundleInputError(f"{source}: unknown label ids {_listed(unknown)}; bundle ids are {self.labels}{hint}")
+                raise BundleInputError(
+                    f"{source}: unknown label ids {_listed(unknown)}; bundle ids are {self.labels}{hint}"
+                )
         else:
             unmapped = [int(u) for u in unique if u != 0 and u not in self.label_map]
             if unmapped:
@@ -156,9 +162,9 @@ def class_weight_table(
     weights = torch.ones(len(labels))
     for name, weight in (class_weights or {}).items():
         if name not in labels:
-            raise BundleInputError(f"config '{setting}': unknown class {name!r}; classes are {sorted(labels)}")
+            raise BundleInputError(f"config {setting!r}: unknown class {name!r}; classes are {sorted(labels)}")
         if not float(weight) > 0:
-            raise BundleInputError(f"config '{setting}': weight of {name!r} must be positive, got {weight}")
+            raise BundleInputError(f"config {setting!r}: weight of {name!r} must be positive, got {weight}")
         weights[int(labels[name])] = float(weight)
     return weights
 

@@ -42,7 +42,14 @@ from scripts.core.errors import BundleInputError
 from scripts.core.outputs import staged_output
 from scripts.data.labels import class_intensity_sums
 
-__all__ = ["CACHE_FORMAT", "LatentCache", "cache_fingerprint", "prepare_latent_cache", "latent_channel_std", "LoadLatentCased"]
+__all__ = [
+    "CACHE_FORMAT",
+    "LatentCache",
+    "cache_fingerprint",
+    "prepare_latent_cache",
+    "latent_channel_std",
+    "LoadLatentCased",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +89,12 @@ class LatentCache:
         """Dataset items of one section: source paths, ``cache_file`` (absolute) and ``seed`` (the case index)."""
         cases = self.manifest["sections"].get(section, [])
         return [
-            {"image": case["image"], "label": case["label"], "cache_file": os.path.join(self.root, case["file"]), "seed": i}
+            {
+                "image": case["image"],
+                "label": case["label"],
+                "cache_file": os.path.join(self.root, case["file"]),
+                "seed": i,
+            }
             for i, case in enumerate(cases)
         ]
 
@@ -149,8 +161,18 @@ def prepare_latent_cache(
     if is_main_process:
         cache = _reuse(cache_dir, fingerprint)
         if cache is None:
-            cache = _build(cache_dir, fingerprint, encoder, autoencoder_path, autoencoder_sha256, preprocessing,
-                           sections, settings, num_classes, progress)
+            cache = _build(
+                cache_dir,
+                fingerprint,
+                encoder,
+                autoencoder_path,
+                autoencoder_sha256,
+                preprocessing,
+                sections,
+                settings,
+                num_classes,
+                progress,
+            )
     if distributed:
         torch.distributed.barrier()  # the other processes wait here while the main one encodes
     if cache is None:
@@ -209,8 +231,13 @@ def _build(
                     name = f"{i:04d}_{_stem(item['image'])}.pt"
                     torch.save(case, os.path.join(staging, section, name))
                     manifest_sections[section].append(
-                        {"image": item["image"], "label": item["label"], "file": f"{section}/{name}",
-                         "class_sums": sums, "class_counts": counts}
+                        {
+                            "image": item["image"],
+                            "label": item["label"],
+                            "file": f"{section}/{name}",
+                            "class_sums": sums,
+                            "class_counts": counts,
+                        }
                     )
                     bar.update(1)
         mean = total / count

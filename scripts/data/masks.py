@@ -82,7 +82,7 @@ def _threshold_for_count(values: np.ndarray, wanted: int) -> float:
 
 
 def _padded_box(box: tuple[slice, ...], pad: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(max(0, s.start - p), min(n, s.stop + p)) for s, p, n in zip(box, pad, shape))
+    return tuple(slice(max(0, s.start - p), min(n, s.stop + p)) for s, p, n in zip(box, pad, shape, strict=True))
 
 
 class MaskEditor:
@@ -178,11 +178,7 @@ class MaskEditor:
         )
 
     def __call__(
-        self,
-        label: np.ndarray,
-        spacing: Sequence[float],
-        seed: Seed = None,
-        source: str = "<label map>",
+        self, label: np.ndarray, spacing: Sequence[float], seed: Seed = None, source: str = "<label map>"
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Edit ``label`` and return ``(edited, summary)``.
 
@@ -328,14 +324,14 @@ class MaskEditor:
         foreground = np.pad(label != self.background, 1)
         to_boundary = _distance_mm(foreground, spacing)[1:-1, 1:-1, 1:-1]
         to_obstacle = _distance_mm(~np.isin(label, [*self.vessel_ids, self.hcc]), spacing)
-        axes_mm = [np.arange(n, dtype=np.float32) * np.float32(s) for n, s in zip(label.shape, spacing)]
+        axes_mm = [np.arange(n, dtype=np.float32) * np.float32(s) for n, s in zip(label.shape, spacing, strict=True)]
         inserted = []
         for diameter in sorted(self.insert_hcc_diameters_mm, reverse=True):
             radius = diameter / 2.0 * (1.0 + self.irregularity)
             centre = self._pick_centre(label, to_boundary, to_obstacle, radius, rng, source, diameter)
             painted = self._paint_nodule(label, centre, diameter / 2.0, spacing, rng)
             # the new nodule is an obstacle for the next ones: a lower bound on the distance to it
-            x, y, z = ((a - a[c]) ** 2 for a, c in zip(axes_mm, centre))
+            x, y, z = ((a - a[c]) ** 2 for a, c in zip(axes_mm, centre, strict=True))
             to_centre = np.sqrt(x[:, None, None] + y[None, :, None] + z[None, None, :])
             np.minimum(to_obstacle, to_centre - radius, out=to_obstacle)
             inserted.append({"diameter_mm": diameter, "centre_voxel": [int(c) for c in centre], "voxels": painted})
@@ -369,9 +365,10 @@ class MaskEditor:
     ) -> int:
         """Paint a sphere in mm (bumpy when ``irregularity`` > 0) on parenchyma only; returns its voxel count."""
         reach = [math.ceil(radius * (1.0 + self.irregularity) / s) for s in spacing]
-        box = tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(centre, reach))
+        box = tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(centre, reach, strict=True))
         offsets_mm = [
-            (np.arange(b.start, min(b.stop, n)) - c) * s for b, c, s, n in zip(box, centre, spacing, label.shape)
+            (np.arange(b.start, min(b.stop, n)) - c) * s
+            for b, c, s, n in zip(box, centre, spacing, label.shape, strict=True)
         ]
         x, y, z = np.meshgrid(*offsets_mm, indexing="ij")
         distance = np.sqrt(x**2 + y**2 + z**2)
@@ -390,7 +387,7 @@ class MaskEditor:
         directions = np.stack([x, y, z]) / np.maximum(distance, 1e-6)
         waves = rng.normal(0.0, 2.0, size=(_IRREGULAR_LOBES, 3))
         phases = rng.uniform(0.0, 2.0 * math.pi, size=_IRREGULAR_LOBES)
-        lobes = sum(np.cos(np.tensordot(w, directions, axes=1) + p) for w, p in zip(waves, phases))
+        lobes = sum(np.cos(np.tensordot(w, directions, axes=1) + p) for w, p in zip(waves, phases, strict=True))
         return lobes / _IRREGULAR_LOBES
 
 
@@ -431,7 +428,7 @@ class MaskEditord(MapTransform):
         if self.seed_key is None:
             return self.default_seed
         if self.seed_key not in data:
-            raise KeyError(f"MaskEditord: the data dictionary has no seed under '{self.seed_key}'")
+            raise KeyError(f"MaskEditord: the data dictionary has no seed under {self.seed_key!r}")
         return int(data[self.seed_key])
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -443,7 +440,12 @@ class MaskEditord(MapTransform):
             label = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
             source = source_of(label)
             array = label.detach().cpu().numpy()
-            edited, summary = self.editor(array, affine_to_spacing(label.affine.detach().cpu().numpy(), r=3, suppress_zeros=False), seed=seed, source=source)
+            edited, summary = self.editor(
+                array,
+                affine_to_spacing(label.affine.detach().cpu().numpy(), r=3, suppress_zeros=False),
+                seed=seed,
+                source=source,
+            )
             d[key] = convert_to_dst_type(edited, label)[0]  # same type, dtype, device, affine and meta
             logger.info("mask edits for %s (seed %d): %s", source, seed, summary)
             if self.summary_key is not None:

@@ -35,7 +35,6 @@ from scripts.core.errors import BundleInputError
 from scripts.core.outputs import staged_output
 from scripts.data.labels import LABELS
 
-
 DEFAULT_SPACING_RANGE = ((2.0, 3.0), (2.0, 3.0), (2.5, 4.0))
 DEFAULT_FOV_MM = (320.0, 320.0, 240.0)
 DEFAULT_ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PSR")
@@ -167,7 +166,7 @@ class _Fourier:
 
     def __call__(self, x: Array, y: Array, z: Array) -> Array:
         out = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z)), dtype=np.result_type(x, np.float32))
-        for (kx, ky, kz), ph, a in zip(self.k.tolist(), self.phase.tolist(), self.amp.tolist()):
+        for (kx, ky, kz), ph, a in zip(self.k.tolist(), self.phase.tolist(), self.amp.tolist(), strict=True):
             out += a * np.sin(kx * x + ky * y + kz * z + ph)
         return out
 
@@ -227,13 +226,13 @@ class _Grid:
 
     def box(self, lo: Sequence[float], hi: Sequence[float]) -> tuple[slice, slice, slice] | None:
         """Voxel block covering the world axis-aligned box [lo, hi] (None if it misses the grid)."""
-        corners = np.array(list(itertools.product(*zip(lo, hi))), dtype=np.float64)
+        corners = np.array(list(itertools.product(*zip(lo, hi, strict=True))), dtype=np.float64)
         vox = corners @ self._inv[:3, :3].T + self._inv[:3, 3]
         vmin = np.clip(np.floor(vox.min(axis=0)).astype(int), 0, self.shape)
         vmax = np.clip(np.ceil(vox.max(axis=0)).astype(int) + 1, 0, self.shape)
         if np.any(vmax <= vmin):
             return None
-        return tuple(slice(int(a), int(b)) for a, b in zip(vmin, vmax))  # type: ignore[return-value]
+        return tuple(slice(int(a), int(b)) for a, b in zip(vmin, vmax, strict=True))  # type: ignore[return-value]
 
     def coarse_field(self, fn: Callable[[Array, Array, Array], Array], cell_mm: float) -> Array:
         """Evaluate a smooth world function on a coarse lattice and upsample it (trilinear).
@@ -243,8 +242,8 @@ class _Grid:
         """
         spacing = affine_to_spacing(self.affine, r=3, suppress_zeros=False)
         factors = [max(1, int(round(cell_mm / s))) for s in spacing]
-        sizes = [int(math.ceil((n - 1) / f)) + 2 for n, f in zip(self.shape, factors)]
-        idx = [np.arange(m, dtype=np.float64) * f for m, f in zip(sizes, factors)]
+        sizes = [int(math.ceil((n - 1) / f)) + 2 for n, f in zip(self.shape, factors, strict=True)]
+        idx = [np.arange(m, dtype=np.float64) * f for m, f in zip(sizes, factors, strict=True)]
         pts = [
             (
                 self.affine[r, 3]
@@ -337,7 +336,7 @@ class _Segments:
         if not items:
             z = np.zeros((0, 3))
             return _Segments(z, z.copy(), np.zeros(0), np.zeros(0))
-        p0, p1, r0, r1 = zip(*items)
+        p0, p1, r0, r1 = zip(*items, strict=True)
         return _Segments(np.array(p0), np.array(p1), np.array(r0), np.array(r1))
 
     def __len__(self) -> int:
@@ -798,7 +797,7 @@ def _paint_ellipsoid(
 def _rasterise_segments(grid: _Grid, segs: _Segments, occ: Array) -> None:
     """Max-accumulate the partial-volume occupancy of tapered tubes; each in its own bounding box."""
     h = grid.voxel_mm
-    for p0, p1, r0, r1 in zip(segs.p0, segs.p1, segs.r0, segs.r1):
+    for p0, p1, r0, r1 in zip(segs.p0, segs.p1, segs.r0, segs.r1, strict=True):
         m = max(r0, r1) + h
         sl = grid.box(np.minimum(p0, p1) - m, np.maximum(p0, p1) + m)
         if sl is None:
@@ -1068,7 +1067,9 @@ def generate_phantom(
     if len(field_of_view_mm) != 3 or min(field_of_view_mm) <= 0:
         raise BundleInputError(f"config field_of_view_mm must be three positive lengths, got {field_of_view_mm}")
     if len(spacing_range) != 3 or any(not 0 < float(a) <= float(b) for a, b in spacing_range):
-        raise BundleInputError(f"config spacing_range must be three (min, max) pairs with 0 < min <= max, got {spacing_range}")
+        raise BundleInputError(
+            f"config spacing_range must be three (min, max) pairs with 0 < min <= max, got {spacing_range}"
+        )
 
     ss_anat, ss_geom, ss_tex = np.random.SeedSequence(int(seed)).spawn(3)
     rng_anat, rng_geom, rng_tex = (np.random.default_rng(s) for s in (ss_anat, ss_geom, ss_tex))

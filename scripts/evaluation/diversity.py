@@ -42,7 +42,9 @@ def ms_ssim_weights(spatial_size: Sequence[int], kernel_size: int = 3, levels: i
     if levels is None:
         levels = next((n for n in range(len(STANDARD_WEIGHTS), 0, -1) if fits(n)), 0)
         if levels == 0:
-            raise BundleInputError(f"MS-SSIM: volumes of {list(spatial_size)} voxels are too small for kernel_size {kernel_size}")
+            raise BundleInputError(
+                f"MS-SSIM: volumes of {list(spatial_size)} voxels are too small for kernel_size {kernel_size}"
+            )
     elif not 1 <= levels <= len(STANDARD_WEIGHTS) or not fits(levels):
         raise BundleInputError(
             f"config 'ms_ssim_levels' {levels} does not fit volumes of {list(spatial_size)} voxels with kernel_size "
@@ -103,5 +105,9 @@ class PairwiseMsSsim:
         return sum(self._values) / len(self._values) if self._values else None
 
     def settings(self) -> dict[str, object]:
-        return {"kernel_size": self.kernel_size, "weights": [round(w, 6) for w in self.weights],
-                "max_pairs": self.max_pairs, "pairs": "disjoint consecutive pairs of a seeded shuffled order"}
+        return {
+            "kernel_size": self.kernel_size,
+            "weights": [round(w, 6) for w in self.weights],
+            "max_pairs": self.max_pairs,
+            "pairs": "disjoint consecutive pairs of a seeded shuffled order",
+        }

@@ -39,16 +39,16 @@ from monai.networks.utils import one_hot
 from monai.transforms import Compose, MapTransform
 from tqdm import tqdm
 
-from scripts.data.cases import check_case, load_datalist, read_nifti
-from scripts.evaluation.diversity import PairwiseMsSsim
+from scripts.core.checkpoints import load_checkpoint
 from scripts.core.errors import BundleInputError
-from scripts.evaluation.fid import Fid3D, Fid25D
+from scripts.core.outputs import markdown_table, staged_output
+from scripts.data.cases import check_case, load_datalist, read_nifti
 from scripts.data.labels import LabelContract, class_intensity_sums, class_means
 from scripts.data.pairs import find_pairs
+from scripts.evaluation.diversity import PairwiseMsSsim
+from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
-from scripts.core.checkpoints import load_checkpoint
 from scripts.models.segmentation import load_segmentation_weights, select_network
-from scripts.core.outputs import markdown_table, staged_output
 
 __all__ = [
     "NO_SEGMENTER_NOTICE",
@@ -69,6 +69,8 @@ NO_SEGMENTER_NOTICE = (
     "mask-fidelity Dice skipped: no segmentation checkpoint configured (train one with "
     "configs/train_segmentation.yaml and pass --segmentation_checkpoint PATH)"
 )
+#: Every volume of a set (default ``part`` of :meth:`Evaluation._fid`).
+_ALL = slice(None)
 #: Name of the real set's row in the table.
 REAL = "real"
 
@@ -140,7 +142,9 @@ def synthetic_volume_sets(
             raise BundleInputError(f"config 'synthetic': the set name {REAL!r} is reserved for the real volumes")
         items = find_pairs(str(folder), labels_required=False)
         paired = all("label" in item for item in items)
-        sets.append(VolumeSet(str(name), items, preprocessing if paired else image_only(preprocessing), str(folder), contract))
+        sets.append(
+            VolumeSet(str(name), items, preprocessing if paired else image_only(preprocessing), str(folder), contract)
+        )
     return sets
 
 
@@ -163,8 +167,10 @@ def load_segmenter(
     checkpoint = load_checkpoint(checkpoint_path, "segmentation weights")
     name = checkpoint.get("network")
     if not isinstance(name, str):
-        raise BundleInputError(f"{checkpoint_path}: segmentation checkpoint does not record its 'network'; "
-                               "save it with configs/train_segmentation.yaml")
+        raise BundleInputError(
+            f"{checkpoint_path}: segmentation checkpoint does not record its 'network'; "
+            "save it with configs/train_segmentation.yaml"
+        )
     network = select_network(networks, name)()
     load_segmentation_weights(network, checkpoint_path, {"network": name, "labels": dict(labels)})
     logger.info(f"mask fidelity: segmenting with {name} from {checkpoint_path} (epoch {checkpoint.get('epoch')})")
@@ -200,8 +206,11 @@ class SegmentationDice:
             column = table[:, i]
             dice[name] = None if column.isnan().all() else float(column.nanmean())
         measured = [v for v in dice.values() if v is not None]
-        return {"dice": dice, "mean_dice": sum(measured) / len(measured) if measured else None,
-                "cases_with_class": {n: int((~table[:, i].isnan()).sum()) for i, n in enumerate(self.contract.names[1:])}}
+        return {
+            "dice": dice,
+            "mean_dice": sum(measured) / len(measured) if measured else None,
+            "cases_with_class": {n: int((~table[:, i].isnan()).sum()) for i, n in enumerate(self.contract.names[1:])},
+        }
 
 
 class ClassIntensityStats:
@@ -212,7 +221,9 @@ class ClassIntensityStats:
         self.names = contract.names
         unknown = [n for n in (*bright, *dark) if n not in contract.labels]
         if unknown:
-            raise BundleInputError(f"config 'contrast_bright_labels'/'contrast_dark_labels': {unknown} are not label classes")
+            raise BundleInputError(
+                f"config 'contrast_bright_labels'/'contrast_dark_labels': {unknown} are not label classes"
+            )
         self.bright = [contract.labels[n] for n in bright]
         self.dark = [contract.labels[n] for n in dark]
         self.bins = int(bins)
@@ -358,8 +369,12 @@ class Evaluation:
         elif self.segmenter is not None:
             logger.warning(f"set {volume_set.name!r} ({volume_set.source}) has no label maps: no mask-fidelity Dice")
         result = _SetMeasurement(
-            0, [], [], PairwiseMsSsim(self.spatial_size, **self.ms_ssim),
-            ClassIntensityStats(self.contract, self.contrast_bright, self.contrast_dark, self.histogram_bins), dice,
+            0,
+            [],
+            [],
+            PairwiseMsSsim(self.spatial_size, **self.ms_ssim),
+            ClassIntensityStats(self.contract, self.contrast_bright, self.contrast_dark, self.histogram_bins),
+            dice,
         )
         for image, label in self._volumes(volume_set):
             if not torch.isfinite(image).all():
@@ -376,7 +391,9 @@ class Evaluation:
         return result
 
     # ------------------------------------------------------------------ metrics of a set
-    def _fid(self, synthetic: _SetMeasurement, real: _SetMeasurement, part: slice = slice(None), other: slice = slice(None)) -> dict[str, Any]:
+    def _fid(
+        self, synthetic: _SetMeasurement, real: _SetMeasurement, part: slice = _ALL, other: slice = _ALL
+    ) -> dict[str, Any]:
         """FIDs of the ``part`` volumes of ``synthetic`` against the ``other`` volumes of ``real``."""
         out: dict[str, Any] = {"fid_2_5d": None, "fid_3d": None}
         if self.fid_2_5d is not None or self.fid_3d is not None:
@@ -410,8 +427,13 @@ class Evaluation:
     # ------------------------------------------------------------------ the whole run
     def run(self, output_dir: str, overwrite: bool = False) -> str:
         """Check every file, measure every set, write the report into ``output_dir``; returns it."""
-        inputs = [path for volume_set in (self.real, *self.synthetic) for item in volume_set.items for path in item.values()
-                  if isinstance(path, str)]
+        inputs = [
+            path
+            for volume_set in (self.real, *self.synthetic)
+            for item in volume_set.items
+            for path in item.values()
+            if isinstance(path, str)
+        ]
         with staged_output(output_dir, overwrite, inputs=inputs) as staging:
             for volume_set in (self.real, *self.synthetic):
                 volume_set.check()
@@ -420,7 +442,9 @@ class Evaluation:
             histograms = {REAL: real.intensity.histograms}
             for volume_set in self.synthetic:
                 measured = self.measure(volume_set)
-                sets[volume_set.name] = self._summary(volume_set.name, volume_set.source, measured, self._fid(measured, real))
+                sets[volume_set.name] = self._summary(
+                    volume_set.name, volume_set.source, measured, self._fid(measured, real)
+                )
                 histograms[volume_set.name] = measured.intensity.histograms
             self.write(staging, sets, histograms)
         return os.path.abspath(output_dir)
@@ -443,16 +467,24 @@ class Evaluation:
         fidelity = summary.get("mask_fidelity") or {}
         intensity = summary.get("intensity") or {}
         values = {
-            "set": summary["name"], "volumes": summary["num_volumes"],
-            "fid_2.5d_xy": fid25.get("xy"), "fid_2.5d_yz": fid25.get("yz"), "fid_2.5d_zx": fid25.get("zx"),
-            "fid_2.5d": fid25.get("mean"), "fid_3d": summary.get("fid_3d"), "ms_ssim": summary.get("ms_ssim"),
-            "dice_mean": fidelity.get("mean_dice"), "contrast": intensity.get("contrast"),
+            "set": summary["name"],
+            "volumes": summary["num_volumes"],
+            "fid_2.5d_xy": fid25.get("xy"),
+            "fid_2.5d_yz": fid25.get("yz"),
+            "fid_2.5d_zx": fid25.get("zx"),
+            "fid_2.5d": fid25.get("mean"),
+            "fid_3d": summary.get("fid_3d"),
+            "ms_ssim": summary.get("ms_ssim"),
+            "dice_mean": fidelity.get("mean_dice"),
+            "contrast": intensity.get("contrast"),
         }
         for name in self.contract.names[1:]:
             values[f"dice_{name}"] = (fidelity.get("dice") or {}).get(name)
         return {column: values.get(column) for column in self.columns()}
 
-    def write(self, folder: str, sets: Mapping[str, Mapping[str, Any]], histograms: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    def write(
+        self, folder: str, sets: Mapping[str, Mapping[str, Any]], histograms: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> None:
         rows = [self.row(summary) for summary in sets.values()]
         report = {
             "protocol": {
@@ -482,23 +514,29 @@ class Evaluation:
             stats = summary.get("intensity")
             row: dict[str, Any] = {"set": name}
             for cls in names:
-                row[cls] = None if stats is None or stats["mean"][cls] is None else f"{stats['mean'][cls]:.3f} ± {stats['std'][cls]:.3f}"
+                row[cls] = (
+                    None
+                    if stats is None or stats["mean"][cls] is None
+                    else f"{stats['mean'][cls]:.3f} ± {stats['std'][cls]:.3f}"
+                )
             intensity_rows.append(row)
-        return "\n".join([
-            "# Evaluation: real vs synthetic volumes",
-            "",
-            "FID: lower is closer to the real set (row `real`: FID between two halves of the real set). "
-            "MS-SSIM: mean over pairs within the set, lower is more diverse. Dice: a segmentation network "
-            "trained on real data, run on the images, against their label maps. Contrast: mean(bright classes) "
-            "- mean(dark classes). n/a: not measured (null in metrics.json).",
-            "",
-            table_of(rows, self.columns()),
-            "",
-            "## Intensity per class (mean ± std, preprocessed [0, 1] scale)",
-            "",
-            table_of(intensity_rows, ["set", *names]),
-            "",
-        ])
+        return "\n".join(
+            [
+                "# Evaluation: real vs synthetic volumes",
+                "",
+                "FID: lower is closer to the real set (row `real`: FID between two halves of the real set). "
+                "MS-SSIM: mean over pairs within the set, lower is more diverse. Dice: a segmentation network "
+                "trained on real data, run on the images, against their label maps. Contrast: mean(bright classes) "
+                "- mean(dark classes). n/a: not measured (null in metrics.json).",
+                "",
+                table_of(rows, self.columns()),
+                "",
+                "## Intensity per class (mean ± std, preprocessed [0, 1] scale)",
+                "",
+                table_of(intensity_rows, ["set", *names]),
+                "",
+            ]
+        )
 
 
 def _cell(value: Any) -> str:
@@ -524,7 +562,7 @@ def save_histograms(histograms: Mapping[str, Mapping[str, torch.Tensor]], names:
     panels = ["all", *names[1:]]
     colours = {name: f"C{i}" for i, name in enumerate(n for n in histograms if n != REAL)}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for set_name, hist in histograms.items():
             counts = hist[panel].numpy()
             if counts.sum() == 0:

@@ -96,7 +96,9 @@ class AutoencoderFeatures(torch.nn.Module):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != 1:
-            raise ValueError(f"expected (B, 1, {'H, W' if self.spatial_dims == 2 else 'X, Y, Z'}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected (B, 1, {'H, W' if self.spatial_dims == 2 else 'X, Y, Z'}), got {tuple(x.shape)}"
+            )
         h = x.float()
         if self.spatial_dims == 2:
             h = h.unsqueeze(-1).expand(*h.shape, self.compression)
@@ -140,8 +142,13 @@ def build_fid_extractor(
     if str(network).lower() == AUTOENCODER:
         if autoencoder is None or not autoencoder_path:
             raise BundleInputError(f"{protocol} FID with the autoencoder extractor needs --autoencoder_path")
-        load_network_weights(autoencoder, autoencoder_path, "autoencoder", "autoencoder weights",
-                             hint="train them with configs/train_autoencoder.yaml and pass --autoencoder_path")
+        load_network_weights(
+            autoencoder,
+            autoencoder_path,
+            "autoencoder",
+            "autoencoder weights",
+            hint="train them with configs/train_autoencoder.yaml and pass --autoencoder_path",
+        )
         return AutoencoderFeatures(autoencoder, spatial_dims, compression).to(device)
     try:
         name = canonical_network_type(network)
@@ -171,7 +178,9 @@ def frechet_distance(synthetic: torch.Tensor, real: torch.Tensor) -> float:
     if len(synthetic) < 2 or len(real) < 2:
         raise BundleInputError(f"FID needs at least 2 feature vectors per set, got {len(synthetic)} and {len(real)}")
     try:
-        with warnings.catch_warnings():  # singular covariances are expected with few samples; MONAI's scipy call is deprecated
+        with (
+            warnings.catch_warnings()
+        ):  # singular covariances are expected with few samples; MONAI's scipy call is deprecated
             warnings.filterwarnings("ignore", message=".*(singular|`disp` argument).*")
             value = float(FIDMetric()(synthetic, real))
     except ValueError as error:
@@ -182,8 +191,10 @@ def frechet_distance(synthetic: torch.Tensor, real: torch.Tensor) -> float:
         eye = torch.eye(s.shape[1], dtype=torch.double) * ridge
         cov_s, cov_r = torch.cov(s.T) + eye, torch.cov(r.T) + eye
         value = float(compute_frechet_distance(s.mean(0), cov_s, r.mean(0), cov_r).real)
-        logger.info(f"FID: singular covariances ({len(s)} and {len(r)} samples of {s.shape[1]} features), "
-                    f"recomputed with a ridge of {ridge:.3g}")
+        logger.info(
+            f"FID: singular covariances ({len(s)} and {len(r)} samples of {s.shape[1]} features), "
+            f"recomputed with a ridge of {ridge:.3g}"
+        )
     if not math.isfinite(value):
         raise RuntimeError(f"FID is not finite ({value})")
     return max(value, 0.0)  # rounding in the matrix square root can leave a tiny negative value
@@ -218,7 +229,9 @@ class Fid25D:
     def _kept(self, size: int) -> slice:
         if self.center_slices_ratio == 1.0:
             return slice(0, size)
-        return slice(int((1.0 - self.center_slices_ratio) / 2.0 * size), int((1.0 + self.center_slices_ratio) / 2.0 * size))
+        return slice(
+            int((1.0 - self.center_slices_ratio) / 2.0 * size), int((1.0 + self.center_slices_ratio) / 2.0 * size)
+        )
 
     @torch.no_grad()
     def volume_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -228,14 +241,20 @@ class Fid25D:
         result = {}
         for plane, axis in PLANES.items():
             slices = volume.movedim(axis, 0)[self._kept(volume.shape[axis])]  # (S, 1, h, w)
-            parts = [self.extractor.pooled(slices[i : i + self.batch_size]) for i in range(0, len(slices), self.batch_size)]
+            parts = [
+                self.extractor.pooled(slices[i : i + self.batch_size]) for i in range(0, len(slices), self.batch_size)
+            ]
             result[plane] = torch.cat(parts).float().cpu()
         return result
 
     @staticmethod
-    def distance(synthetic: Sequence[Mapping[str, torch.Tensor]], real: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    def distance(
+        synthetic: Sequence[Mapping[str, torch.Tensor]], real: Sequence[Mapping[str, torch.Tensor]]
+    ) -> dict[str, float]:
         """``{"xy", "yz", "zx": FID of that plane's slices, "mean": their mean}`` from per-volume features."""
-        result = {p: frechet_distance(torch.cat([v[p] for v in synthetic]), torch.cat([v[p] for v in real])) for p in PLANES}
+        result = {
+            p: frechet_distance(torch.cat([v[p] for v in synthetic]), torch.cat([v[p] for v in real])) for p in PLANES
+        }
         result["mean"] = sum(result[p] for p in PLANES) / len(PLANES)
         return result
 
@@ -282,12 +301,15 @@ def fid_protocol(
         logger.info(f"{_PROTOCOL[spatial_dims]} FID not measured (no network configured)")
         return None
     setting = "fid_2_5d_weights" if spatial_dims == 2 else "fid_3d_weights"
-    extractor = build_fid_extractor(network, weights_path, spatial_dims, autoencoder, autoencoder_path, compression,
-                                    setting, device)
+    extractor = build_fid_extractor(
+        network, weights_path, spatial_dims, autoencoder, autoencoder_path, compression, setting, device
+    )
     return Fid25D(extractor, center_slices_ratio, batch_size) if spatial_dims == 2 else Fid3D(extractor)
 
 
-def describe(network: str | None, weights_path: str | None, autoencoder_path: str | None = None) -> dict[str, Any] | None:
+def describe(
+    network: str | None, weights_path: str | None, autoencoder_path: str | None = None
+) -> dict[str, Any] | None:
     """What a protocol measures with, for ``metrics.json``: the network and its weights file with sha256."""
     if not network or str(network).strip().lower() in ("null", "none"):
         return None

@@ -28,7 +28,10 @@ __all__ = ["contrast", "ClassIntensityMeans", "MaskContrast"]
 
 
 def contrast(
-    sums: Sequence[float] | torch.Tensor, counts: Sequence[int] | torch.Tensor, bright: Sequence[int], dark: Sequence[int]
+    sums: Sequence[float] | torch.Tensor,
+    counts: Sequence[int] | torch.Tensor,
+    bright: Sequence[int],
+    dark: Sequence[int],
 ) -> float:
     """``mean(bright classes) - mean(dark classes)``, voxels pooled within each group; NaN if a group is empty."""
     sums, counts = torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)
@@ -41,7 +44,9 @@ def contrast(
 def _class_ids(labels: Mapping[str, int], names: Sequence[str], setting: str) -> list[int]:
     unknown = [n for n in names if n not in labels]
     if unknown or not names:
-        raise BundleInputError(f"config '{setting}': {unknown or 'no classes'} not among the label classes {sorted(labels)}")
+        raise BundleInputError(
+            f"config {setting!r}: {unknown or 'no classes'} not among the label classes {sorted(labels)}"
+        )
     return [int(labels[n]) for n in names]
 
 
@@ -88,7 +93,7 @@ class ClassIntensityMeans(Metric):
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
         images, labels = output
-        for image, label in zip(images, labels):
+        for image, label in zip(images, labels, strict=True):
             sums, counts = class_intensity_sums(image, torch.as_tensor(label).to(self._device), len(self.labels))
             self._sums += sums
             self._counts += counts

@@ -38,15 +38,15 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
 from tqdm import tqdm
 
-from scripts.data.cases import NIFTI_SUFFIXES, load_datalist, load_nifti_header, read_nifti
-from scripts.models.diffusion import check_noise_schedule
 from scripts.core.errors import BundleInputError
-from scripts.generation.preview import save_pair_preview
+from scripts.core.outputs import staged_output
+from scripts.core.settings import as_bool
+from scripts.data.cases import NIFTI_SUFFIXES, load_datalist, load_nifti_header, read_nifti
 from scripts.data.labels import LabelContract
 from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
-from scripts.core.outputs import staged_output
+from scripts.generation.preview import save_pair_preview
 from scripts.generation.quality_gate import HBPQualityGate
-from scripts.core.settings import as_bool
+from scripts.models.diffusion import check_noise_schedule
 
 __all__ = [
     "SAMPLER_SCHEDULES",
@@ -245,8 +245,11 @@ def _cgroup_available() -> int | None:
     """
     for limit_file, usage_file, stat_file in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-         "/sys/fs/cgroup/memory/memory.stat"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "/sys/fs/cgroup/memory/memory.stat",
+        ),
     ):
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is None or usage is None or limit >= _NO_CGROUP_LIMIT:
@@ -325,11 +328,13 @@ class MaskToImage:
         #: width of the output intensity range ([0, 1] model intensities are mapped onto it)
         self.intensity_span = 1.0 if self.output_range is None else self.output_range[1] - self.output_range[0]
         # the label half of scripts.data.cases.preprocessing_transforms, on a label already read and checked
-        self.to_model_grid = Compose([
-            Orientation(axcodes="RAS", labels=None),
-            Spacing(pixdim=spacing, mode="nearest"),
-            ResizeWithPadOrCrop(spatial_size=spatial_size),
-        ])
+        self.to_model_grid = Compose(
+            [
+                Orientation(axcodes="RAS", labels=None),
+                Spacing(pixdim=spacing, mode="nearest"),
+                ResizeWithPadOrCrop(spatial_size=spatial_size),
+            ]
+        )
         self.to_mask_grid = ResampleToMatch(mode="bilinear", padding_mode="zeros")
 
     def memory_estimate(self, mask: nib.Nifti1Image) -> int:
@@ -378,8 +383,10 @@ class MaskToImage:
                 f"resample the mask to coarser voxels (the model's are {'x'.join(f'{v:g}' for v in self.spacing)} mm)"
             )
         if needed > _MEMORY_WARNING_SHARE * available:
-            logger.warning(f"{path}: mask of {size} needs about {_gb(needed)} of the {_gb(available)} of memory "
-                           "available; other programs may run short")
+            logger.warning(
+                f"{path}: mask of {size} needs about {_gb(needed)} of the {_gb(available)} of memory "
+                "available; other programs may run short"
+            )
         return needed
 
     def read(self, path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -391,7 +398,12 @@ class MaskToImage:
         """The edited label (the label itself without an editor) and a summary of the edits."""
         if self.editor is None:
             return label, {}
-        edited, summary = self.editor(label, spacing=affine_to_spacing(np.asarray(affine, dtype=np.float64), r=3, suppress_zeros=False), seed=seed, source=source)
+        edited, summary = self.editor(
+            label,
+            spacing=affine_to_spacing(np.asarray(affine, dtype=np.float64), r=3, suppress_zeros=False),
+            seed=seed,
+            source=source,
+        )
         self.contract.check(edited, f"{source} (edited)", remapped=True)
         return np.asarray(edited), dict(summary)
 
@@ -403,8 +415,10 @@ class MaskToImage:
         torch.manual_seed(seed)
         generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
         if not torch.isfinite(generated).all():
-            raise BundleInputError("the generated image holds NaN or Inf: the weights produce non-finite values "
-                                   "(check --autoencoder_path, --diffusion_unet_path and --controlnet_path)")
+            raise BundleInputError(
+                "the generated image holds NaN or Inf: the weights produce non-finite values "
+                "(check --autoencoder_path, --diffusion_unet_path and --controlnet_path)"
+            )
         image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
         image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
         if self.output_range is not None:
@@ -473,12 +487,24 @@ def generate_pairs(
         jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
         for item, k in tqdm(jobs, desc="generating", unit="volume"):
             records.append(
-                _write_pair(item, k, num_samples_per_mask, generator, staging, seed, torch.device(device), save_preview, quality_gate)
+                _write_pair(
+                    item,
+                    k,
+                    num_samples_per_mask,
+                    generator,
+                    staging,
+                    seed,
+                    torch.device(device),
+                    save_preview,
+                    quality_gate,
+                )
             )
         failed = [r["image"] for r in records if not r.get("quality_gate", {}).get("passed", True)]
         if failed:
-            logger.warning(f"{len(failed)} volume(s) failed the quality gate in every attempt (kept the best; see pairs.json): "
-                           + ", ".join(failed))
+            logger.warning(
+                f"{len(failed)} volume(s) failed the quality gate in every attempt (kept the best; see pairs.json): "
+                + ", ".join(failed)
+            )
         write_pairs_manifest(staging, records, seed=int(seed))
     return os.path.abspath(output_dir)
 

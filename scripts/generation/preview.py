@@ -81,8 +81,10 @@ def save_pair_preview(image: np.ndarray, label: np.ndarray, affine: np.ndarray, 
         ("sagittal", img[x, :, :].T, lab[x, :, :].T, sp[2] / sp[1]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.9))
-    for ax, (name, im2, lb2, aspect) in zip(axes, views):
-        ax.imshow(im2, cmap="gray", vmin=float(img.min()), vmax=vmax, origin="lower", aspect=aspect, interpolation="nearest")
+    for ax, (name, im2, lb2, aspect) in zip(axes, views, strict=True):
+        ax.imshow(
+            im2, cmap="gray", vmin=float(img.min()), vmax=vmax, origin="lower", aspect=aspect, interpolation="nearest"
+        )
         for lid, (_, rgb) in OVERLAY.items():
             if (lb2 == lid).any():
                 ax.contour((lb2 == lid).astype(np.float32), levels=[0.5], colors=[rgb], linewidths=0.9, origin="lower")

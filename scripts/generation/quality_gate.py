@@ -50,7 +50,9 @@ class HBPQualityGate:
     ) -> None:
         unknown = [name for name in [bright, *dark] if name not in labels]
         if unknown:
-            raise BundleInputError(f"config 'quality_gate': classes {unknown} are not among the labels {sorted(labels)}")
+            raise BundleInputError(
+                f"config 'quality_gate': classes {unknown} are not among the labels {sorted(labels)}"
+            )
         if not 0.0 <= float(min_contrast) <= 1.0:
             raise BundleInputError(f"config 'quality_gate#min_contrast' must lie in [0, 1], got {min_contrast}")
         if int(max_tries) < 1 or int(min_class_voxels) < 1:

@@ -86,7 +86,9 @@ def _onednn_conv_forward(
     module: torch.nn.Conv3d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     if input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled():
-        return torch.ops.aten.mkldnn_convolution(input, weight, bias, module.padding, module.stride, module.dilation, module.groups)
+        return torch.ops.aten.mkldnn_convolution(
+            input, weight, bias, module.padding, module.stride, module.dilation, module.groups
+        )
     return type(module)._conv_forward(module, input, weight, bias)
 
 
@@ -105,7 +107,11 @@ def onednn_conv3d(*networks: torch.nn.Module) -> Iterator[None]:
     if torch.backends.mkldnn.is_available():
         for network in networks:
             for module in network.modules():
-                if type(module) is torch.nn.Conv3d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+                if (
+                    type(module) is torch.nn.Conv3d
+                    and module.padding_mode == "zeros"
+                    and not isinstance(module.padding, str)
+                ):
                     module._conv_forward = functools.partial(_onednn_conv_forward, module)
                     patched.append(module)
     try:
@@ -192,7 +198,9 @@ class LatentDiffusionSampler(torch.nn.Module):
         self.training = mode  # not recursive, see the class docstring
         return self
 
-    def noise(self, seeds: Sequence[int] | torch.Tensor, latent_size: Sequence[int], device: torch.device) -> torch.Tensor:
+    def noise(
+        self, seeds: Sequence[int] | torch.Tensor, latent_size: Sequence[int], device: torch.device
+    ) -> torch.Tensor:
         """Starting noise, one seeded CPU draw per case."""
         shape = (self.latent_channels, *latent_size)
         draws = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -234,7 +242,9 @@ class LatentDiffusionSampler(torch.nn.Module):
         images = self.decoder.decode(latents / self.scale_factor).to(latents.device)
         return images if self.intensity_range is None else images.clamp(*self.intensity_range)
 
-    def forward(self, label: torch.Tensor | None = None, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, label: torch.Tensor | None = None, seeds: Sequence[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
         if seeds is None:
             seeds = range(1 if label is None else label.shape[0])
         return self.decode(self.sample_latents(seeds, label))

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from scripts.core.errors import BundleInputError
+from scripts.core.outputs import staged_output
 from scripts.data.pairs import pair_file_name
 from scripts.generation.inference import output_seed
-from scripts.core.outputs import staged_output
 
 __all__ = ["model_grid_affine", "generate_unconditional"]
 
@@ -70,10 +70,14 @@ def generate_unconditional(
             nifti.header.set_xyzt_units("mm")
             nib.save(nifti, os.path.join(staging, pair_file_name(name, "image")))
             records.append({"image": pair_file_name(name, "image"), "seed": case_seed})
-        spread = {"latent_channel_std": [round(float(v), 4) for v in torch.stack(latents).transpose(0, 1).flatten(1).std(1)]}
+        spread = {
+            "latent_channel_std": [round(float(v), 4) for v in torch.stack(latents).transpose(0, 1).flatten(1).std(1)]
+        }
         if reference_latent_std is not None:
             spread["reference_latent_channel_std"] = [round(float(v), 4) for v in reference_latent_std]
-            spread["latent_std_ratio"] = [round(s / r, 4) for s, r in zip(spread["latent_channel_std"], reference_latent_std)]
+            spread["latent_std_ratio"] = [
+                round(s / r, 4) for s, r in zip(spread["latent_channel_std"], reference_latent_std, strict=False)
+            ]
         with open(os.path.join(staging, "samples.json"), "w") as f:
             json.dump({"seed": int(seed), **spread, "samples": records}, f, indent=1)
     return os.path.abspath(output_dir)

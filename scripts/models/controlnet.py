@@ -47,7 +47,9 @@ __all__ = [
 CONTROLNET_ONLY_PREFIXES = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
 
-def init_controlnet_from_unet(controlnet: torch.nn.Module, unet_state: Mapping[str, torch.Tensor], unet_path: str) -> bool:
+def init_controlnet_from_unet(
+    controlnet: torch.nn.Module, unet_state: Mapping[str, torch.Tensor], unet_path: str
+) -> bool:
     """Copy the UNet's encoder weights into the ControlNet (the ControlNet recipe).
 
     The UNet's decoder weights have no place in the ControlNet and are skipped; every ControlNet
@@ -73,7 +75,11 @@ def init_controlnet_from_unet(controlnet: torch.nn.Module, unet_state: Mapping[s
 
 
 def load_controlnet(
-    controlnet: torch.nn.Module, path: str, unet_checkpoint: Mapping[str, Any], unet_path: str, labels: Mapping[str, int]
+    controlnet: torch.nn.Module,
+    path: str,
+    unet_checkpoint: Mapping[str, Any],
+    unet_path: str,
+    labels: Mapping[str, int],
 ) -> dict[str, Any]:
     """Load stage-3 weights strictly and check they guide this UNet with these labels.
 
@@ -82,7 +88,10 @@ def load_controlnet(
     each must match, or the guidance would be silently wrong.
     """
     checkpoint = load_network_weights(
-        controlnet, path, "controlnet", "ControlNet weights",
+        controlnet,
+        path,
+        "controlnet",
+        "ControlNet weights",
         hint="train them with configs/train_controlnet.yaml and pass --controlnet_path outputs/controlnet/controlnet_best.pt",
     )
     unet_sha = weights_sha256(unet_checkpoint, "diffusion_unet")
@@ -202,7 +211,12 @@ class ControlNetTrainingInferer(ControlNetDiffusionInferer):
         self.diffusion_model = diffusion_model
 
     def __call__(  # type: ignore[override]
-        self, inputs: torch.Tensor, network: torch.nn.Module, noise: torch.Tensor, timesteps: torch.Tensor,
-        cn_cond: torch.Tensor, **kwargs: Any,
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        cn_cond: torch.Tensor,
+        **kwargs: Any,
     ) -> torch.Tensor:
         return super().__call__(inputs, self.diffusion_model, network, noise, timesteps, cn_cond, **kwargs)

@@ -118,7 +118,9 @@ def training_prepare_batch(noise_schedule: str, scheduler: Any) -> DiffusionPrep
     raise BundleInputError(f"config 'prediction_type': {prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
 
 
-def predicted_x0(scheduler: Any, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def predicted_x0(
+    scheduler: Any, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """The clean latent a UNet output implies at ``timesteps``, for every schedule and prediction type.
 
     MONAI's schedulers compute this only inside ``step()`` for one scalar timestep; validation needs
@@ -215,10 +217,12 @@ class FixedNoisePrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         latents, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         repeats = len(self.timesteps)
-        noise = torch.cat([
-            torch.randn((repeats, *latents.shape[1:]), generator=torch.Generator().manual_seed(self.seed + int(s)))
-            for s in batchdata[self.seed_key]
-        ]).to(latents)
+        noise = torch.cat(
+            [
+                torch.randn((repeats, *latents.shape[1:]), generator=torch.Generator().manual_seed(self.seed + int(s)))
+                for s in batchdata[self.seed_key]
+            ]
+        ).to(latents)
         latents = latents.repeat_interleave(repeats, dim=0)
         timesteps = self.timesteps.repeat(len(batchdata[self.seed_key])).to(latents.device)
         target = latents if self.x0_target else self.training.get_target(latents, noise, timesteps)
@@ -253,13 +257,18 @@ def load_diffusion_unet(
     the starting point of fine-tuning on new latents (``init_diffusion_unet_path``).
     """
     checkpoint = load_network_weights(
-        unet, path, "diffusion_unet", "diffusion UNet weights",
+        unet,
+        path,
+        "diffusion_unet",
+        "diffusion UNet weights",
         hint="train them with configs/train_diffusion.yaml and pass --diffusion_unet_path "
-             "outputs/diffusion_unet/diffusion_unet_best.pt",
+        "outputs/diffusion_unet/diffusion_unet_best.pt",
     )
     missing = [k for k in ("scale_factor", "noise_schedule") if k not in checkpoint]
     if missing:
-        raise BundleInputError(f"{path}: diffusion UNet checkpoint lacks {missing}; save it with configs/train_diffusion.yaml")
+        raise BundleInputError(
+            f"{path}: diffusion UNet checkpoint lacks {missing}; save it with configs/train_diffusion.yaml"
+        )
     if noise_schedule is None:
         check_noise_schedule(checkpoint["noise_schedule"])
     elif checkpoint["noise_schedule"] != noise_schedule:

@@ -61,7 +61,11 @@ class LabelToImagePrepareBatch(PrepareBatch):
         self.label_key = label_key
 
     def __call__(
-        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         label = torch.as_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking)
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
@@ -109,7 +113,9 @@ class Pix2PixTrainer(AdversarialTrainer):
     def _iteration(self, engine: Pix2PixTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        labels, images = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        labels, images = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[
+            :2
+        ]
         state = engine.state
         generator = unwrap(state.g_network)
         condition = generator.condition(labels)
@@ -128,7 +134,9 @@ class Pix2PixTrainer(AdversarialTrainer):
         state.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
             # fakes and reals in one forward: DDP allows one forward per backward
-            pairs = torch.cat([torch.cat([condition, fakes.detach().float()], 1), torch.cat([condition, images.float()], 1)])
+            pairs = torch.cat(
+                [torch.cat([condition, fakes.detach().float()], 1), torch.cat([condition, images.float()], 1)]
+            )
             fake_logits, real_logits = state.d_network(pairs.contiguous())[-1].chunk(2)
             d_loss = 0.5 * (
                 state.d_loss_function(fake_logits, target_is_real=False, for_discriminator=True)
@@ -152,11 +160,17 @@ class Pix2PixTrainer(AdversarialTrainer):
 def load_generator(generator: MaskToImageGenerator, path: str, labels: Mapping[str, int]) -> dict[str, Any]:
     """Load a ``configs/train_gan_baseline.yaml`` checkpoint into ``generator``, frozen; checks its labels."""
     checkpoint = load_network_weights(
-        generator, path, "generator", "GAN baseline weights",
-        hint="train them with `python -m monai.bundle run training --config_file \"['configs/common.yaml', 'configs/train_gan_baseline.yaml']\"` "
-             "and pass --gan_path",
+        generator,
+        path,
+        "generator",
+        "GAN baseline weights",
+        hint="train them with `python -m monai.bundle run training --config_file "
+        "\"['configs/common.yaml', 'configs/train_gan_baseline.yaml']\"` "
+        "and pass --gan_path",
     )
     if "labels" in checkpoint and dict(checkpoint["labels"]) != dict(labels):
-        raise BundleInputError(f"{path}: GAN baseline trained with labels {checkpoint['labels']}, this run has {dict(labels)}")
+        raise BundleInputError(
+            f"{path}: GAN baseline trained with labels {checkpoint['labels']}, this run has {dict(labels)}"
+        )
     generator.eval().requires_grad_(False)
     return checkpoint

@@ -25,9 +25,9 @@ import torch
 
 from scripts.core.checkpoints import load_network_weights
 from scripts.core.errors import BundleInputError
+from scripts.core.outputs import write_text_atomic
 from scripts.data.labels import LabelContract
 from scripts.data.pairs import PAIRS_MANIFEST, find_pairs, pair_prefix, read_pairs_manifest
-from scripts.core.outputs import write_text_atomic
 
 __all__ = [
     "select_network",
@@ -49,8 +49,9 @@ _SAMPLE_SUFFIX = re.compile(r"_s\d+$")
 def select_network(networks: Mapping[str, Callable[[], torch.nn.Module]], name: str) -> Callable[[], torch.nn.Module]:
     """The constructor of network ``name`` among ``networks`` (name -> constructor)."""
     if name not in networks:
-        raise BundleInputError(f"config 'network': unknown network {name!r}; use --network "
-                               + ", ".join(sorted(networks)))
+        raise BundleInputError(
+            f"config 'network': unknown network {name!r}; use --network " + ", ".join(sorted(networks))
+        )
     return networks[name]
 
 
@@ -70,7 +71,7 @@ def size_divisor(network: torch.nn.Module) -> tuple[int, ...]:
         divisor = [1, 1, 1]
         for stride in strides:
             per_axis = stride if isinstance(stride, Sequence) else (stride,) * 3
-            divisor = [d * int(s) for d, s in zip(divisor, per_axis)]
+            divisor = [d * int(s) for d, s in zip(divisor, per_axis, strict=True)]
         return tuple(divisor)
     return (1, 1, 1)
 
@@ -78,7 +79,7 @@ def size_divisor(network: torch.nn.Module) -> tuple[int, ...]:
 def check_patch_fits(network: torch.nn.Module, patch_size: Sequence[int], name: str) -> bool:
     """Raise one line unless every side of ``patch_size`` is a multiple of ``network``'s divisor."""
     divisor = size_divisor(network)
-    if any(int(p) % d for p, d in zip(patch_size, divisor)):
+    if any(int(p) % d for p, d in zip(patch_size, divisor, strict=False)):
         raise BundleInputError(
             f"config 'patch_size' {list(patch_size)} does not suit --network {name}: every side must be a multiple "
             f"of {list(divisor)} (its downsampling); multiples of 16 suit all five networks"
@@ -103,16 +104,22 @@ def synthetic_pairs(synthetic_dir: str | None, ratio: float, num_real: int, seed
             logger.info(f"synthetic_ratio is 0: training on real cases only, {synthetic_dir} unused")
         return []
     if not synthetic_dir:
-        raise BundleInputError(f"config 'synthetic_ratio' is {ratio:g} but no synthetic pairs are given: "
-                               "pass --synthetic_dir DIR (a folder written by configs/inference.yaml)")
+        raise BundleInputError(
+            f"config 'synthetic_ratio' is {ratio:g} but no synthetic pairs are given: "
+            "pass --synthetic_dir DIR (a folder written by configs/inference.yaml)"
+        )
     wanted = int(math.floor(ratio * num_real + 0.5))
     if wanted == 0:
-        raise BundleInputError(f"config 'synthetic_ratio' {ratio:g} x {num_real} real training cases rounds to 0 "
-                               "synthetic cases; raise --synthetic_ratio or pass 0 for real cases only")
+        raise BundleInputError(
+            f"config 'synthetic_ratio' {ratio:g} x {num_real} real training cases rounds to 0 "
+            "synthetic cases; raise --synthetic_ratio or pass 0 for real cases only"
+        )
     pairs = find_pairs(synthetic_dir)
     if wanted > len(pairs):
-        raise BundleInputError(f"{synthetic_dir}: synthetic_ratio {ratio:g} x {num_real} real training cases needs "
-                               f"{wanted} synthetic pairs, the folder has {len(pairs)}")
+        raise BundleInputError(
+            f"{synthetic_dir}: synthetic_ratio {ratio:g} x {num_real} real training cases needs "
+            f"{wanted} synthetic pairs, the folder has {len(pairs)}"
+        )
     groups: dict[str, list[dict[str, str]]] = {}
     for pair in pairs:
         prefix = pair_prefix(pair["image"])
@@ -124,8 +131,10 @@ def synthetic_pairs(synthetic_dir: str | None, ratio: float, num_real: int, seed
         rng.shuffle(groups[key])
     rounds = max(len(g) for g in groups.values())
     chosen = [groups[key][k] for k in range(rounds) for key in order if k < len(groups[key])][:wanted]
-    logger.info(f"training on {len(chosen)} synthetic pairs of {len(pairs)} in {synthetic_dir} "
-                f"(synthetic_ratio {ratio:g} x {num_real} real cases)")
+    logger.info(
+        f"training on {len(chosen)} synthetic pairs of {len(pairs)} in {synthetic_dir} "
+        f"(synthetic_ratio {ratio:g} x {num_real} real cases)"
+    )
     return sorted(chosen, key=lambda p: p["image"])
 
 
@@ -169,9 +178,13 @@ def load_segmentation_weights(network: torch.nn.Module, path: str, expected: Map
     the weights alone may fit another label set with as many classes, under the wrong names.
     """
     checkpoint = load_network_weights(
-        network, path, "model", "segmentation weights",
-        hint="train them first with `python -m monai.bundle run training --config_file \"['configs/common.yaml', 'configs/train_segmentation.yaml']\"` "
-             "(the best checkpoint is written at the first validation)",
+        network,
+        path,
+        "model",
+        "segmentation weights",
+        hint="train them first with `python -m monai.bundle run training --config_file "
+        "\"['configs/common.yaml', 'configs/train_segmentation.yaml']\"` "
+        "(the best checkpoint is written at the first validation)",
     )
     for key, value in expected.items():
         if key in checkpoint and checkpoint[key] != value:
@@ -224,8 +237,11 @@ def write_dice_report(
         "dice": dice,
         "cases_with_class": {n: int((~column[n].isnan()).sum()) for n in order},
         "per_case": [
-            {"image": case.get("image"), "label": case["label"],
-             "dice": {n: _number(float(column[n][row])) for n in order}}
+            {
+                "image": case.get("image"),
+                "label": case["label"],
+                "dice": {n: _number(float(column[n][row])) for n in order},
+            }
             for row, case in enumerate(cases)
         ],
     }

@@ -133,9 +133,13 @@ class AutoencoderTrainer(AdversarialTrainer):
                 # one forward over fakes and reals together: DDP allows one forward per backward
                 logits = state.d_network(torch.cat([reconstruction.detach(), images]).float().contiguous())[-1]
                 fake_logits, real_logits = logits.chunk(2)
-                d_loss = engine.adv_weight * 0.5 * (
-                    state.d_loss_function(fake_logits, target_is_real=False, for_discriminator=True)
-                    + state.d_loss_function(real_logits, target_is_real=True, for_discriminator=True)
+                d_loss = (
+                    engine.adv_weight
+                    * 0.5
+                    * (
+                        state.d_loss_function(fake_logits, target_is_real=False, for_discriminator=True)
+                        + state.d_loss_function(real_logits, target_is_real=True, for_discriminator=True)
+                    )
                 )
             engine._step(d_loss, state.d_optimizer, state.d_scaler)
 

@@ -116,7 +116,7 @@ class PerceptualLoss3D(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and target.requires_grad):
             feats_tg = self.extractor(target, self.stages)
         per_stage = []
-        for f_in, f_tg in zip(feats_in, feats_tg):
+        for f_in, f_tg in zip(feats_in, feats_tg, strict=True):
             diff = (normalize_channels(f_in) - normalize_channels(f_tg)) ** 2
             per_stage.append(diff.sum(dim=1).flatten(1).mean(dim=1))
         return torch.stack(per_stage).mean(dim=0)
@@ -151,11 +151,7 @@ class PerceptualLoss3D(nn.Module):
 
 
 def build_perceptual_loss(
-    weights_path: str | Path | None,
-    network_type: str,
-    weight: float,
-    fake_3d_ratio: float = 0.5,
-    spatial_dims: int = 3,
+    weights_path: str | Path | None, network_type: str, weight: float, fake_3d_ratio: float = 0.5, spatial_dims: int = 3
 ) -> PerceptualLoss3D | None:
     """The configured perceptual loss, or ``None`` (with a logged notice) when none is configured.
 

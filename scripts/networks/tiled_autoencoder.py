@@ -186,7 +186,7 @@ class TiledAutoencoder:
         the whole latent and MONAI would add them in at a truncated, wrong position.
         """
         overlaps = []
-        for size, roi in zip(latent_size, latent_roi):
+        for size, roi in zip(latent_size, latent_roi, strict=False):
             if roi == size:
                 overlaps.append(0.0)  # a single window along this axis
                 continue
@@ -249,7 +249,7 @@ def _fit_roi(roi: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, ...]:
     real data. Axes longer than the window need no padding: the last window is moved back to
     end at the border, so sizes that are not multiples of the window are covered exactly.
     """
-    return tuple(min(r, s) for r, s in zip(roi, size))
+    return tuple(min(r, s) for r, s in zip(roi, size, strict=False))
 
 
 def _repeat(weights: torch.Tensor, factor: int) -> torch.Tensor:

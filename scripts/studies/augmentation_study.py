@@ -47,14 +47,14 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.core.outputs import markdown_table, staged_output, write_text_atomic
+from scripts.core.settings import as_bool, layered_config_files
 from scripts.data.cases import load_datalist
 from scripts.data.labels import LABELS
 from scripts.data.masks import MaskEditor
-from scripts.core.errors import BundleInputError, find_input_error
-from scripts.core.outputs import markdown_table, staged_output, write_text_atomic
 from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
 from scripts.models.segmentation import check_synthetic_sources
-from scripts.core.settings import as_bool, layered_config_files
 
 __all__ = [
     "RENDER_VARIANT",
@@ -75,8 +75,20 @@ RENDER_VARIANT = "render"
 #: Variant names become file-name prefixes: no underscores (``_s{k}`` marks samples of one mask).
 _VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 #: Keys the study sets in every child command; a user override of them would break the design.
-_STUDY_KEYS = {"dataset_dir", "datalist", "output_dir", "network", "seed", "synthetic_dir", "synthetic_ratio",
-               "section", "mask_dir", "num_samples_per_mask", "mask_editing", "overwrite"}
+_STUDY_KEYS = {
+    "dataset_dir",
+    "datalist",
+    "output_dir",
+    "network",
+    "seed",
+    "synthetic_dir",
+    "synthetic_ratio",
+    "section",
+    "mask_dir",
+    "num_samples_per_mask",
+    "mask_editing",
+    "overwrite",
+}
 _LAUNCHERS = ("subprocess", "in_process")
 
 
@@ -99,8 +111,10 @@ def _plain(value: Any, what: str) -> Any:
         return value
     if type(value).__module__ == "numpy" and hasattr(value, "item"):
         return value.item()
-    raise BundleInputError(f"config '{what}': {value!r} is not a plain value (number, string, list or dict); "
-                           "expressions are not passed on to the study's commands")
+    raise BundleInputError(
+        f"config {what!r}: {value!r} is not a plain value (number, string, list or dict); "
+        "expressions are not passed on to the study's commands"
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -118,8 +132,9 @@ def _read_json(path: str) -> Any:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise BundleInputError(f"{path}: cannot read it ({type(e).__name__}: {e}); "
-                               "remove it to start that part over") from e
+        raise BundleInputError(
+            f"{path}: cannot read it ({type(e).__name__}: {e}); " "remove it to start that part over"
+        ) from e
 
 
 def _generation_seconds(synthetic: Mapping[str, Any]) -> float:
@@ -174,18 +189,24 @@ def check_synthetic_set(
     pairs = find_pairs(synthetic_dir)
     manifest = os.path.join(synthetic_dir, PAIRS_MANIFEST)
     if not os.path.isfile(manifest):
-        raise BundleInputError(f"{synthetic_dir}: no {PAIRS_MANIFEST} recording the source mask of each pair; "
-                               "the study cannot prove that no validation or test mask reached the synthetic set")
+        raise BundleInputError(
+            f"{synthetic_dir}: no {PAIRS_MANIFEST} recording the source mask of each pair; "
+            "the study cannot prove that no validation or test mask reached the synthetic set"
+        )
     known = check_synthetic_sources(pairs, held_out, synthetic_dir)  # raises on a held-out source
     if known < len(pairs):
-        raise BundleInputError(f"{manifest}: {len(pairs) - known} of {len(pairs)} synthetic pairs have no source mask "
-                               "recorded; the study cannot prove they do not come from validation or test masks")
+        raise BundleInputError(
+            f"{manifest}: {len(pairs) - known} of {len(pairs)} synthetic pairs have no source mask "
+            "recorded; the study cannot prove they do not come from validation or test masks"
+        )
     records = read_pairs_manifest(synthetic_dir, required=True)["pairs"]
     sources = {os.path.realpath(r["mask"]) for r in records if r.get("mask")}
     outside = sorted(sources - {os.path.realpath(c["label"]) for c in training})
     if outside:
-        logger.warning(f"{synthetic_dir}: {len(outside)} source masks are not among the study's real training cases "
-                       f"(e.g. {outside[0]}); they are not validation or test masks")
+        logger.warning(
+            f"{synthetic_dir}: {len(outside)} source masks are not among the study's real training cases "
+            f"(e.g. {outside[0]}); they are not validation or test masks"
+        )
     return {"num_pairs": len(pairs), "num_source_masks": len(sources), "sources_outside_training": len(outside)}
 
 
@@ -227,8 +248,9 @@ def run_bundle_command(
         if os.path.realpath(os.getcwd()) != os.path.realpath(bundle_root):
             raise BundleInputError(f"launcher in_process must run from the bundle root {bundle_root}")
         try:
-            workflow = ConfigWorkflow(config_file=list(config_files), workflow_type=None, run_id=role,
-                                      logging_file=False)
+            workflow = ConfigWorkflow(
+                config_file=list(config_files), workflow_type=None, run_id=role, logging_file=False
+            )
             workflow.initialize()
             workflow.run()
             workflow.finalize()
@@ -295,7 +317,11 @@ def format_table(
     synthetic = list(conditions[1:])
     header = [first_column, *(titles[c] for c in conditions), *(f"Δ x{c[len('synthetic'):]}" for c in synthetic)]
     rows = [
-        [row, *(_cell(cells["dice"][c]) for c in conditions), *(_cell(cells["difference"][c], signed=True) for c in synthetic)]
+        [
+            row,
+            *(_cell(cells["dice"][c]) for c in conditions),
+            *(_cell(cells["difference"][c], signed=True) for c in synthetic),
+        ]
         for row, cells in table.items()
     ]
     return markdown_table(header, rows)
@@ -389,13 +415,16 @@ class AugmentationStudy:
         }
         self.training = select_real_cases(self.original["training"], num_real_cases, real_case_selection, self.seed)
         if not self.original["validation"] or not self.original["test"]:
-            raise BundleInputError(f"{self.datalist}: the study needs 'validation' (best epoch) and 'test' (the "
-                                   f"Dice table) cases; found {len(self.original['validation'])} and "
-                                   f"{len(self.original['test'])}")
+            raise BundleInputError(
+                f"{self.datalist}: the study needs 'validation' (best epoch) and 'test' (the "
+                f"Dice table) cases; found {len(self.original['validation'])} and "
+                f"{len(self.original['test'])}"
+            )
         self.held_out = self.original["validation"] + self.original["test"]
         self.conditions = ["real"] + [self.condition_name(r) for r in self.synthetic_ratios]
-        self.synthetic_needed = max((int(math.floor(r * len(self.training) + 0.5)) for r in self.synthetic_ratios),
-                                    default=0)
+        self.synthetic_needed = max(
+            (int(math.floor(r * len(self.training) + 0.5)) for r in self.synthetic_ratios), default=0
+        )
         per_mask = sum(v["num_samples_per_mask"] for v in self.variants().values())
         generating = bool(self.synthetic_ratios) and not self.given_synthetic_dir
         if generating and self.synthetic_needed > len(self.training) * per_mask:
@@ -417,28 +446,36 @@ class AugmentationStudy:
         plain = _plain(dict(overrides or {}), what)
         taken = sorted(k for k in plain if k.split("#")[0] in _STUDY_KEYS)
         if taken:
-            raise BundleInputError(f"config '{what}': {taken} are set by the study itself; use its own settings "
-                                   "(num_real_cases, synthetic_ratios, seeds, networks, output_dir ...)")
+            raise BundleInputError(
+                f"config {what!r}: {taken} are set by the study itself; use its own settings "
+                "(num_real_cases, synthetic_ratios, seeds, networks, output_dir ...)"
+            )
         return plain
 
     def _validate(self) -> None:
         available = set(_load_configs(self.segmentation_configs).get("networks", {}))
         unknown = [n for n in self.networks if n not in available]
         if not self.networks or unknown or len(set(self.networks)) != len(self.networks):
-            raise BundleInputError(f"config 'networks' must list distinct networks among {sorted(available)}, "
-                                   f"got {self.networks}")
-        if any(not math.isfinite(r) or r <= 0 for r in self.synthetic_ratios) or \
-                len(set(self.synthetic_ratios)) != len(self.synthetic_ratios):
-            raise BundleInputError(f"config 'synthetic_ratios' must be distinct numbers > 0 (real only always runs), "
-                                   f"got {self.synthetic_ratios}")
+            raise BundleInputError(
+                f"config 'networks' must list distinct networks among {sorted(available)}, " f"got {self.networks}"
+            )
+        if any(not math.isfinite(r) or r <= 0 for r in self.synthetic_ratios) or len(set(self.synthetic_ratios)) != len(
+            self.synthetic_ratios
+        ):
+            raise BundleInputError(
+                f"config 'synthetic_ratios' must be distinct numbers > 0 (real only always runs), "
+                f"got {self.synthetic_ratios}"
+            )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise BundleInputError(f"config 'seeds' must list distinct seeds, got {self.seeds}")
         if self.num_renderings_per_mask < 0:
             raise BundleInputError(f"config 'num_renderings_per_mask' must be >= 0, got {self.num_renderings_per_mask}")
         bad = [n for n in self.edited_layouts if not _VARIANT_NAME.match(n) or n == RENDER_VARIANT]
         if bad:
-            raise BundleInputError(f"config 'edited_layouts': names {bad} must be letters, digits and '-' (no '_'), "
-                                   f"starting with a letter, and not {RENDER_VARIANT!r}")
+            raise BundleInputError(
+                f"config 'edited_layouts': names {bad} must be letters, digits and '-' (no '_'), "
+                f"starting with a letter, and not {RENDER_VARIANT!r}"
+            )
         if self.edited_layouts:
             # options checked now, not after hours of generation
             for name, options in self.edited_layouts.items():
@@ -447,11 +484,15 @@ class AugmentationStudy:
                 except TypeError as e:
                     raise BundleInputError(f"config 'edited_layouts#{name}': {e}") from e
                 if not editor.enabled:
-                    raise BundleInputError(f"config 'edited_layouts#{name}': no editing step enabled; "
-                                           "that would only repeat the re-renderings")
+                    raise BundleInputError(
+                        f"config 'edited_layouts#{name}': no editing step enabled; "
+                        "that would only repeat the re-renderings"
+                    )
         if self.synthetic_ratios and not self.given_synthetic_dir and not self.variants():
-            raise BundleInputError("no synthetic pairs to generate: set num_renderings_per_mask > 0 or edited_layouts, "
-                                   "pass synthetic_dir, or set synthetic_ratios to [] for real only")
+            raise BundleInputError(
+                "no synthetic pairs to generate: set num_renderings_per_mask > 0 or edited_layouts, "
+                "pass synthetic_dir, or set synthetic_ratios to [] for real only"
+            )
         if self.launcher not in _LAUNCHERS:
             raise BundleInputError(f"config 'launcher' must be one of {list(_LAUNCHERS)}, got {self.launcher!r}")
 
@@ -494,16 +535,29 @@ class AugmentationStudy:
     def settings(self) -> dict[str, Any]:
         """Every setting of the study, as recorded in study.json."""
         return {
-            "datalist": self.datalist, "dataset_dir": self.dataset_dir, "output_dir": self.output_dir,
-            "networks": self.networks, "synthetic_ratios": self.synthetic_ratios, "seeds": self.seeds,
+            "datalist": self.datalist,
+            "dataset_dir": self.dataset_dir,
+            "output_dir": self.output_dir,
+            "networks": self.networks,
+            "synthetic_ratios": self.synthetic_ratios,
+            "seeds": self.seeds,
             "equal_steps": self.equal_steps,
-            "num_real_cases": self.num_real_cases, "real_case_selection": self.real_case_selection, "seed": self.seed,
-            "synthetic_dir": self.synthetic_dir, "synthetic_given": self.given_synthetic_dir is not None,
-            "num_renderings_per_mask": self.num_renderings_per_mask, "edited_layouts": self.edited_layouts,
-            "inference_configs": self.inference_configs, "inference_overrides": self.inference_overrides,
-            "segmentation_configs": self.segmentation_configs, "segmentation_overrides": self.segmentation_overrides,
-            "shared_overrides": self.shared_overrides, "labels": self.labels, "label_map": self.label_map,
-            "device": self.device, "launcher": self.launcher,
+            "num_real_cases": self.num_real_cases,
+            "real_case_selection": self.real_case_selection,
+            "seed": self.seed,
+            "synthetic_dir": self.synthetic_dir,
+            "synthetic_given": self.given_synthetic_dir is not None,
+            "num_renderings_per_mask": self.num_renderings_per_mask,
+            "edited_layouts": self.edited_layouts,
+            "inference_configs": self.inference_configs,
+            "inference_overrides": self.inference_overrides,
+            "segmentation_configs": self.segmentation_configs,
+            "segmentation_overrides": self.segmentation_overrides,
+            "shared_overrides": self.shared_overrides,
+            "labels": self.labels,
+            "label_map": self.label_map,
+            "device": self.device,
+            "launcher": self.launcher,
         }
 
     # ------------------------------------------------------------------ steps
@@ -512,8 +566,10 @@ class AugmentationStudy:
         content = {"training": self.training, "validation": self.original["validation"], "test": self.original["test"]}
         if os.path.isfile(self.study_datalist):
             if not _same(_read_json(self.study_datalist), content):
-                raise BundleInputError(f"{self.study_datalist}: this study folder was started with other real cases "
-                                       "(datalist, num_real_cases or real_case_selection); choose another --output_dir")
+                raise BundleInputError(
+                    f"{self.study_datalist}: this study folder was started with other real cases "
+                    "(datalist, num_real_cases or real_case_selection); choose another --output_dir"
+                )
             return self.study_datalist
         return write_text_atomic(self.study_datalist, json.dumps(content, indent=1))
 
@@ -559,15 +615,23 @@ class AugmentationStudy:
                     wall[name] = record.get("wall_time_s")
                     continue
             overrides = {
-                **self._child_common(), "section": "training", "output_dir": part, "overwrite": True,
-                "seed": part_settings["inference_seed"], "mask_editing": variant["mask_editing"],
-                "num_samples_per_mask": variant["num_samples_per_mask"], **self.inference_overrides,
+                **self._child_common(),
+                "section": "training",
+                "output_dir": part,
+                "overwrite": True,
+                "seed": part_settings["inference_seed"],
+                "mask_editing": variant["mask_editing"],
+                "num_samples_per_mask": variant["num_samples_per_mask"],
+                **self.inference_overrides,
             }
             overrides_file = write_text_atomic(part + ".overrides.yaml", yaml.safe_dump(overrides, sort_keys=False))
-            logger.info(f"synthetic variant {index}/{len(variants)} {name}: {len(self.training)} masks x "
-                        f"{variant['num_samples_per_mask']} sample(s) into {part} (log: {part}.log)")
-            wall[name] = run_bundle_command("inference", [*self.inference_configs, overrides_file], part + ".log",
-                                            self.bundle_root, self.launcher)
+            logger.info(
+                f"synthetic variant {index}/{len(variants)} {name}: {len(self.training)} masks x "
+                f"{variant['num_samples_per_mask']} sample(s) into {part} (log: {part}.log)"
+            )
+            wall[name] = run_bundle_command(
+                "inference", [*self.inference_configs, overrides_file], part + ".log", self.bundle_root, self.launcher
+            )
             write_text_atomic(record_path, json.dumps({"settings": part_settings, "wall_time_s": wall[name]}, indent=1))
         self._merge(parts_root, settings, wall)
         shutil.rmtree(parts_root, ignore_errors=True)
@@ -593,26 +657,43 @@ class AugmentationStudy:
         runs = []
         for network in self.networks:
             for seed in self.seeds:
-                for condition, ratio in zip(self.conditions, [0.0, *self.synthetic_ratios]):
+                for condition, ratio in zip(self.conditions, [0.0, *self.synthetic_ratios], strict=True):
                     name = f"{network}_{condition}_seed{seed}"
-                    runs.append({"name": name, "network": network, "condition": condition, "synthetic_ratio": ratio,
-                                 "seed": seed, "dir": os.path.join(self.output_dir, "runs", name)})
+                    runs.append(
+                        {
+                            "name": name,
+                            "network": network,
+                            "condition": condition,
+                            "synthetic_ratio": ratio,
+                            "seed": seed,
+                            "dir": os.path.join(self.output_dir, "runs", name),
+                        }
+                    )
         return runs
 
     def real_only_epoch_length(self) -> int:
         """Optimizer steps per epoch of the real-only arm: ceil(real training cases / batch_size)."""
-        batch_size = self.segmentation_overrides.get("batch_size", _load_configs(self.segmentation_configs).get("batch_size"))
+        batch_size = self.segmentation_overrides.get(
+            "batch_size", _load_configs(self.segmentation_configs).get("batch_size")
+        )
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise BundleInputError(f"config 'equal_steps' needs an integer segmentation batch_size >= 1, got {batch_size!r}")
+            raise BundleInputError(
+                f"config 'equal_steps' needs an integer segmentation batch_size >= 1, got {batch_size!r}"
+            )
         return math.ceil(len(self.training) / batch_size)
 
     def run_overrides(self, run: Mapping[str, Any]) -> dict[str, Any]:
         synthetic = run["synthetic_ratio"] > 0
         steps = {"epoch_length": self.real_only_epoch_length()} if self.equal_steps else {}
         return {
-            **self._child_common(), "output_dir": run["dir"], "network": run["network"], "seed": run["seed"],
-            "synthetic_dir": self.synthetic_dir if synthetic else None, "synthetic_ratio": run["synthetic_ratio"],
-            **steps, **self.segmentation_overrides,
+            **self._child_common(),
+            "output_dir": run["dir"],
+            "network": run["network"],
+            "seed": run["seed"],
+            "synthetic_dir": self.synthetic_dir if synthetic else None,
+            "synthetic_ratio": run["synthetic_ratio"],
+            **steps,
+            **self.segmentation_overrides,
         }
 
     def check_run_settings(self, run: Mapping[str, Any]) -> dict[str, Any]:
@@ -621,9 +702,11 @@ class AugmentationStudy:
         record = _read_json(record_path) if os.path.isfile(record_path) else {}
         overrides = self.run_overrides(run)
         if record and not _same(record.get("overrides"), overrides):
-            raise BundleInputError(f"{run['dir']}: this run was started with other settings "
-                                   f"({_differences(record.get('overrides') or {}, overrides)}); "
-                                   "choose another --output_dir or remove that folder")
+            raise BundleInputError(
+                f"{run['dir']}: this run was started with other settings "
+                f"({_differences(record.get('overrides') or {}, overrides)}); "
+                "choose another --output_dir or remove that folder"
+            )
         return record
 
     def execute(self, run: dict[str, Any]) -> dict[str, Any]:
@@ -646,18 +729,26 @@ class AugmentationStudy:
             for role in ("training", "evaluating"):
                 if role == "training" and record.get("trained"):
                     continue  # evaluating failed or was cut off last time; the checkpoint is complete
-                wall[role] = run_bundle_command(role, configs, os.path.join(folder, f"{role}.log"),
-                                                self.bundle_root, self.launcher)
+                wall[role] = run_bundle_command(
+                    role, configs, os.path.join(folder, f"{role}.log"), self.bundle_root, self.launcher
+                )
                 record["trained"] = record.get("trained") or role == "training"
                 record["wall_time_s"] = wall
                 write_text_atomic(record_path, json.dumps(record, indent=1))
         report = _read_json(metrics_path)
-        record.update({
-            "status": "done", "metrics_path": metrics_path, "dice": report["dice"], "mean_dice": report["mean_dice"],
-            "num_test_cases": report.get("num_cases"), "checkpoint_epoch": report.get("checkpoint_epoch"),
-            "num_real_training_cases": report.get("num_real_training_cases"),
-            "num_synthetic_training_cases": report.get("num_synthetic_training_cases"), "wall_time_s": wall,
-        })
+        record.update(
+            {
+                "status": "done",
+                "metrics_path": metrics_path,
+                "dice": report["dice"],
+                "mean_dice": report["mean_dice"],
+                "num_test_cases": report.get("num_cases"),
+                "checkpoint_epoch": report.get("checkpoint_epoch"),
+                "num_real_training_cases": report.get("num_real_training_cases"),
+                "num_synthetic_training_cases": report.get("num_synthetic_training_cases"),
+                "wall_time_s": wall,
+            }
+        )
         write_text_atomic(record_path, json.dumps(record, indent=1))
         return record
 
@@ -669,31 +760,44 @@ class AugmentationStudy:
         summary = summarise(done, self.conditions, classes)
         study = {
             "settings": self.settings(),
-            "real_cases": {"training": [c["label"] for c in self.training],
-                           "num_validation": len(self.original["validation"]), "num_test": len(self.original["test"])},
+            "real_cases": {
+                "training": [c["label"] for c in self.training],
+                "num_validation": len(self.original["validation"]),
+                "num_test": len(self.original["test"]),
+            },
             "synthetic": dict(synthetic),
             "conditions": {c: self.condition_title(c) for c in self.conditions},
             "classes": classes,
             "runs": [{k: v for k, v in r.items() if k != "overrides"} for r in runs],
             "summary": summary,
-            "wall_time_s": {"this_invocation": round(time.perf_counter() - started, 1),
-                            "synthetic_generation": round(_generation_seconds(synthetic), 1),
-                            "runs": round(sum(v for r in runs for v in (r.get("wall_time_s") or {}).values()), 1)},
+            "wall_time_s": {
+                "this_invocation": round(time.perf_counter() - started, 1),
+                "synthetic_generation": round(_generation_seconds(synthetic), 1),
+                "runs": round(sum(v for r in runs for v in (r.get("wall_time_s") or {}).values()), 1),
+            },
         }
         write_text_atomic(os.path.join(self.output_dir, "study.json"), json.dumps(study, indent=1))
         write_text_atomic(os.path.join(self.output_dir, "study.md"), self.markdown(runs, summary, classes, synthetic))
         return os.path.join(self.output_dir, "study.md")
 
-    def markdown(self, runs: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], classes: Sequence[str],
-                 synthetic: Mapping[str, Any]) -> str:
+    def markdown(
+        self,
+        runs: Sequence[Mapping[str, Any]],
+        summary: Mapping[str, Any],
+        classes: Sequence[str],
+        synthetic: Mapping[str, Any],
+    ) -> str:
         titles = {c: self.condition_title(c) for c in self.conditions}
         selection = "all" if self.num_real_cases is None else f"{self.real_case_selection} {self.num_real_cases}"
         variants = ", ".join(
             f"{k} x{v['num_samples_per_mask']}" + (f" {v['mask_editing']}" if v["mask_editing"] else "")
             for k, v in self.variants().items()
         )
-        source = (f"given folder {self.synthetic_dir}" if self.given_synthetic_dir else
-                  f"generated from the {len(self.training)} training masks only ({variants}) into {self.synthetic_dir}")
+        source = (
+            f"given folder {self.synthetic_dir}"
+            if self.given_synthetic_dir
+            else f"generated from the {len(self.training)} training masks only ({variants}) into {self.synthetic_dir}"
+        )
         lines = [
             "# Augmentation study: real only vs real + synthetic",
             "",
@@ -709,22 +813,37 @@ class AugmentationStudy:
         ]
         if summary and classes:
             first = classes[0]
-            lines += [f"## {first} Dice by network", "",
-                      format_table({n: t[first] for n, t in summary.items()}, self.conditions, titles, "network"), ""]
+            lines += [
+                f"## {first} Dice by network",
+                "",
+                format_table({n: t[first] for n, t in summary.items()}, self.conditions, titles, "network"),
+                "",
+            ]
         for network, table in summary.items():
             lines += [f"## {network}", "", format_table(table, self.conditions, titles, "class"), ""]
         rows = []
         for r in runs:
             wall = r.get("wall_time_s") or {}
-            cases = (f"{r['num_real_training_cases']} / {r['num_synthetic_training_cases']}"
-                     if r.get("status") == "done" else "")
+            cases = (
+                f"{r['num_real_training_cases']} / {r['num_synthetic_training_cases']}"
+                if r.get("status") == "done"
+                else ""
+            )
             status = r.get("status", "pending") + (" (" + r["error"] + ")" if r.get("error") else "")
             rows.append([r["name"], status, cases, _minutes(wall.get("training")), _minutes(wall.get("evaluating"))])
-        lines += ["## Runs", "", markdown_table(["run", "status", "real / synthetic cases", "training", "evaluating"], rows)]
+        lines += [
+            "## Runs",
+            "",
+            markdown_table(["run", "status", "real / synthetic cases", "training", "evaluating"], rows),
+        ]
         generation = synthetic.get("wall_time_s")
         if isinstance(generation, Mapping) and generation:
-            lines += ["", f"Synthetic generation: {_minutes(_generation_seconds(synthetic))} ("
-                      + ", ".join(f"{k} {_minutes(v)}" for k, v in generation.items()) + ")."]
+            lines += [
+                "",
+                f"Synthetic generation: {_minutes(_generation_seconds(synthetic))} ("
+                + ", ".join(f"{k} {_minutes(v)}" for k, v in generation.items())
+                + ").",
+            ]
         run_seconds = sum(v for r in runs for v in (r.get("wall_time_s") or {}).values())
         finished = sum(r.get("status") == "done" for r in runs)
         lines += ["", f"Training and evaluation: {_minutes(run_seconds)} over {finished} finished runs of {len(runs)}."]
@@ -743,11 +862,15 @@ class AugmentationStudy:
         if self.synthetic_ratios:
             synthetic = self.generate_synthetic()
             synthetic.update(check_synthetic_set(self.synthetic_dir, self.training, self.held_out))
-            logger.info(f"synthetic set checked: {synthetic['num_pairs']} pairs from {synthetic['num_source_masks']} "
-                        "masks, none of them a validation or test mask")
+            logger.info(
+                f"synthetic set checked: {synthetic['num_pairs']} pairs from {synthetic['num_source_masks']} "
+                "masks, none of them a validation or test mask"
+            )
             if synthetic["num_pairs"] < self.synthetic_needed:
-                raise BundleInputError(f"{self.synthetic_dir}: {synthetic['num_pairs']} synthetic pairs, the largest "
-                                       f"ratio needs {self.synthetic_needed}")
+                raise BundleInputError(
+                    f"{self.synthetic_dir}: {synthetic['num_pairs']} synthetic pairs, the largest "
+                    f"ratio needs {self.synthetic_needed}"
+                )
         failed = []
         progress = tqdm(runs, desc="study runs", unit="run")
         for index, run in enumerate(progress, 1):
@@ -767,9 +890,11 @@ class AugmentationStudy:
             self.write_report(runs, synthetic, started)
         path = self.write_report(runs, synthetic, started)
         if failed:
-            raise StudyRunError(f"{len(failed)} of {len(runs)} study runs failed: "
-                                + "; ".join(f"{r['name']}: {r['error']}" for r in failed)
-                                + f"; finished runs are in {path}; re-run the command to retry the failed ones")
+            raise StudyRunError(
+                f"{len(failed)} of {len(runs)} study runs failed: "
+                + "; ".join(f"{r['name']}: {r['error']}" for r in failed)
+                + f"; finished runs are in {path}; re-run the command to retry the failed ones"
+            )
         logger.info(f"study written to {path}")
         return path
 

@@ -16,6 +16,7 @@ import numpy as np
 from scripts.data.pairs import read_pairs_manifest
 from scripts.generation.preview import OVERLAY, pick_slices, save_figure, to_ras
 
+
 def _as_arrays(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, label, affine) from a PhantomCase-like object or a 3-tuple."""
     if hasattr(case, "image"):
@@ -118,10 +119,12 @@ def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path
         generated, _, _ = to_ras(generated, label, label_nii.affine)
         real = real / max(float(np.percentile(real, 99.5)), 1e-6)  # the real image's own [0, 1] scaling
         z, y = pick_slices(lab)
-        for k, (name, cut, aspect) in enumerate((("axial", lambda a: a[::-1, :, z].T, sp[1] / sp[0]),
-                                                 ("coronal", lambda a: a[::-1, y, :].T, sp[2] / sp[0]))):
-            for j, (what, image, overlay) in enumerate((("real", real, False), ("generated", generated, False),
-                                                         ("generated + mask", generated, True))):
+        for k, (name, cut, aspect) in enumerate(
+            (("axial", lambda a: a[::-1, :, z].T, sp[1] / sp[0]), ("coronal", lambda a: a[::-1, y, :].T, sp[2] / sp[0]))
+        ):
+            for j, (what, image, overlay) in enumerate(
+                (("real", real, False), ("generated", generated, False), ("generated + mask", generated, True))
+            ):
                 ax = axes[row, 3 * k + j]
                 ax.imshow(cut(image), cmap="gray", vmin=0.0, vmax=1.0, origin="lower", aspect=aspect)
                 if overlay:
@@ -150,11 +153,11 @@ def save_training_curves(log_dirs: dict[str, str], tags: Sequence[str], path: st
     for name, log_dir in log_dirs.items():
         accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0})
         accumulator.Reload()
-        for ax, tag in zip(axes[0], tags):
+        for ax, tag in zip(axes[0], tags, strict=True):
             if tag in accumulator.Tags()["scalars"]:
                 events = accumulator.Scalars(tag)
                 ax.plot([e.step for e in events], [e.value for e in events], marker="o", ms=3, label=name)
-    for ax, tag in zip(axes[0], tags):
+    for ax, tag in zip(axes[0], tags, strict=True):
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
@@ -172,8 +175,11 @@ def save_dataset_figure(dataset_dir: str, num_cases: int = 4, section: str = "tr
 
     items = load_datalist(os.path.join(dataset_dir, "datalist.json"), dataset_dir, section)[:num_cases]
     cases = [
-        (nib.load(item["image"]).get_fdata(dtype=np.float32), np.asarray(nib.load(item["label"]).dataobj),
-         nib.load(item["image"]).affine)
+        (
+            nib.load(item["image"]).get_fdata(dtype=np.float32),
+            np.asarray(nib.load(item["label"]).dataobj),
+            nib.load(item["image"]).affine,
+        )
         for item in items
     ]
     titles = [os.path.basename(item["image"]).split(".")[0] for item in items]
@@ -190,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     cases = [generate_phantom(s) for s in seeds]
-    titles = [f"seed {s}: {c.info['axcodes']}, HCC x{c.info['n_hcc']}" for s, c in zip(seeds, cases)]
+    titles = [f"seed {s}: {c.info['axcodes']}, HCC x{c.info['n_hcc']}" for s, c in zip(seeds, cases, strict=True)]
     print(save_phantom_figure(cases, a.out, titles))
 
 

@@ -33,14 +33,14 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import shutil
+import subprocess
 import zipfile
 from typing import Sequence
 
 from scripts.core.checkpoints import file_hash
-from scripts.core.outputs import atomic_path
 from scripts.core.errors import BundleInputError, install_error_hook
+from scripts.core.outputs import atomic_path
 
 __all__ = ["release_name", "release_files", "check_large_files", "write_release", "main"]
 
@@ -84,7 +84,7 @@ def _read_metadata(bundle_root: str) -> tuple[str, str]:
         raise BundleInputError(f"{path}: not valid JSON ({e})") from e
     for key in ("name", "version"):
         if not isinstance(meta.get(key), str) or not meta[key].strip():
-            raise BundleInputError(f"{path}: '{key}' is missing or empty")
+            raise BundleInputError(f"{path}: {key!r} is missing or empty")
     version = meta["version"].strip()
     if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+-]*", version):
         raise BundleInputError(f"{path}: 'version' {version!r} is not a version like 1.2.3")
@@ -156,7 +156,10 @@ def _git_files(bundle_root: str) -> list[str] | None:
     try:
         out = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "."],
-            cwd=bundle_root, capture_output=True, check=True, timeout=60,
+            cwd=bundle_root,
+            capture_output=True,
+            check=True,
+            timeout=60,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -227,7 +230,10 @@ def write_release(bundle_root: str = ".", output_dir: str = "dist", overwrite: b
             with zipfile.ZipFile(tmp, "w", compresslevel=9) as zf:
                 for rel in files:
                     src = os.path.join(bundle_root, rel)
-                    with open(src, "rb") as fin, zf.open(_zip_entry(f"{name}/{rel}", os.path.getsize(src)), "w") as fout:
+                    with (
+                        open(src, "rb") as fin,
+                        zf.open(_zip_entry(f"{name}/{rel}", os.path.getsize(src)), "w") as fout,
+                    ):
                         shutil.copyfileobj(fin, fout, _CHUNK)
             if os.path.exists(zip_path) and not overwrite:  # appeared while we were zipping
                 raise BundleInputError(refuse)
@@ -251,8 +257,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Package the bundle as a deterministic model-zoo style zip.")
     p.add_argument("--bundle_root", default=".", help="the bundle folder (default: the current one)")
     p.add_argument("--output_dir", default="dist", help="where <name>_v<version>.zip goes (default: dist)")
-    p.add_argument("--overwrite", type=_flag, nargs="?", const=True, default=False,
-                   help="replace an existing zip of the same version (true/false)")
+    p.add_argument(
+        "--overwrite",
+        type=_flag,
+        nargs="?",
+        const=True,
+        default=False,
+        help="replace an existing zip of the same version (true/false)",
+    )
     a = p.parse_args(argv)
     path = write_release(a.bundle_root, a.output_dir, overwrite=a.overwrite)
     with zipfile.ZipFile(path) as zf:
