@@ -83,7 +83,7 @@ def num_windows(size: Sequence[int], roi: Sequence[int], overlap: float) -> int:
 
 def _parser(grid: str, overrides: dict[str, Any], device: str) -> Any:
     return parse_configs(
-        config_files("configs/common.yaml", grid), {**overrides, "device": f"$torch.device({device!r})"}
+        config_files("configs/common.yaml", grid), {**overrides, "device": f"$torch.device({str(device)!r})"}
     )
 
 

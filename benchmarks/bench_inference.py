@@ -100,7 +100,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
             run_id="inference",
             mask_dir=str(mask_dir),
             output_dir=str(out_inproc),
-            device=f"$torch.device({options.device!r})",
+            device=f"$torch.device({str(options.device)!r})",
             **paths,
         )
         with Stopwatch(options.device) as init:

@@ -249,7 +249,7 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
     left to the decode suite (``bench_decode.py``).
     """
     device = options.device
-    overrides = {"device": f"$torch.device({device!r})", **grid_overrides(options, grid)}
+    overrides = {"device": f"$torch.device({str(device)!r})", **grid_overrides(options, grid)}
     parser = parse_configs(config_files("configs/inference.yaml", grid), overrides)
     unet = freeze(seeded_network(parser, "diffusion_unet_def", seed=0).to(device))
     controlnet = freeze(seeded_network(parser, "controlnet_def", seed=1).to(device))

@@ -172,7 +172,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
             "dataset_dir": str(dataset_dir),
             "datalist": str(datalist),
             "output_dir": str(output),
-            "device": f"$torch.device({device!r})",
+            "device": f"$torch.device({str(device)!r})",
             "max_epochs": 2,
             "num_workers": 0,
             **grid_overrides(options, "demo"),
