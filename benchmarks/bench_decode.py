@@ -3,7 +3,7 @@
 """Whole vs tiled VAE decode: wall time, peak memory and seam error, from demo-size latents up to
 the latent of a 256x256x128 image (4x64x64x32).
 
-Both decodes go through the bundle's ``scripts.tiled_autoencoder.TiledAutoencoder`` built from
+Both decodes go through the bundle's ``scripts.networks.tiled_autoencoder.TiledAutoencoder`` built from
 ``tiled_autoencoder_def`` in the configs: "whole" with a window as large as the latent (one
 window, the plain decoder call), "tiled" with the configured ``latent_roi_size`` windows and
 ``tile_overlap`` (demo grid: 16^3 latent windows; ``configs/hires.yaml``: 32^3).
@@ -30,7 +30,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -59,8 +58,8 @@ from benchmarks.common import (
     peak_rss_bytes,
     reset_peak_rss,
 )
-from scripts.checkpoints import load_network_weights
-from scripts.tiled_autoencoder import seam_error
+from scripts.core.checkpoints import load_network_weights
+from scripts.networks.tiled_autoencoder import seam_error
 
 __all__ = ["MEMORY_TARGET", "num_windows", "prepare_latent", "decode_worker", "run", "markdown"]
 
@@ -74,7 +73,7 @@ RESULT_PREFIX = "DECODE_RESULT "
 def num_windows(size: Sequence[int], roi: Sequence[int], overlap: float) -> int:
     """Windows MONAI's sliding window places over ``size`` (its scan interval ``int(roi * (1 - overlap))``)."""
     count = 1
-    for s, r in zip(size, roi):
+    for s, r in zip(size, roi, strict=True):
         r = min(r, s)
         if r < s:
             step = max(1, int(r * (1.0 - overlap)))
@@ -83,7 +82,9 @@ def num_windows(size: Sequence[int], roi: Sequence[int], overlap: float) -> int:
 
 
 def _parser(grid: str, overrides: dict[str, Any], device: str) -> Any:
-    return parse_configs(config_files("configs/common.yaml", grid), {**overrides, "device": f"$torch.device('{device}')"})
+    return parse_configs(
+        config_files("configs/common.yaml", grid), {**overrides, "device": f"$torch.device({str(device)!r})"}
+    )
 
 
 def _load_demo_weights(grid: str, autoencoder: torch.nn.Module) -> str:
@@ -107,10 +108,13 @@ def prepare_latent(options: BenchOptions, grid: str, latent_size: Sequence[int],
     case = (cases.get("validation") or cases["training"])[0]
     item = {k: str(Path(options.dataset_dir) / case[k]) for k in ("image", "label")}
     # the grid's field of view, sampled finer or coarser so the image is `compression` x the latent
-    fov = [sp * sz for sp, sz in zip(parser.get_parsed_content("spacing"), parser.get_parsed_content("spatial_size"))]
+    fov = [
+        sp * sz
+        for sp, sz in zip(parser.get_parsed_content("spacing"), parser.get_parsed_content("spatial_size"), strict=True)
+    ]
     image_size = [compression * s for s in latent_size]
     parser["spatial_size"] = image_size
-    parser["spacing"] = [f / s for f, s in zip(fov, image_size)]
+    parser["spacing"] = [f / s for f, s in zip(fov, image_size, strict=True)]
     image = parser.get_parsed_content("pair_preprocessing")(item)["image"].as_tensor()[None].to(options.device)
     encoder = parser.get_parsed_content("tiled_autoencoder_def")
     source = _load_demo_weights(grid, encoder.autoencoder)
@@ -149,9 +153,13 @@ def decode_worker(spec_path: str) -> None:
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": rss_after,
         "peak_rss_increase_bytes": rss_after - rss_before,
-        "memory_method": "VmHWM after a clear_refs reset minus VmRSS before" if reset else "peak RSS rise over the decode",
+        "memory_method": (
+            "VmHWM after a clear_refs reset minus VmRSS before" if reset else "peak RSS rise over the decode"
+        ),
         "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda_before is not None else None,
-        "cuda_peak_increase_bytes": torch.cuda.max_memory_allocated(device) - cuda_before if cuda_before is not None else None,
+        "cuda_peak_increase_bytes": (
+            torch.cuda.max_memory_allocated(device) - cuda_before if cuda_before is not None else None
+        ),
         "image_size": list(image.shape[2:]),
         "threads": torch.get_num_threads(),
     }
@@ -163,12 +171,15 @@ def _run_worker(spec: dict[str, Any], spec_path: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=3600,
+        cwd=BUNDLE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"decode worker failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def default_sizes(options: BenchOptions) -> list[list[int]]:
@@ -176,7 +187,9 @@ def default_sizes(options: BenchOptions) -> list[list[int]]:
     if options.decode_latent_sizes:
         return [list(s) for s in options.decode_latent_sizes]
     with in_bundle_root():
-        demo = [int(s) for s in _parser("demo", grid_overrides(options, "demo"), "cpu").get_parsed_content("latent_size")]
+        demo = [
+            int(s) for s in _parser("demo", grid_overrides(options, "demo"), "cpu").get_parsed_content("latent_size")
+        ]
     sizes = [demo, [2 * s for s in demo]] if options.quick else [demo, [32, 32, 32], LARGEST_LATENT]
     return [s for i, s in enumerate(sizes) if s not in sizes[:i]]
 
@@ -200,36 +213,52 @@ def run_grid(options: BenchOptions, grid: str, sizes: Sequence[Sequence[int]]) -
             source = prepare_latent(options, grid, size, latent_file)
         measured = {}
         for mode, window in (("whole", list(size)), ("tiled", roi)):
-            spec = {"grid": grid, "overrides": overrides, "device": str(options.device), "latent_file": str(latent_file),
-                    "latent_roi_size": window, "output_file": str(work / f"{mode}_{tag}.pt"), "threads": options.threads}
+            spec = {
+                "grid": grid,
+                "overrides": overrides,
+                "device": str(options.device),
+                "latent_file": str(latent_file),
+                "latent_roi_size": window,
+                "output_file": str(work / f"{mode}_{tag}.pt"),
+                "threads": options.threads,
+            }
             measured[mode] = _run_worker(spec, work / f"spec_{mode}_{tag}.json")
         whole = torch.load(work / f"whole_{tag}.pt", weights_only=True)
         tiled = torch.load(work / f"tiled_{tag}.pt", weights_only=True)
         key = "cuda_peak_increase_bytes" if options.device.type == "cuda" else "peak_rss_increase_bytes"
         ratio = measured["tiled"][key] / measured["whole"][key] if measured["whole"][key] > 0 else None
         seams = seam_error(whole, tiled)
-        cases.append({
-            "latent_size": [channels, *size],
-            "image_size": [compression * s for s in size],
-            "latent_source": source,
-            "latent_roi_size": [min(r, s) for r, s in zip(roi, size)],
-            "overlap": overlap,
-            "num_windows": num_windows(size, roi, overlap),
-            "whole": measured["whole"],
-            "tiled": measured["tiled"],
-            "memory_measure": key,
-            "memory_ratio_tiled_vs_whole": ratio,
-            "seam_error": {"max_abs": seams["max_abs"], "mean_abs": seams["mean_abs"],
-                           "data_range": seams["data_range"], "psnr_db": seams["psnr"]},
-        })
+        cases.append(
+            {
+                "latent_size": [channels, *size],
+                "image_size": [compression * s for s in size],
+                "latent_source": source,
+                "latent_roi_size": [min(r, s) for r, s in zip(roi, size, strict=True)],
+                "overlap": overlap,
+                "num_windows": num_windows(size, roi, overlap),
+                "whole": measured["whole"],
+                "tiled": measured["tiled"],
+                "memory_measure": key,
+                "memory_ratio_tiled_vs_whole": ratio,
+                "seam_error": {
+                    "max_abs": seams["max_abs"],
+                    "mean_abs": seams["mean_abs"],
+                    "data_range": seams["data_range"],
+                    "psnr_db": seams["psnr"],
+                },
+            }
+        )
         for f in (work / f"whole_{tag}.pt", work / f"tiled_{tag}.pt"):
             f.unlink()
     largest = max(cases, key=lambda c: math.prod(c["latent_size"]))
     ratio = largest["memory_ratio_tiled_vs_whole"]
     return {
         "grid": grid,
-        "weights": "trained demo autoencoder (models/autoencoder.pt)"
-        if grid == "demo" and (MODELS / "autoencoder.pt").is_file() else RANDOM_WEIGHTS_NOTE,
+        "weights": (
+            "trained demo autoencoder (models/autoencoder.pt)"
+            if grid == "demo" and (MODELS / "autoencoder.pt").is_file()
+            else RANDOM_WEIGHTS_NOTE
+        ),
         "cases": cases,
         "largest_case": {
             "latent_size": largest["latent_size"],
@@ -264,21 +293,52 @@ def markdown(result: dict[str, Any]) -> str:
         rows = []
         for c in r["cases"]:
             key = c["memory_measure"]
-            rows.append([
-                "x".join(map(str, c["latent_size"])), "x".join(map(str, c["image_size"])), c["num_windows"],
-                c["whole"]["seconds"], c["tiled"]["seconds"], c["whole"][key] / mb, c["tiled"][key] / mb,
-                c["memory_ratio_tiled_vs_whole"], c["seam_error"]["max_abs"], c["seam_error"]["mean_abs"],
-                c["seam_error"]["psnr_db"],
-            ])
+            rows.append(
+                [
+                    "x".join(map(str, c["latent_size"])),
+                    "x".join(map(str, c["image_size"])),
+                    c["num_windows"],
+                    c["whole"]["seconds"],
+                    c["tiled"]["seconds"],
+                    c["whole"][key] / mb,
+                    c["tiled"][key] / mb,
+                    c["memory_ratio_tiled_vs_whole"],
+                    c["seam_error"]["max_abs"],
+                    c["seam_error"]["mean_abs"],
+                    c["seam_error"]["psnr_db"],
+                ]
+            )
         memory = "peak RSS rise" if r["cases"][0]["memory_measure"] == "peak_rss_increase_bytes" else "CUDA peak"
-        lines += [f"**{grid} autoencoder** ({r['weights']}; windows {r['cases'][-1]['latent_roi_size']} latent, overlap {r['cases'][0]['overlap']})", "",
-                  markdown_table(["latent", "image", "windows", "whole s", "tiled s", f"whole MiB ({memory})",
-                                  f"tiled MiB ({memory})", "tiled/whole memory", "seam max abs", "seam mean abs", "seam PSNR dB"], rows), ""]
+        lines += [
+            f"**{grid} autoencoder** ({r['weights']}; windows {r['cases'][-1]['latent_roi_size']} latent, "
+            f"overlap {r['cases'][0]['overlap']})",
+            "",
+            markdown_table(
+                [
+                    "latent",
+                    "image",
+                    "windows",
+                    "whole s",
+                    "tiled s",
+                    f"whole MiB ({memory})",
+                    f"tiled MiB ({memory})",
+                    "tiled/whole memory",
+                    "seam max abs",
+                    "seam mean abs",
+                    "seam PSNR dB",
+                ],
+                rows,
+            ),
+            "",
+        ]
         big = r["largest_case"]
-        lines += [f"Largest case {'x'.join(map(str, big['latent_size']))}: tiled needs {fmt(big['memory_ratio_tiled_vs_whole'])} "
-                  f"of whole-decode memory (target <= {fmt(big['target_ratio'])}: {'met' if big['meets_target'] else 'NOT met'}), "
-                  f"seam error (tiled vs whole) max {fmt(big['seam_max_abs'])}, mean {fmt(big['seam_mean_abs'])} "
-                  "(preprocessed intensities lie in [0, 1]; the decoder's raw output is compared, before clipping).", ""]
+        lines += [
+            f"Largest case {'x'.join(map(str, big['latent_size']))}: tiled needs {fmt(big['memory_ratio_tiled_vs_whole'])} "
+            f"of whole-decode memory (target <= {fmt(big['target_ratio'])}: {'met' if big['meets_target'] else 'NOT met'}), "
+            f"seam error (tiled vs whole) max {fmt(big['seam_max_abs'])}, mean {fmt(big['seam_mean_abs'])} "
+            "(preprocessed intensities lie in [0, 1]; the decoder's raw output is compared, before clipping).",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ Two figures:
   and writing the pair; ``initialize_seconds`` is the set-up (parsing, weights) before it.
 
 The command needs ``models/diffusion_unet.pt`` and ``models/controlnet.pt``: without them the suite
-reports why it was skipped. The default sampler is the model's own (``scripts.inference.check_sampler``:
+reports why it was skipped. The default sampler is the model's own (``scripts.generation.inference.check_sampler``:
 rectified flow at 30 steps for an rflow model, DDIM at 50 steps for a DDPM model).
 
     python benchmarks/bench_inference.py [--threads N]
@@ -37,24 +37,46 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks.common import BUNDLE_ROOT, DEMO_MASKS, MODELS, BenchOptions, Stopwatch, fmt, in_bundle_root, trained_weights
-from scripts.settings import layered_config_files
+from benchmarks.common import (
+    BUNDLE_ROOT,
+    DEMO_MASKS,
+    MODELS,
+    BenchOptions,
+    Stopwatch,
+    fmt,
+    in_bundle_root,
+    trained_weights,
+)
+from scripts.core.settings import layered_config_files
 
 __all__ = ["TARGET_SECONDS", "COMMAND", "run", "markdown"]
 
 #: Demo inference of one volume on a 2-core CPU should take less than this, end to end.
 TARGET_SECONDS = 60.0
-COMMAND = ["-m", "monai.bundle", "run", "inference", "--config_file", str(layered_config_files("configs/inference.yaml"))]
+COMMAND = [
+    "-m",
+    "monai.bundle",
+    "run",
+    "inference",
+    "--config_file",
+    str(layered_config_files("configs/inference.yaml")),
+]
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
     """Time the inference command for one demo mask, in a fresh process and in this one."""
     weights = trained_weights(options.weights_dir)
     if weights is None:
-        return {"skipped": f"no diffusion_unet.pt and controlnet.pt in {options.weights_dir}: "
-                           "demo inference needs trained weights"}
+        return {
+            "skipped": f"no diffusion_unet.pt and controlnet.pt in {options.weights_dir}: "
+            "demo inference needs trained weights"
+        }
     # the shipped weights are the config's defaults; other weights are named as a user would name them
-    paths = {} if Path(options.weights_dir).resolve() == MODELS.resolve() else {f"{k}_path": str(v) for k, v in weights.items()}
+    paths = (
+        {}
+        if Path(options.weights_dir).resolve() == MODELS.resolve()
+        else {f"{k}_path": str(v) for k, v in weights.items()}
+    )
     mask = sorted(DEMO_MASKS.glob("*.nii*"))[0]
     mask_dir = options.work_dir / "inference_mask"
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -63,16 +85,24 @@ def run(options: BenchOptions) -> dict[str, Any]:
     # the process as a user starts it (torch's default threads), and with --threads when that is set
     process_runs = [_time_process(mask_dir, options.work_dir / "inference_process_default", extra, threads=None)]
     if options.threads is not None:
-        process_runs.append(_time_process(mask_dir, options.work_dir / "inference_process_threads", extra, options.threads))
+        process_runs.append(
+            _time_process(mask_dir, options.work_dir / "inference_process_threads", extra, options.threads)
+        )
     process_seconds = process_runs[-1]["seconds"]
 
     from monai.bundle import ConfigWorkflow
 
     out_inproc = options.work_dir / "inference_in_process"
     with in_bundle_root():
-        workflow = ConfigWorkflow(config_file=layered_config_files("configs/inference.yaml"), workflow_type="infer", run_id="inference",
-                                  mask_dir=str(mask_dir), output_dir=str(out_inproc), device=f"$torch.device('{options.device}')",
-                                  **paths)
+        workflow = ConfigWorkflow(
+            config_file=layered_config_files("configs/inference.yaml"),
+            workflow_type="infer",
+            run_id="inference",
+            mask_dir=str(mask_dir),
+            output_dir=str(out_inproc),
+            device=f"$torch.device({str(options.device)!r})",
+            **paths,
+        )
         with Stopwatch(options.device) as init:
             workflow.initialize()
         with Stopwatch(options.device) as volume:
@@ -80,7 +110,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
         sampler = workflow.parser.get_parsed_content("sampler_name")
         steps = workflow.parser.get_parsed_content("guided_sampler").num_inference_steps
     return {
-        "command": "python " + " ".join(COMMAND) + f" --mask_dir <folder with {mask.name}> --output_dir <tmp> --device {options.device}"
+        "command": "python "
+        + " ".join(COMMAND)
+        + f" --mask_dir <folder with {mask.name}> --output_dir <tmp> --device {options.device}"
         + "".join(f" --{k} {v}" for k, v in paths.items()),
         "weights": str(options.weights_dir),
         "mask": mask.name,
@@ -107,22 +139,31 @@ def _time_process(mask_dir: Path, output_dir: Path, extra: Sequence[str], thread
         done = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"inference command failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return {"threads": threads if threads is not None else f"torch default ({os.cpu_count()} cores)", "seconds": process.seconds}
+    return {
+        "threads": threads if threads is not None else f"torch default ({os.cpu_count()} cores)",
+        "seconds": process.seconds,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The suite's lines for ``summary.md``."""
     if "skipped" in result:
         return f"## Demo inference end to end\n\nSkipped: {result['skipped']}.\n"
-    return "\n".join([
-        "## Demo inference end to end", "",
-        f"`{result['command']}` (sampler {result['sampler']}, {result['num_inference_steps']} steps, {result['torch_threads']} threads):",
-        f"**{fmt(result['process_seconds'])} s** for the whole process (target < {fmt(result['target_seconds'])} s: "
-        f"{'met' if result['meets_target'] else 'NOT met'}); in-process {fmt(result['seconds_per_volume'])} s per volume "
-        f"after {fmt(result['initialize_seconds'])} s of set-up.",
-        "Whole process by thread setting: "
-        + "; ".join(f"{r['threads']} threads: {fmt(r['seconds'])} s" for r in result.get("process_runs", [])) + ".", "",
-    ])
+    return "\n".join(
+        [
+            "## Demo inference end to end",
+            "",
+            f"`{result['command']}` (sampler {result['sampler']}, {result['num_inference_steps']} steps, "
+            f"{result['torch_threads']} threads):",
+            f"**{fmt(result['process_seconds'])} s** for the whole process (target < {fmt(result['target_seconds'])} s: "
+            f"{'met' if result['meets_target'] else 'NOT met'}); in-process {fmt(result['seconds_per_volume'])} s per volume "
+            f"after {fmt(result['initialize_seconds'])} s of set-up.",
+            "Whole process by thread setting: "
+            + "; ".join(f"{r['threads']} threads: {fmt(r['seconds'])} s" for r in result.get("process_runs", []))
+            + ".",
+            "",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,10 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sampling speed (and quality) of DDPM-1000, DDIM-50 and rectified flow at 30 steps.
 
-What is timed is the bundle's guided sampler, ``scripts.sampler.LatentDiffusionSampler`` with the
+What is timed is the bundle's guided sampler, ``scripts.generation.sampler.LatentDiffusionSampler`` with the
 ControlNet, built from the configs (``configs/inference.yaml``, plus ``configs/hires.yaml`` for
 the paper-scale grid) and fed the demo masks brought onto the model grid exactly as inference does
-(``scripts.inference.MaskToImage``). Per volume it reports
+(``scripts.generation.inference.MaskToImage``). Per volume it reports
 
 * ``seconds_per_step``: median time of one reverse step (ControlNet + UNet + scheduler);
 * ``overhead_seconds_per_volume``: everything before the first step (one-hot map, the conditioning
@@ -30,7 +30,6 @@ here) channels-last-3d memory and ``torch.compile``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -51,6 +50,7 @@ from monai.inferers import ControlNetDiffusionInferer
 from monai.networks.utils import eval_mode
 from tqdm import tqdm
 
+import scripts.generation.sampler as sampler_module
 from benchmarks.common import (
     DEMO_MASKS,
     MODELS,
@@ -69,15 +69,22 @@ from benchmarks.common import (
     trained_weights,
 )
 from benchmarks.quality import quality_report
-from scripts.checkpoints import load_network_weights, weights_sha256
-from scripts.controlnet import load_controlnet
-from scripts.diffusion import freeze, load_diffusion_unet
-from scripts.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
-import scripts.sampler as sampler_module
-from scripts.sampler import LatentDiffusionSampler, set_sampling_timesteps
+from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.generation.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
+from scripts.generation.sampler import LatentDiffusionSampler, set_sampling_timesteps
+from scripts.models.controlnet import load_controlnet
+from scripts.models.diffusion import freeze, load_diffusion_unet
 
 __all__ = [
-    "SamplerSetting", "SETTINGS", "StepClock", "limit_steps", "default_conv3d", "Pipeline", "build_pipeline", "run", "markdown",
+    "SamplerSetting",
+    "SETTINGS",
+    "StepClock",
+    "limit_steps",
+    "default_conv3d",
+    "Pipeline",
+    "build_pipeline",
+    "run",
+    "markdown",
 ]
 
 #: The claim this suite checks: rectified flow at 30 steps vs DDPM at 1000 steps, per volume.
@@ -131,7 +138,7 @@ class StepClock:
     @property
     def step_seconds(self) -> list[float]:
         ends = self.stamps[1:] + [self.end]
-        return [b - a for a, b in zip(self.stamps, ends)]
+        return [b - a for a, b in zip(self.stamps, ends, strict=False)]
 
     @property
     def overhead_seconds(self) -> float:
@@ -168,7 +175,7 @@ def limit_steps(scheduler: Any, max_steps: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def default_conv3d() -> Iterator[None]:
     """Sampling with PyTorch's default CPU 3D convolution kernels: the sampler's oneDNN switch
-    (``scripts.sampler.onednn_conv3d``) turned off, the "before" of the ``onednn_conv3d`` study.
+    (``scripts.generation.sampler.onednn_conv3d``) turned off, the "before" of the ``onednn_conv3d`` study.
 
     For one volume PyTorch picks oneDNN only when ``N * C * D * H > 20480`` (a rule written for 2D
     images that ignores the last axis), so every layer on the demo latent grid runs the slower
@@ -191,7 +198,7 @@ class Pipeline:
     parser: Any
     unet: torch.nn.Module
     controlnet: torch.nn.Module
-    decoder: Any  # scripts.tiled_autoencoder.TiledAutoencoder, or None: decoding not timed here
+    decoder: Any  # scripts.networks.tiled_autoencoder.TiledAutoencoder, or None: decoding not timed here
     contract: Any
     labels: dict[str, int]
     spacing: list[float]
@@ -221,11 +228,15 @@ class Pipeline:
         Brought onto the model grid by ``MaskToImage``'s own transforms; the seed is the one
         inference gives the mask at ``--seed 0``.
         """
-        to_grid = MaskToImage(sampler=None, contract=self.contract, spacing=self.spacing, spatial_size=self.spatial_size)
+        to_grid = MaskToImage(
+            sampler=None, contract=self.contract, spacing=self.spacing, spatial_size=self.spatial_size
+        )
         found = []
         for item in find_masks(mask_dir=str(DEMO_MASKS))[:count]:
             label, nifti = to_grid.read(item["label"])
-            on_mask_grid = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(nifti.affine))
+            on_mask_grid = MetaTensor(
+                torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(nifti.affine)
+            )
             on_model_grid = to_grid.to_model_grid(on_mask_grid).as_tensor()
             found.append((item["name"], on_model_grid[None].to(self.device), output_seed(0, item["name"], 0)))
         return found
@@ -238,7 +249,7 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
     left to the decode suite (``bench_decode.py``).
     """
     device = options.device
-    overrides = {"device": f"$torch.device('{device}')", **grid_overrides(options, grid)}
+    overrides = {"device": f"$torch.device({str(device)!r})", **grid_overrides(options, grid)}
     parser = parse_configs(config_files("configs/inference.yaml", grid), overrides)
     unet = freeze(seeded_network(parser, "diffusion_unet_def", seed=0).to(device))
     controlnet = freeze(seeded_network(parser, "controlnet_def", seed=1).to(device))
@@ -264,17 +275,29 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         load_network_weights(decoder.autoencoder, str(MODELS / "autoencoder.pt"), "autoencoder", "autoencoder weights")
         weights = f"{RANDOM_WEIGHTS_NOTE} (UNet, ControlNet); trained autoencoder from models/"
     return Pipeline(
-        grid=grid, device=device, parser=parser, unet=unet, controlnet=controlnet, decoder=decoder,
-        contract=parser.get_parsed_content("label_contract"), labels=labels,
+        grid=grid,
+        device=device,
+        parser=parser,
+        unet=unet,
+        controlnet=controlnet,
+        decoder=decoder,
+        contract=parser.get_parsed_content("label_contract"),
+        labels=labels,
         spacing=[float(s) for s in parser.get_parsed_content("spacing")],
         spatial_size=[int(s) for s in parser.get_parsed_content("spatial_size")],
-        scale_factor=scale_factor, weights=weights, trained_schedule=schedule,
+        scale_factor=scale_factor,
+        weights=weights,
+        trained_schedule=schedule,
     )
 
 
 def time_volume(
-    sampler: LatentDiffusionSampler, label: torch.Tensor, seeds: Sequence[int], max_steps: int | None = None,
-    decode: bool = True, context: Callable[[], Any] = contextlib.nullcontext,
+    sampler: LatentDiffusionSampler,
+    label: torch.Tensor,
+    seeds: Sequence[int],
+    max_steps: int | None = None,
+    decode: bool = True,
+    context: Callable[[], Any] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Sample (and decode) one batch, timing every step; returns the timings and the images."""
     device = label.device
@@ -303,14 +326,19 @@ def quality_reason(pipe: Pipeline, setting: SamplerSetting, extrapolated: bool) 
     if pipe.trained_schedule is None:
         return "seeded random weights (no trained diffusion_unet.pt and controlnet.pt): quality needs trained weights"
     if SAMPLER_SCHEDULES[setting.sampler] != pipe.trained_schedule:
-        return f"weights trained with noise_schedule {pipe.trained_schedule!r}: sampler {setting.sampler!r} does not apply"
+        return (
+            f"weights trained with noise_schedule {pipe.trained_schedule!r}: sampler {setting.sampler!r} does not apply"
+        )
     if pipe.decoder is None:
         return "images not decoded on this device"
     return None
 
 
 def time_setting(
-    pipe: Pipeline, setting: SamplerSetting, masks: Sequence[tuple[str, torch.Tensor, int]], max_steps: int | None,
+    pipe: Pipeline,
+    setting: SamplerSetting,
+    masks: Sequence[tuple[str, torch.Tensor, int]],
+    max_steps: int | None,
     progress: bool,
 ) -> dict[str, Any]:
     """Every mask sampled with ``setting`` (the first ``max_steps`` steps when set); timings and quality."""
@@ -318,7 +346,7 @@ def time_setting(
     measured = min(setting.steps, max_steps) if max_steps is not None else setting.steps
     sampler = pipe.sampler(setting)
     runs, images, labels = [], [], []
-    for name, label, seed in tqdm(masks, desc=f"{pipe.grid} {setting.name}", unit="volume", disable=not progress):
+    for _name, label, seed in tqdm(masks, desc=f"{pipe.grid} {setting.name}", unit="volume", disable=not progress):
         run = time_volume(sampler, label, [seed], max_steps=max_steps if extrapolated else None)
         runs.append(run)
         if run["images"] is not None and not extrapolated:
@@ -356,7 +384,9 @@ def speed_ratios(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if fast in settings and slow in settings:
             a, b = settings[fast], settings[slow]
             ratios[f"{fast}_vs_{slow}_per_volume"] = b["seconds_per_volume"] / a["seconds_per_volume"]
-            ratios[f"{fast}_vs_{slow}_sampling_only"] = b["sampling_seconds_per_volume"] / a["sampling_seconds_per_volume"]
+            ratios[f"{fast}_vs_{slow}_sampling_only"] = (
+                b["sampling_seconds_per_volume"] / a["sampling_seconds_per_volume"]
+            )
             ratios[f"{fast}_vs_{slow}_extrapolated"] = bool(a["extrapolated"] or b["extrapolated"])
     if "rflow_30_vs_ddpm_1000_per_volume" in ratios:
         ratios["target_rflow_30_vs_ddpm_1000"] = TARGET_RFLOW_SPEEDUP
@@ -373,7 +403,9 @@ def _fastest_step(runs: Sequence[dict[str, Any]]) -> float:
     return min(s for r in runs for s in r["step_seconds"])
 
 
-def _per_step_embedding_run(sampler: LatentDiffusionSampler, label: torch.Tensor, seed: int, steps: int) -> dict[str, Any]:
+def _per_step_embedding_run(
+    sampler: LatentDiffusionSampler, label: torch.Tensor, seed: int, steps: int
+) -> dict[str, Any]:
     """The guided loop without ``conditioning_embedded_once``: MONAI's ControlNet embeds the mask at every step."""
     device = label.device
     condition = sampler.contract.one_hot(label).float()
@@ -414,7 +446,9 @@ def _before_after(before: Callable[[], dict], after: Callable[[], dict], repeats
         result["decode_seconds_before"] = statistics.median(r["decode_seconds"] for r in runs_before)
         result["decode_seconds_after"] = statistics.median(r["decode_seconds"] for r in runs_after)
         for name, runs in (("before", runs_before), ("after", runs_after)):
-            result[f"seconds_per_volume_{name}"] = statistics.median(r["sampling_seconds"] + r["decode_seconds"] for r in runs)
+            result[f"seconds_per_volume_{name}"] = statistics.median(
+                r["sampling_seconds"] + r["decode_seconds"] for r in runs
+            )
     return result
 
 
@@ -432,20 +466,26 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
         return lambda: time_volume(sampler, label, [seed], max_steps=steps, decode=decode, context=context)
 
     out["conditioning_embedded_once"] = _before_after(
-        lambda: _per_step_embedding_run(sampler, label, seed, steps), guided(), repeats,
-        "ControlNet conditioning embedding computed once per volume instead of at every step (scripts/sampler.py)",
+        lambda: _per_step_embedding_run(sampler, label, seed, steps),
+        guided(),
+        repeats,
+        "ControlNet conditioning embedding computed once per volume instead of at every step (scripts/generation/sampler.py)",
     )
     bar.update()
     out["inference_mode"] = _before_after(
-        guided(), guided(torch.inference_mode), repeats,
+        guided(),
+        guided(torch.inference_mode),
+        repeats,
         "torch.inference_mode around sampling (the sampler itself uses torch.no_grad)",
     )
     bar.update()
     if options.device.type == "cpu":
         out["onednn_conv3d"] = _before_after(
-            guided(default_conv3d, decode=True), guided(decode=True), repeats,
+            guided(default_conv3d, decode=True),
+            guided(decode=True),
+            repeats,
             "3D convolutions of one volume on oneDNN instead of PyTorch's slow_conv3d "
-            "(scripts.sampler.onednn_conv3d, on by default)",
+            "(scripts.generation.sampler.onednn_conv3d, on by default)",
         )
     else:
         out["onednn_conv3d"] = {"skipped": "CPU only"}
@@ -455,9 +495,14 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
         for n in sorted({1, min(2, os.cpu_count() or 1)}):
             with torch_threads(n):
                 runs = [guided()() for _ in range(repeats)]
-                threads[f"threads_{n}"] = {"seconds_per_step": _median_step(runs), "fastest_step_seconds": _fastest_step(runs)}
+                threads[f"threads_{n}"] = {
+                    "seconds_per_step": _median_step(runs),
+                    "fastest_step_seconds": _fastest_step(runs),
+                }
         if "threads_2" in threads:
-            threads["speedup_2_vs_1"] = threads["threads_1"]["seconds_per_step"] / threads["threads_2"]["seconds_per_step"]
+            threads["speedup_2_vs_1"] = (
+                threads["threads_1"]["seconds_per_step"] / threads["threads_2"]["seconds_per_step"]
+            )
         threads["note"] = "shares the cores with whatever else runs (see environment.load_average_1_5_15_min)"
         out["cpu_threads"] = threads
     else:
@@ -520,8 +565,14 @@ def _cuda_experimental(
         compiled = torch.compile(pipe.unet)
         with Stopwatch(pipe.device) as warm:  # the first call compiles
             time_volume(pipe.sampler(setting, unet=compiled), label, [seed], max_steps=2, decode=False)
-        step = _median_step([time_volume(pipe.sampler(setting, unet=compiled), label, [seed], max_steps=steps, decode=False)])
-        result["torch_compile"] = {"seconds_per_step": step, "speedup": baseline / step, "compile_seconds": warm.seconds}
+        step = _median_step(
+            [time_volume(pipe.sampler(setting, unet=compiled), label, [seed], max_steps=steps, decode=False)]
+        )
+        result["torch_compile"] = {
+            "seconds_per_step": step,
+            "speedup": baseline / step,
+            "compile_seconds": warm.seconds,
+        }
     except Exception as e:
         result["torch_compile"] = {"error": f"{type(e).__name__}: {e}"}
     return result
@@ -589,7 +640,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines += [f"**{grid} grid**: skipped ({r['skipped']}).", ""]
             continue
         size = "x".join(str(s) for s in r["spatial_size"])
-        lines += [f"**{grid} grid** ({size} image, {'x'.join(str(s) for s in r['latent_size'])} latent; {r['weights']})", ""]
+        lines += [
+            f"**{grid} grid** ({size} image, {'x'.join(str(s) for s in r['latent_size'])} latent; {r['weights']})",
+            "",
+        ]
         rows, reasons = [], []
         for s in r["settings"].values():
             quality = s["quality"] or {}
@@ -597,27 +651,54 @@ def markdown(result: dict[str, Any]) -> str:
             fid = (quality.get("fid") or {}).get("fid_2_5d") if quality else None
             if s["quality_reason"]:
                 reasons.append(f"{s['setting']}: {s['quality_reason']}")
-            rows.append([
-                s["setting"], f"{s['measured_steps']}/{s['num_inference_steps']}", s["seconds_per_step"],
-                s["sampling_seconds_per_volume"], s["decode_seconds_per_volume"], s["seconds_per_volume"],
-                s["extrapolated"], s["num_volumes"], contrast if contrast is not None else "n/a",
-                fid if fid is not None else "n/a",
-            ])
-        lines += [markdown_table(
-            ["setting", "steps timed", "s/step", "sampling s/volume", "decode s/volume", "s/volume", "extrapolated",
-             "volumes", "mask contrast (liver - vessels/HCC)", "FID 2.5D (offline extractor)"], rows), ""]
+            rows.append(
+                [
+                    s["setting"],
+                    f"{s['measured_steps']}/{s['num_inference_steps']}",
+                    s["seconds_per_step"],
+                    s["sampling_seconds_per_volume"],
+                    s["decode_seconds_per_volume"],
+                    s["seconds_per_volume"],
+                    s["extrapolated"],
+                    s["num_volumes"],
+                    contrast if contrast is not None else "n/a",
+                    fid if fid is not None else "n/a",
+                ]
+            )
+        lines += [
+            markdown_table(
+                [
+                    "setting",
+                    "steps timed",
+                    "s/step",
+                    "sampling s/volume",
+                    "decode s/volume",
+                    "s/volume",
+                    "extrapolated",
+                    "volumes",
+                    "mask contrast (liver - vessels/HCC)",
+                    "FID 2.5D (offline extractor)",
+                ],
+                rows,
+            ),
+            "",
+        ]
         halves = [((s["quality"] or {}).get("fid") or {}).get("real_halves_fid_2_5d") for s in r["settings"].values()]
         if any(h is not None for h in halves):
-            lines += ["FID 2.5D against the real test split of the phantoms "
-                      f"(between two halves of it: {fmt(next(h for h in halves if h is not None))}); the extractor is the "
-                      "shipped stage-1 encoder: these FIDs rank settings, they are not comparable with published ones.", ""]
+            lines += [
+                "FID 2.5D against the real test split of the phantoms "
+                f"(between two halves of it: {fmt(next(h for h in halves if h is not None))}); the extractor is the "
+                "shipped stage-1 encoder: these FIDs rank settings, they are not comparable with published ones.",
+                "",
+            ]
         if reasons:
             lines += ["Quality notes: " + "; ".join(reasons) + ".", ""]
         ratios = r["ratios"]
         if "rflow_30_vs_ddpm_1000_per_volume" in ratios:
             lines += [
                 f"rflow-30 vs DDPM-1000: **{fmt(ratios['rflow_30_vs_ddpm_1000_per_volume'])}x** faster per volume "
-                f"({fmt(ratios['rflow_30_vs_ddpm_1000_sampling_only'])}x sampling only; target {fmt(ratios['target_rflow_30_vs_ddpm_1000'])}x, "
+                f"({fmt(ratios['rflow_30_vs_ddpm_1000_sampling_only'])}x sampling only; "
+                f"target {fmt(ratios['target_rflow_30_vs_ddpm_1000'])}x, "
                 f"{'met' if ratios['meets_target'] else 'NOT met'}; "
                 f"{'extrapolated' if ratios['rflow_30_vs_ddpm_1000_extrapolated'] else 'measured'}). "
                 f"DDIM-50 vs DDPM-1000: {fmt(ratios.get('ddim_50_vs_ddpm_1000_per_volume'))}x.",
@@ -630,25 +711,53 @@ def markdown(result: dict[str, Any]) -> str:
                 v = sp[key]
                 if "skipped" in v:
                     continue
-                rows.append([key, v["seconds_per_step_before"], v["seconds_per_step_after"], v["speedup"],
-                             v["speedup_fastest_steps"]])
+                rows.append(
+                    [
+                        key,
+                        v["seconds_per_step_before"],
+                        v["seconds_per_step_after"],
+                        v["speedup"],
+                        v["speedup_fastest_steps"],
+                    ]
+                )
             th = sp["cpu_threads"]
             if "threads_2" in th:
-                rows.append(["2 vs 1 CPU threads", th["threads_1"]["seconds_per_step"], th["threads_2"]["seconds_per_step"],
-                             th["speedup_2_vs_1"], th["threads_1"]["fastest_step_seconds"] / th["threads_2"]["fastest_step_seconds"]])
-            lines += [f"Speed-ups (demo grid, first {sp['measured_steps']} rflow steps x {sp['repeats']} alternating runs; "
-                      "median s/step; last column from the fastest step of each, the least disturbed by other jobs):", "",
-                      markdown_table(["change", "before", "after", "speed-up", "speed-up (fastest steps)"], rows), ""]
+                rows.append(
+                    [
+                        "2 vs 1 CPU threads",
+                        th["threads_1"]["seconds_per_step"],
+                        th["threads_2"]["seconds_per_step"],
+                        th["speedup_2_vs_1"],
+                        th["threads_1"]["fastest_step_seconds"] / th["threads_2"]["fastest_step_seconds"],
+                    ]
+                )
+            lines += [
+                f"Speed-ups (demo grid, first {sp['measured_steps']} rflow steps x {sp['repeats']} alternating runs; "
+                "median s/step; last column from the fastest step of each, the least disturbed by other jobs):",
+                "",
+                markdown_table(["change", "before", "after", "speed-up", "speed-up (fastest steps)"], rows),
+                "",
+            ]
             one = sp["onednn_conv3d"]
             if "seconds_per_volume_after" in one:
-                lines += [f"oneDNN 3D convolutions per volume (first {sp['measured_steps']} steps + decode): "
-                          f"{fmt(one['seconds_per_volume_before'])} -> {fmt(one['seconds_per_volume_after'])} s "
-                          f"(decode {fmt(one['decode_seconds_before'])} -> {fmt(one['decode_seconds_after'])} s).", ""]
+                lines += [
+                    f"oneDNN 3D convolutions per volume (first {sp['measured_steps']} steps + decode): "
+                    f"{fmt(one['seconds_per_volume_before'])} -> {fmt(one['seconds_per_volume_after'])} s "
+                    f"(decode {fmt(one['decode_seconds_before'])} -> {fmt(one['decode_seconds_after'])} s).",
+                    "",
+                ]
             b = sp["batch_sampling"]
             if "speedup" in b:
-                lines += [f"Batch of {b['batch_size']} masks: {fmt(b['seconds_per_volume_one_by_one'])} -> "
-                          f"{fmt(b['seconds_per_volume_batched'])} s/volume ({fmt(b['speedup'])}x; first {b['measured_steps']} steps + decode).", ""]
-            lines += [f"CUDA channels-last-3d / torch.compile: {sp['cuda_experimental'].get('skipped', 'see sampling.json')}.", ""]
+                lines += [
+                    f"Batch of {b['batch_size']} masks: {fmt(b['seconds_per_volume_one_by_one'])} -> "
+                    f"{fmt(b['seconds_per_volume_batched'])} s/volume "
+                    f"({fmt(b['speedup'])}x; first {b['measured_steps']} steps + decode).",
+                    "",
+                ]
+            lines += [
+                f"CUDA channels-last-3d / torch.compile: {sp['cuda_experimental'].get('skipped', 'see sampling.json')}.",
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ first warms up, the second is reported (``seconds_per_epoch`` includes data load
 Stage 2 runs twice:
 
 * ``diffusion_unet_latent_cache``: as configured, from latents encoded once
-  (``scripts.latent_cache``); the one-off cost of building the cache is reported beside it;
+  (``scripts.data.latent_cache``); the one-off cost of building the cache is reported beside it;
 * ``diffusion_unet_encode_on_the_fly``: the same trainer fed preprocessed images (kept in memory
   by MONAI's ``CacheDataset``, as stage 1 does), each batch encoded by the frozen autoencoder
   inside the step (:class:`EncodingPrepareBatch`), i.e. training without the latent cache;
@@ -54,7 +54,7 @@ from benchmarks.common import (
     parse_configs,
     write_seeded_checkpoint,
 )
-from scripts.checkpoints import weights_sha256
+from scripts.core.checkpoints import weights_sha256
 
 __all__ = ["TARGET_CACHE_SPEEDUP", "EncodingPrepareBatch", "time_trainer", "run", "markdown"]
 
@@ -66,7 +66,7 @@ class EncodingPrepareBatch(PrepareBatch):
     """Stage-2 batches without the latent cache: encode the image batch, then the schedule's preparation.
 
     The frozen autoencoder's latent MEAN (``TiledAutoencoder.encode``) is scaled by ``scale_factor``,
-    as ``scripts.latent_cache.LoadLatentCased`` does for cached latents, and handed to ``diffusion``
+    as ``scripts.data.latent_cache.LoadLatentCased`` does for cached latents, and handed to ``diffusion``
     (noise, timesteps, target), so the training step is otherwise identical.
     """
 
@@ -77,7 +77,11 @@ class EncodingPrepareBatch(PrepareBatch):
         self.image_key = image_key
 
     def __call__(
-        self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> Any:
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
         batch = dict(batchdata)
@@ -135,7 +139,7 @@ def training_datalist(options: BenchOptions) -> tuple[Path, Path, dict[str, int]
     root = Path(options.dataset_dir)
     note = str(root)
     if not (root / "datalist.json").is_file():
-        from scripts.phantom import write_phantom_dataset
+        from scripts.data.phantom import write_phantom_dataset
 
         root = options.work_dir / "phantoms"
         write_phantom_dataset(str(root), num_cases=8 if options.quick else 40, seed=0)
@@ -165,24 +169,38 @@ def run(options: BenchOptions) -> dict[str, Any]:
         dataset_dir, datalist, counts, dataset_note = training_datalist(options)
         output = options.work_dir / "training"
         base = {
-            "dataset_dir": str(dataset_dir), "datalist": str(datalist), "output_dir": str(output),
-            "device": f"$torch.device('{device}')", "max_epochs": 2, "num_workers": 0,
+            "dataset_dir": str(dataset_dir),
+            "datalist": str(datalist),
+            "output_dir": str(output),
+            "device": f"$torch.device({str(device)!r})",
+            "max_epochs": 2,
+            "num_workers": 0,
             **grid_overrides(options, "demo"),
         }
         autoencoder_path = MODELS / "autoencoder.pt"
         if not autoencoder_path.is_file():
-            autoencoder_path = write_seeded_checkpoint(parse_configs(["configs/common.yaml"], base), "autoencoder_def",
-                                                       "autoencoder", options.work_dir / "autoencoder.pt", seed=0)
+            autoencoder_path = write_seeded_checkpoint(
+                parse_configs(["configs/common.yaml"], base),
+                "autoencoder_def",
+                "autoencoder",
+                options.work_dir / "autoencoder.pt",
+                seed=0,
+            )
         base["autoencoder_path"] = str(autoencoder_path)
         stages: dict[str, Any] = {}
 
         # stage 1: the VAE-GAN step, adversarial term on
         spatial = parse_configs(["configs/common.yaml"], base).get_parsed_content("spatial_size")
         configured_patch = parse_configs(["configs/train_autoencoder.yaml"]).get_parsed_content("patch_size")
-        patch = [min(p, s) for p, s in zip(configured_patch, spatial)]
-        parser = _stage_parser("configs/train_autoencoder.yaml", options, base, adversarial_warmup_epochs=0, patch_size=patch)
+        patch = [min(p, s) for p, s in zip(configured_patch, spatial, strict=True)]
+        parser = _stage_parser(
+            "configs/train_autoencoder.yaml", options, base, adversarial_warmup_epochs=0, patch_size=patch
+        )
         parser.get_parsed_content("train#dataset")  # preprocessing cached in memory before the clock starts
-        stages["autoencoder"] = {**time_trainer(parser.get_parsed_content("train#trainer"), device), "patch_size": patch}
+        stages["autoencoder"] = {
+            **time_trainer(parser.get_parsed_content("train#trainer"), device),
+            "patch_size": patch,
+        }
 
         # stage 2 with the latent cache, as configured
         parser = _stage_parser("configs/train_diffusion.yaml", options, base)
@@ -198,28 +216,53 @@ def run(options: BenchOptions) -> dict[str, Any]:
         # stage 2 without the latent cache: every batch encoded inside the step, the images either kept
         # in memory after preprocessing (CacheDataset, as stage 1 does) or loaded and preprocessed each time
         for name, dataset in (
-            ("diffusion_unet_encode_on_the_fly", {"_target_": "CacheDataset", "data": "@train#datalist",
-                                                  "transform": "@pair_preprocessing", "cache_rate": 1.0, "num_workers": 0}),
-            ("diffusion_unet_load_and_encode_on_the_fly", {"_target_": "Dataset", "data": "@train#datalist",
-                                                           "transform": "@pair_preprocessing"}),
+            (
+                "diffusion_unet_encode_on_the_fly",
+                {
+                    "_target_": "CacheDataset",
+                    "data": "@train#datalist",
+                    "transform": "@pair_preprocessing",
+                    "cache_rate": 1.0,
+                    "num_workers": 0,
+                },
+            ),
+            (
+                "diffusion_unet_load_and_encode_on_the_fly",
+                {"_target_": "Dataset", "data": "@train#datalist", "transform": "@pair_preprocessing"},
+            ),
         ):
             parser = _stage_parser(
-                "configs/train_diffusion.yaml", options, base, scale_factor=scale_factor,
-                **{"train#dataset": dataset,
-                   "train#prepare_batch": {"_target_": "benchmarks.bench_training.EncodingPrepareBatch",
-                                           "encoder": "@tiled_autoencoder", "scale_factor": "@scale_factor",
-                                           "diffusion": "$scripts.diffusion.training_prepare_batch(@noise_schedule, @noise_scheduler)"}},
+                "configs/train_diffusion.yaml",
+                options,
+                base,
+                scale_factor=scale_factor,
+                **{
+                    "train#dataset": dataset,
+                    "train#prepare_batch": {
+                        "_target_": "benchmarks.bench_training.EncodingPrepareBatch",
+                        "encoder": "@tiled_autoencoder",
+                        "scale_factor": "@scale_factor",
+                        "diffusion": "$scripts.models.diffusion.training_prepare_batch(@noise_schedule, @noise_scheduler)",
+                    },
+                },
             )
             parser.get_parsed_content("load_autoencoder")  # frozen weights into the encoder the batches use
             with Stopwatch(device) as preprocess:
                 parser.get_parsed_content("train#dataset")
-            stages[name] = {**time_trainer(parser.get_parsed_content("train#trainer"), device),
-                            "dataset_setup_seconds": preprocess.seconds}
+            stages[name] = {
+                **time_trainer(parser.get_parsed_content("train#trainer"), device),
+                "dataset_setup_seconds": preprocess.seconds,
+            }
 
         # stage 3: the ControlNet beside a frozen (seeded random) stage-2 UNet
         unet_path = write_seeded_checkpoint(
-            parse_configs(["configs/common.yaml"], base), "diffusion_unet_def", "diffusion_unet", options.work_dir / "unet.pt",
-            seed=1, scale_factor=scale_factor, noise_schedule=str(parser.get_parsed_content("noise_schedule")),
+            parse_configs(["configs/common.yaml"], base),
+            "diffusion_unet_def",
+            "diffusion_unet",
+            options.work_dir / "unet.pt",
+            seed=1,
+            scale_factor=scale_factor,
+            noise_schedule=str(parser.get_parsed_content("noise_schedule")),
             prediction_type=str(parser.get_parsed_content("prediction_type")),
             autoencoder_sha256=weights_sha256(torch.load(autoencoder_path, weights_only=True), "autoencoder"),
         )
@@ -243,10 +286,13 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "dataset": dataset_note,
         "cases": counts,
         "weights": f"{'models/autoencoder.pt' if autoencoder_path.parent == MODELS else RANDOM_WEIGHTS_NOTE} for the frozen "
-                   "autoencoder; other networks start from their initialisation (speed does not depend on the weights)",
+        "autoencoder; other networks start from their initialisation (speed does not depend on the weights)",
         "stages": stages,
-        "latent_cache": {"target_epoch_speedup": TARGET_CACHE_SPEEDUP, "cache_build_seconds": cached["cache_build_seconds"],
-                         **comparisons},
+        "latent_cache": {
+            "target_epoch_speedup": TARGET_CACHE_SPEEDUP,
+            "cache_build_seconds": cached["cache_build_seconds"],
+            **comparisons,
+        },
     }
 
 
@@ -254,21 +300,40 @@ def markdown(result: dict[str, Any]) -> str:
     """The suite's table for ``summary.md``."""
     rows = []
     for name, s in result["stages"].items():
-        rows.append([name, s["batch_size"], s["iterations_per_epoch"], s["median_iteration_seconds"],
-                     s["iterations_per_second"], s["seconds_per_epoch"]])
+        rows.append(
+            [
+                name,
+                s["batch_size"],
+                s["iterations_per_epoch"],
+                s["median_iteration_seconds"],
+                s["iterations_per_second"],
+                s["seconds_per_epoch"],
+            ]
+        )
     c = result["latent_cache"]
     lines = [
-        "## Training (demo grid)", "",
-        f"Grid {'x'.join(map(str, result['grid']))}; {result['cases']['training']} training cases ({result['dataset']}); {result['weights']}.", "",
-        markdown_table(["stage", "batch", "iterations/epoch", "s/iteration (median step)", "iterations/s (epoch)", "s/epoch"], rows), "",
+        "## Training (demo grid)",
+        "",
+        f"Grid {'x'.join(map(str, result['grid']))}; {result['cases']['training']} training cases "
+        f"({result['dataset']}); {result['weights']}.",
+        "",
+        markdown_table(
+            ["stage", "batch", "iterations/epoch", "s/iteration (median step)", "iterations/s (epoch)", "s/epoch"], rows
+        ),
+        "",
         f"Latent cache (built once in {fmt(c['cache_build_seconds'])} s) vs encoding every batch in the step "
-        f"(target {fmt(c['target_epoch_speedup'])}x per epoch):", "",
+        f"(target {fmt(c['target_epoch_speedup'])}x per epoch):",
+        "",
     ]
-    for name, label in (("vs_encode_on_the_fly", "preprocessed images kept in memory"),
-                        ("vs_load_and_encode_on_the_fly", "images loaded and preprocessed every epoch")):
+    for name, label in (
+        ("vs_encode_on_the_fly", "preprocessed images kept in memory"),
+        ("vs_load_and_encode_on_the_fly", "images loaded and preprocessed every epoch"),
+    ):
         v = c[name]
-        lines.append(f"- {label}: **{fmt(v['epoch_speedup'])}x** per epoch ({fmt(v['step_speedup'])}x per step; "
-                     f"{'met' if v['meets_target'] else 'NOT met'}; cache paid back after {fmt(v['break_even_epochs'])} epochs)")
+        lines.append(
+            f"- {label}: **{fmt(v['epoch_speedup'])}x** per epoch ({fmt(v['step_speedup'])}x per step; "
+            f"{'met' if v['meets_target'] else 'NOT met'}; cache paid back after {fmt(v['break_even_epochs'])} epochs)"
+        )
     return "\n".join(lines + [""])
 
 

@@ -32,7 +32,9 @@ if str(BUNDLE_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks
 
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
-from scripts.settings import layered_config_files  # noqa: E402
+
+from scripts.core import outputs  # noqa: E402
+from scripts.core.settings import layered_config_files  # noqa: E402
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -276,7 +278,9 @@ def seeded_network(parser: ConfigParser, definition: str, seed: int) -> torch.nn
     return parser.get_parsed_content(definition, instantiate=True, lazy=False)
 
 
-def write_seeded_checkpoint(parser: ConfigParser, definition: str, key: str, path: Path, seed: int, **extra: Any) -> Path:
+def write_seeded_checkpoint(
+    parser: ConfigParser, definition: str, key: str, path: Path, seed: int, **extra: Any
+) -> Path:
     """Save ``{key: state_dict, **extra}`` of a seeded random ``definition`` as the training configs save it."""
     network = seeded_network(parser, definition, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +317,7 @@ def jsonable(value: Any) -> Any:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary sibling file, then rename it over ``path`` (never half-written)."""
-    from scripts.outputs import write_text_atomic as write
+    from scripts.core.outputs import write_text_atomic as write
 
     return Path(write(str(path), text))
 
@@ -333,12 +337,10 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "-"
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
     return str(value)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A GitHub-flavoured Markdown table of :func:`fmt` cells (the bundle's one table writer)."""
+    return outputs.markdown_table(headers, [[fmt(c) for c in row] for row in rows])

@@ -38,7 +38,14 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import bench_decode, bench_inference, bench_sampling, bench_training
-from benchmarks.common import BUNDLE_ROOT, BenchOptions, environment, write_json_atomic, write_text_atomic
+from benchmarks.common import (
+    BUNDLE_ROOT,
+    BenchOptions,
+    environment,
+    markdown_table,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 __all__ = ["SUITES", "RESULTS_DIR", "parse_args", "options_from_args", "summary_markdown", "main"]
 
@@ -54,24 +61,50 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer steps/cases; unfinished figures are extrapolated and flagged")
-    p.add_argument("--suites", nargs="+", choices=sorted(SUITES), default=list(SUITES), help="suites to run (default: all)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps/cases; unfinished figures are extrapolated and flagged"
+    )
+    p.add_argument(
+        "--suites", nargs="+", choices=sorted(SUITES), default=list(SUITES), help="suites to run (default: all)"
+    )
     p.add_argument("--output-dir", type=Path, default=None, help="results folder (default: benchmarks/results[/quick])")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--no-hires", action="store_true", help="skip the paper-scale grid of configs/hires.yaml")
     p.add_argument("--demo-spatial-size", type=int, nargs=3, default=None, help="override the demo grid size (tests)")
-    p.add_argument("--demo-spacing", type=float, nargs=3, default=None, help="override the demo grid spacing in mm (tests)")
-    p.add_argument("--dataset-dir", type=Path, default=BenchOptions.dataset_dir,
-                   help="training-suite dataset with datalist.json (generated phantoms when absent)")
-    p.add_argument("--max-cases", type=int, default=None, help="at most this many training cases (default: quick 4, full all)")
-    p.add_argument("--num-masks", type=int, default=None, help="demo masks per sampler setting (default: quick 1, full 4)")
-    p.add_argument("--weights-dir", type=Path, default=None,
-                   help="trained demo weights (autoencoder.pt, diffusion_unet.pt, controlnet.pt); default models/")
-    p.add_argument("--decode-latent-sizes", type=_ints, nargs="+", default=None,
-                   help="latent sizes of the decode suite, e.g. 16,16,16 64,64,32 (default by mode)")
-    p.add_argument("--cuda-experimental", action="store_true",
-                   help="also time channels-last-3d and torch.compile on CUDA (untested code path)")
+    p.add_argument(
+        "--demo-spacing", type=float, nargs=3, default=None, help="override the demo grid spacing in mm (tests)"
+    )
+    p.add_argument(
+        "--dataset-dir",
+        type=Path,
+        default=BenchOptions.dataset_dir,
+        help="training-suite dataset with datalist.json (generated phantoms when absent)",
+    )
+    p.add_argument(
+        "--max-cases", type=int, default=None, help="at most this many training cases (default: quick 4, full all)"
+    )
+    p.add_argument(
+        "--num-masks", type=int, default=None, help="demo masks per sampler setting (default: quick 1, full 4)"
+    )
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        help="trained demo weights (autoencoder.pt, diffusion_unet.pt, controlnet.pt); default models/",
+    )
+    p.add_argument(
+        "--decode-latent-sizes",
+        type=_ints,
+        nargs="+",
+        default=None,
+        help="latent sizes of the decode suite, e.g. 16,16,16 64,64,32 (default by mode)",
+    )
+    p.add_argument(
+        "--cuda-experimental",
+        action="store_true",
+        help="also time channels-last-3d and torch.compile on CUDA (untested code path)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -110,13 +143,41 @@ def summary_markdown(folder: Path) -> str:
     lines = ["# Benchmark results", ""]
     if not payloads:
         return "\n".join(lines + ["No results yet.", ""])
-    lines += ["| suite | mode | date (UTC) | CPU | threads | GPU | torch | MONAI | load (1/5/15 min) | suite time s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name, p in payloads.items():
         e = p["environment"]
         load = "/".join(str(x) for x in e.get("load_average_1_5_15_min") or [])
-        lines.append(f"| {name} | {p['mode']} | {e['date_utc']} | {e['cpu_model']} ({e['cpu_cores']} cores) | "
-                     f"{e['torch_threads']} | {e['gpu'] or '-'} | {e['torch']} | {e['monai']} | {load} | {p['suite_seconds']:.0f} |")
+        rows.append(
+            [
+                name,
+                p["mode"],
+                e["date_utc"],
+                f"{e['cpu_model']} ({e['cpu_cores']} cores)",
+                e["torch_threads"],
+                e["gpu"] or "-",
+                e["torch"],
+                e["monai"],
+                load,
+                f"{p['suite_seconds']:.0f}",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "suite",
+                "mode",
+                "date (UTC)",
+                "CPU",
+                "threads",
+                "GPU",
+                "torch",
+                "MONAI",
+                "load (1/5/15 min)",
+                "suite time s",
+            ],
+            rows,
+        )
+    )
     lines += ["", "Commands: " + "; ".join(sorted({f"`{p['command']}`" for p in payloads.values()})), ""]
     for name, p in payloads.items():
         if "error" in p["results"]:
@@ -152,9 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(results["error"], file=sys.stderr, flush=True)
                 seconds = time.perf_counter() - start
                 env["load_average_end_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
-                payload = {"suite": name, "mode": options.mode, "command": command, "environment": env,
-                           "suite_seconds": seconds, "results": results}
-                print(f"   {name}: {seconds:.0f} s -> {write_json_atomic(out_dir / f'{name}.json', payload)}", flush=True)
+                payload = {
+                    "suite": name,
+                    "mode": options.mode,
+                    "command": command,
+                    "environment": env,
+                    "suite_seconds": seconds,
+                    "results": results,
+                }
+                print(
+                    f"   {name}: {seconds:.0f} s -> {write_json_atomic(out_dir / f'{name}.json', payload)}", flush=True
+                )
         summary = write_text_atomic(out_dir / "summary.md", summary_markdown(out_dir))
         print(f"summary: {summary}", flush=True)
     finally:

@@ -1,65 +1,11 @@
 # Copyright (c) 3D-LLDM bundle contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Python package of the 3D-LLDM bundle, imported from configs as ``scripts.<module>``."""
+"""Python package of the 3D-LLDM bundle, imported from configs as ``scripts.<package>.<module>``.
 
-from . import (
-    augmentation_study,
-    checkpoints,
-    controlnet,
-    data,
-    dataset_report,
-    diffusion,
-    diversity,
-    errors,
-    evaluation,
-    feature_networks,
-    fid,
-    figures,
-    gan_baseline,
-    inference,
-    labels,
-    latent_cache,
-    mask_fidelity,
-    masks,
-    networks,
-    outputs,
-    perceptual,
-    phantom,
-    sample_preview,
-    sampler,
-    segmentation,
-    tiled_autoencoder,
-    trainers,
-    unconditional,
-)
+Packages in dependency order (each imports only from those before it): core, data, networks,
+models, generation, evaluation, studies, tools.
+"""
 
-__all__ = [
-    "augmentation_study",
-    "checkpoints",
-    "controlnet",
-    "data",
-    "dataset_report",
-    "diffusion",
-    "diversity",
-    "errors",
-    "evaluation",
-    "feature_networks",
-    "fid",
-    "figures",
-    "gan_baseline",
-    "inference",
-    "labels",
-    "latent_cache",
-    "mask_fidelity",
-    "masks",
-    "networks",
-    "outputs",
-    "perceptual",
-    "phantom",
-    "sample_preview",
-    "sampler",
-    "segmentation",
-    "tiled_autoencoder",
-    "trainers",
-    "unconditional",
-]
+from . import core, data, networks, models, generation, evaluation, studies, tools  # isort: skip (dependency order)
+
+__all__ = ["core", "data", "networks", "models", "generation", "evaluation", "studies", "tools"]

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
-from scripts.checkpoints import weights_sha256
-from scripts.settings import layered_config_files
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.settings import layered_config_files
 
 #: The tiny model grid of the stage-1 tests (32^3 voxels, 8^3 latents), without the stage-1 patch size.
-TINY = {k.lstrip("-"): eval(v) for k, v in zip(TINY_GRID[::2], TINY_GRID[1::2]) if k != "--patch_size"}
+TINY = {k.lstrip("-"): eval(v) for k, v in zip(TINY_GRID[::2], TINY_GRID[1::2], strict=True) if k != "--patch_size"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,18 +68,38 @@ def write_autoencoder(path: Path, seed: int = 0) -> Path:
     return write_network(path, "autoencoder_def", "autoencoder", seed)
 
 
-def write_unet(path: Path, autoencoder: Path, seed: int = 0, noise_schedule: str = "ddpm", scale_factor: float = 1.7,
-               prediction_type: str = "v_prediction") -> Path:
+def write_unet(
+    path: Path,
+    autoencoder: Path,
+    seed: int = 0,
+    noise_schedule: str = "ddpm",
+    scale_factor: float = 1.7,
+    prediction_type: str = "v_prediction",
+) -> Path:
     """Stage-2 weights as ``train_diffusion.yaml`` saves them, from a seeded random UNet."""
-    return write_network(path, "diffusion_unet_def", "diffusion_unet", seed, trained_like=True, scale_factor=scale_factor,
-                         noise_schedule=noise_schedule, prediction_type=prediction_type,
-                         autoencoder_sha256=weights_sha256(torch.load(autoencoder, weights_only=True), "autoencoder"))
+    return write_network(
+        path,
+        "diffusion_unet_def",
+        "diffusion_unet",
+        seed,
+        trained_like=True,
+        scale_factor=scale_factor,
+        noise_schedule=noise_schedule,
+        prediction_type=prediction_type,
+        autoencoder_sha256=weights_sha256(torch.load(autoencoder, weights_only=True), "autoencoder"),
+    )
 
 
 def overrides(dataset: Path, output: Path, **extra: Any) -> dict[str, Any]:
     """Tiny-grid, short-validation overrides of a stage-2/3 training config."""
-    return {"dataset_dir": str(dataset), "output_dir": str(output), "val_interval": 1, "num_inference_steps": 2,
-            **TINY, **extra}
+    return {
+        "dataset_dir": str(dataset),
+        "output_dir": str(output),
+        "val_interval": 1,
+        "num_inference_steps": 2,
+        **TINY,
+        **extra,
+    }
 
 
 def cli(config: str | list[str], dataset: Path, output: Path, **extra: Any) -> list[str]:

@@ -15,25 +15,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigWorkflow
-
-import scripts.augmentation_study as study_module
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.augmentation_study import (
+from monai.bundle import ConfigWorkflow
+from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
+
+import scripts.studies.augmentation_study as study_module
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.core.outputs import OWNER_MARKER
+from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
+from scripts.studies.augmentation_study import (
     AugmentationStudy,
     check_synthetic_set,
     format_table,
     select_real_cases,
     summarise,
 )
-from scripts.checkpoints import weights_sha256
-from scripts.errors import BundleInputError, find_input_error
-from scripts.outputs import OWNER_MARKER
-from scripts.settings import layered_config_files
-from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
 CONFIG = layered_config_files("configs/augmentation_study.yaml")
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 REPORT_ORDER = ["hcc", "liver", "portal_vein", "hepatic_vein"]
 NETWORKS = ["unet", "segresnet"]
 RUNS = ["unet_real_seed0", "unet_synthetic1_seed0", "segresnet_real_seed0", "segresnet_synthetic1_seed0"]
@@ -50,9 +50,16 @@ def weights(tmp_path_factory) -> dict[str, str]:
     autoencoder = write_autoencoder(root / "autoencoder.pt")
     unet = write_unet(root / "unet.pt", autoencoder)
     unet_checkpoint = torch.load(unet, weights_only=True)
-    controlnet = write_network(root / "controlnet.pt", "controlnet_def", "controlnet", 0, trained_like=True,
-                               noise_schedule=unet_checkpoint["noise_schedule"], labels=LABELS,
-                               diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"))
+    controlnet = write_network(
+        root / "controlnet.pt",
+        "controlnet_def",
+        "controlnet",
+        0,
+        trained_like=True,
+        noise_schedule=unet_checkpoint["noise_schedule"],
+        labels=LABELS,
+        diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"),
+    )
     return {"autoencoder_path": str(autoencoder), "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)}
 
 
@@ -60,9 +67,15 @@ def _settings(dataset: Path, output: Path, weights: dict[str, str], **extra) -> 
     """A tiny study: 2 networks x {real, real + synthetic x1} x seed 0, one real training case kept,
     1 epoch at the tiny grid; synthetic pairs: 2 re-renderings + 1 layout with a new HCC nodule."""
     return {
-        "dataset_dir": str(dataset), "output_dir": str(output), "device": "cpu",
-        "networks": NETWORKS, "synthetic_ratios": [1.0], "seeds": [0], "num_real_cases": 1,
-        "num_renderings_per_mask": 2, "edited_layouts": {"hcc": {"insert_hcc_diameters_mm": [20]}},
+        "dataset_dir": str(dataset),
+        "output_dir": str(output),
+        "device": "cpu",
+        "networks": NETWORKS,
+        "synthetic_ratios": [1.0],
+        "seeds": [0],
+        "num_real_cases": 1,
+        "num_renderings_per_mask": 2,
+        "edited_layouts": {"hcc": {"insert_hcc_diameters_mm": [20]}},
         "inference_overrides": {"num_inference_steps": 2, **weights},
         "segmentation_overrides": {"max_epochs": 1, "val_interval": 1, "patch_size": [16, 16, 16], "num_crops": 1},
         "shared_overrides": dict(TINY),
@@ -72,8 +85,9 @@ def _settings(dataset: Path, output: Path, weights: dict[str, str], **extra) -> 
 
 def _run_in_process(**settings) -> str:
     assert Path.cwd().resolve() == BUNDLE_ROOT, "run bundle workflows from the bundle root"
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type=None, run_id="training", launcher="in_process",
-                              **settings)
+    workflow = ConfigWorkflow(
+        config_file=CONFIG, workflow_type=None, run_id="training", launcher="in_process", **settings
+    )
     workflow.initialize()
     workflow.run()
     return workflow.parser.get_parsed_content("output_dir")
@@ -128,8 +142,10 @@ def test_study_runs_the_grid_and_writes_the_table(study, tiny_phantoms):
     for network in NETWORKS:
         assert f"## {network}\n\n| class | real only | real + synthetic x1 | Δ x1 |" in markdown
         liver = record["summary"][network]["liver"]
-        assert (f"| liver | {liver['dice']['real']['mean']:.3f} | {liver['dice']['synthetic1']['mean']:.3f} | "
-                f"{liver['difference']['synthetic1']['mean']:+.3f} |") in markdown
+        assert (
+            f"| liver | {liver['dice']['real']['mean']:.3f} | {liver['dice']['synthetic1']['mean']:.3f} | "
+            f"{liver['difference']['synthetic1']['mean']:+.3f} |"
+        ) in markdown
     assert "| segresnet_synthetic1_seed0 | done | 1 / 1 |" in markdown
     assert not list(out.glob(".*.tmp")) and not (out / "synthetic_parts").exists()
 
@@ -153,7 +169,8 @@ def test_synthetic_pairs_come_only_from_the_kept_training_masks(study, tiny_phan
     assert [p["edits"] != {} for p in sorted(manifest["pairs"], key=lambda p: p["image"])] == [True, False, False]
     assert len({p["seed"] for p in manifest["pairs"]}) == 3  # each pair its own noise
     assert sorted(f.name for f in (out / "synthetic").iterdir()) == sorted(
-        [OWNER_MARKER, "pairs.json"] + names + [n.replace("_image", "_label") for n in names])
+        [OWNER_MARKER, "pairs.json"] + names + [n.replace("_image", "_label") for n in names]
+    )
 
 
 def test_rerun_skips_finished_runs_and_the_synthetic_set(study, monkeypatch):
@@ -215,32 +232,44 @@ def _copy_pairs(dataset: Path, folder: Path, cases: list[dict], sources: list[st
         shutil.copy(dataset / case["label"], folder / f"p{i}_label.nii.gz")
         records.append({"image": f"p{i}_image.nii.gz", "label": f"p{i}_label.nii.gz"})
     if sources is not None:
-        for record, source in zip(records, sources):
+        for record, source in zip(records, sources, strict=True):
             if source:
                 record["mask"] = source
         (folder / "pairs.json").write_text(json.dumps({"seed": 0, "pairs": records}))
     return folder
 
 
-@pytest.mark.parametrize("manifest, expected", [
-    ("test mask", "generated from the held-out mask .*training on it would leak"),
-    ("validation mask", "generated from the held-out mask"),
-    ("no source", "1 of 2 synthetic pairs have no source mask recorded"),
-    ("no manifest", "no pairs.json recording the source mask"),
-])
+@pytest.mark.parametrize(
+    "manifest, expected",
+    [
+        ("test mask", "generated from the held-out mask .*training on it would leak"),
+        ("validation mask", "generated from the held-out mask"),
+        ("no source", "1 of 2 synthetic pairs have no source mask recorded"),
+        ("no manifest", "no pairs.json recording the source mask"),
+    ],
+)
 def test_a_held_out_mask_in_the_synthetic_set_stops_the_study(manifest, expected, tiny_phantoms, tmp_path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
     sections = _datalist(tiny_phantoms)
     training = str(tiny_phantoms / sections["training"][0]["label"])
-    second = {"test mask": str(tiny_phantoms / sections["test"][0]["label"]),
-              "validation mask": str(tiny_phantoms / sections["validation"][0]["label"]),
-              "no source": None, "no manifest": None}[manifest]
+    second = {
+        "test mask": str(tiny_phantoms / sections["test"][0]["label"]),
+        "validation mask": str(tiny_phantoms / sections["validation"][0]["label"]),
+        "no source": None,
+        "no manifest": None,
+    }[manifest]
     sources = None if manifest == "no manifest" else [training, second]
     folder = _copy_pairs(tiny_phantoms, tmp_path / "synthetic", sections["training"][:2], sources)
-    study = AugmentationStudy(datalist=str(tiny_phantoms / "datalist.json"), dataset_dir=str(tiny_phantoms),
-                              output_dir=str(tmp_path / "out"), networks=["unet"], synthetic_dir=str(folder),
-                              segmentation_overrides={"max_epochs": 1}, launcher="in_process",
-                              bundle_root=str(BUNDLE_ROOT))
+    study = AugmentationStudy(
+        datalist=str(tiny_phantoms / "datalist.json"),
+        dataset_dir=str(tiny_phantoms),
+        output_dir=str(tmp_path / "out"),
+        networks=["unet"],
+        synthetic_dir=str(folder),
+        segmentation_overrides={"max_epochs": 1},
+        launcher="in_process",
+        bundle_root=str(BUNDLE_ROOT),
+    )
     with pytest.raises(BundleInputError, match=expected):
         study.run()
     assert not (tmp_path / "out" / "runs").exists(), "a run started before the synthetic set was checked"
@@ -252,7 +281,10 @@ def test_the_guard_accepts_pairs_from_training_masks(tiny_phantoms, tmp_path):
     held_out = [{"label": str(tiny_phantoms / c["label"])} for c in sections["validation"] + sections["test"]]
     folder = _copy_pairs(tiny_phantoms, tmp_path / "s", sections["training"], [c["label"] for c in training])
     assert check_synthetic_set(str(folder), training, held_out) == {
-        "num_pairs": 2, "num_source_masks": 2, "sources_outside_training": 0}
+        "num_pairs": 2,
+        "num_source_masks": 2,
+        "sources_outside_training": 0,
+    }
     # masks outside the kept training cases (a low-data cut) are allowed and counted
     assert check_synthetic_set(str(folder), training[:1], held_out)["sources_outside_training"] == 1
 
@@ -266,20 +298,34 @@ def test_real_case_selection():
     assert drawn == select_real_cases(cases, 3, "random", seed=1) and len(drawn) == 3
     assert drawn == sorted(drawn, key=lambda c: c["label"])  # datalist order kept
     assert {tuple(c["label"] for c in select_real_cases(cases, 3, "random", seed=s)) for s in range(5)} != {
-        tuple(c["label"] for c in drawn)}
-    for num, selection, message in ((7, "first", "has 6 training cases"), (0, "first", "whole number >= 1"),
-                                    (2, "last", "must be 'first' or 'random'")):
+        tuple(c["label"] for c in drawn)
+    }
+    for num, selection, message in (
+        (7, "first", "has 6 training cases"),
+        (0, "first", "whole number >= 1"),
+        (2, "last", "must be 'first' or 'random'"),
+    ):
         with pytest.raises(BundleInputError, match=message):
             select_real_cases(cases, num, selection)
 
 
 def test_summary_over_seeds_gives_mean_std_and_paired_difference():
     def run(condition, seed, hcc, liver):
-        return {"network": "unet", "condition": condition, "seed": seed, "dice": {"hcc": hcc, "liver": liver},
-                "mean_dice": liver if hcc is None else (hcc + liver) / 2}
+        return {
+            "network": "unet",
+            "condition": condition,
+            "seed": seed,
+            "dice": {"hcc": hcc, "liver": liver},
+            "mean_dice": liver if hcc is None else (hcc + liver) / 2,
+        }
 
-    runs = [run("real", 0, 0.4, 0.9), run("real", 1, 0.6, 0.9), run("synthetic1", 0, 0.5, 0.92),
-            run("synthetic1", 1, 0.9, 0.88), run("synthetic1", 2, None, 0.9)]
+    runs = [
+        run("real", 0, 0.4, 0.9),
+        run("real", 1, 0.6, 0.9),
+        run("synthetic1", 0, 0.5, 0.92),
+        run("synthetic1", 1, 0.9, 0.88),
+        run("synthetic1", 2, None, 0.9),
+    ]
     table = summarise(runs, ["real", "synthetic1"], ["hcc", "liver"])["unet"]
     assert table["hcc"]["dice"]["real"] == {"mean": 0.5, "std": pytest.approx(0.141421, abs=1e-6), "n": 2}
     synthetic = table["hcc"]["dice"]["synthetic1"]
@@ -293,19 +339,27 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
     assert "| hcc | 0.500 ± 0.141 | 0.700 ± 0.283 | +0.200 ± 0.141 |" in text
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"networks": ["unet", "resnet"]}, "'networks' must list distinct networks among"),
-    ({"synthetic_ratios": [0.0]}, "'synthetic_ratios' must be distinct numbers > 0"),
-    ({"segmentation_overrides": {"synthetic_ratio": 2}}, "['synthetic_ratio'] are set by the study itself"),
-    ({"edited_layouts": {"new_hcc": {"insert_hcc_diameters_mm": [10]}}}, "names ['new_hcc'] must be letters"),
-    ({"edited_layouts": {"same": {}}}, "'edited_layouts#same': no editing step enabled"),
-    ({"edited_layouts": {"hcc": {"hcc_diameter": 3}}}, "'edited_layouts#hcc': .*unexpected keyword"),
-    ({"synthetic_ratios": [3.0], "num_renderings_per_mask": 1, "edited_layouts": {}}, "needs 6 synthetic pairs"),
-    ({"num_real_cases": 5}, "'num_real_cases' is 5 but the datalist has 2 training cases"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"networks": ["unet", "resnet"]}, "'networks' must list distinct networks among"),
+        ({"synthetic_ratios": [0.0]}, "'synthetic_ratios' must be distinct numbers > 0"),
+        ({"segmentation_overrides": {"synthetic_ratio": 2}}, "['synthetic_ratio'] are set by the study itself"),
+        ({"edited_layouts": {"new_hcc": {"insert_hcc_diameters_mm": [10]}}}, "names ['new_hcc'] must be letters"),
+        ({"edited_layouts": {"same": {}}}, "'edited_layouts#same': no editing step enabled"),
+        ({"edited_layouts": {"hcc": {"hcc_diameter": 3}}}, "'edited_layouts#hcc': .*unexpected keyword"),
+        ({"synthetic_ratios": [3.0], "num_renderings_per_mask": 1, "edited_layouts": {}}, "needs 6 synthetic pairs"),
+        ({"num_real_cases": 5}, "'num_real_cases' is 5 but the datalist has 2 training cases"),
+    ],
+)
 def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny_phantoms, tmp_path):
-    settings = {"datalist": str(tiny_phantoms / "datalist.json"), "dataset_dir": str(tiny_phantoms),
-                "output_dir": str(tmp_path / "out"), "bundle_root": str(BUNDLE_ROOT), **change}
+    settings = {
+        "datalist": str(tiny_phantoms / "datalist.json"),
+        "dataset_dir": str(tiny_phantoms),
+        "output_dir": str(tmp_path / "out"),
+        "bundle_root": str(BUNDLE_ROOT),
+        **change,
+    }
     with pytest.raises(BundleInputError, match=expected if ".*" in expected else re.escape(expected)) as err:
         AugmentationStudy(**settings)
     assert "\n" not in str(err.value)
@@ -313,9 +367,16 @@ def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny
 
 
 def test_equal_steps_gives_every_arm_the_real_only_arms_steps_per_epoch(tiny_phantoms, tmp_path):
-    settings = {"datalist": str(tiny_phantoms / "datalist.json"), "dataset_dir": str(tiny_phantoms),
-                "output_dir": str(tmp_path / "out"), "bundle_root": str(BUNDLE_ROOT), "networks": ["unet"],
-                "synthetic_ratios": [1.0, 2.0], "num_real_cases": 2, "num_renderings_per_mask": 2}
+    settings = {
+        "datalist": str(tiny_phantoms / "datalist.json"),
+        "dataset_dir": str(tiny_phantoms),
+        "output_dir": str(tmp_path / "out"),
+        "bundle_root": str(BUNDLE_ROOT),
+        "networks": ["unet"],
+        "synthetic_ratios": [1.0, 2.0],
+        "num_real_cases": 2,
+        "num_renderings_per_mask": 2,
+    }
     study = AugmentationStudy(**settings, equal_steps="true", segmentation_overrides={"batch_size": 1})
     lengths = {run["condition"]: study.run_overrides(run).get("epoch_length") for run in study.grid()}
     assert lengths == {"real": 2, "synthetic1": 2, "synthetic2": 2}  # ceil(2 real cases / batch 1)

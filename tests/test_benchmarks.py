@@ -24,9 +24,26 @@ TINY = ["--demo-spatial-size", "32", "32", "32", "--demo-spacing", "10", "10", "
 def test_quick_run_writes_json_and_summary(tmp_path: Path, tiny_phantoms: Path) -> None:
     # with the shipped weights the inference suite runs the real demo command (about a minute): left to the full run
     suites = ["sampling", "decode", "training"] + (["inference"] if trained_weights() is None else [])
-    argv = ["--quick", "--suites", *suites, "--output-dir", str(tmp_path), "--threads", "1", "--no-hires", "--no-progress",
-            *TINY, "--dataset-dir", str(tiny_phantoms), "--max-cases", "2", "--num-masks", "1",
-            "--decode-latent-sizes", "8,8,8"]
+    argv = [
+        "--quick",
+        "--suites",
+        *suites,
+        "--output-dir",
+        str(tmp_path),
+        "--threads",
+        "1",
+        "--no-hires",
+        "--no-progress",
+        *TINY,
+        "--dataset-dir",
+        str(tiny_phantoms),
+        "--max-cases",
+        "2",
+        "--num-masks",
+        "1",
+        "--decode-latent-sizes",
+        "8,8,8",
+    ]
     assert run_all.main(argv) == 0
 
     payloads = {}
@@ -44,8 +61,15 @@ def test_quick_run_writes_json_and_summary(tmp_path: Path, tiny_phantoms: Path) 
     assert demo["spatial_size"] == [32, 32, 32]
     assert set(demo["settings"]) == {"ddpm_1000", "ddim_50", "rflow_30"}
     for setting in demo["settings"].values():
-        for key in ("seconds_per_step", "sampling_seconds_per_volume", "seconds_per_volume", "extrapolated",
-                    "measured_steps", "quality", "quality_reason"):
+        for key in (
+            "seconds_per_step",
+            "sampling_seconds_per_volume",
+            "seconds_per_volume",
+            "extrapolated",
+            "measured_steps",
+            "quality",
+            "quality_reason",
+        ):
             assert key in setting, key
         assert setting["seconds_per_step"] > 0
     assert demo["settings"]["ddpm_1000"]["extrapolated"] is True  # quick mode times the first DDPM steps only
@@ -60,8 +84,13 @@ def test_quick_run_writes_json_and_summary(tmp_path: Path, tiny_phantoms: Path) 
     assert {"max_abs", "mean_abs"} <= set(case["seam_error"])
 
     training = payloads["training"]
-    assert set(training["stages"]) == {"autoencoder", "diffusion_unet_latent_cache", "diffusion_unet_encode_on_the_fly",
-                                       "diffusion_unet_load_and_encode_on_the_fly", "controlnet"}
+    assert set(training["stages"]) == {
+        "autoencoder",
+        "diffusion_unet_latent_cache",
+        "diffusion_unet_encode_on_the_fly",
+        "diffusion_unet_load_and_encode_on_the_fly",
+        "controlnet",
+    }
     assert all(s["iterations_per_second"] > 0 for s in training["stages"].values())
     assert "epoch_speedup" in training["latent_cache"]["vs_encode_on_the_fly"]
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import BUNDLE_ROOT, run_bundle
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE_ROOT, run_bundle
-from scripts.errors import find_input_error
-from scripts.settings import layered_config_files
+from scripts.core.errors import find_input_error
+from scripts.core.settings import layered_config_files
 
 DEMO_DATA = layered_config_files("configs/demo_data.yaml")
 
@@ -38,8 +38,13 @@ def test_demo_data_command_writes_dataset_and_refuses_to_overwrite(tmp_path):
 
 def _check(tiny_phantoms, tmp_path, **overrides) -> ConfigWorkflow:
     workflow = ConfigWorkflow(
-        config_file=layered_config_files("configs/check_data.yaml"), workflow_type="infer", dataset_dir=str(tiny_phantoms),
-        output_dir=str(tmp_path), spacing=[10.0, 10.0, 8.0], spatial_size=[32, 32, 32], **overrides,
+        config_file=layered_config_files("configs/check_data.yaml"),
+        workflow_type="infer",
+        dataset_dir=str(tiny_phantoms),
+        output_dir=str(tmp_path),
+        spacing=[10.0, 10.0, 8.0],
+        spatial_size=[32, 32, 32],
+        **overrides,
     )
     workflow.initialize()
     return workflow
@@ -74,8 +79,9 @@ def test_misspelt_setting_is_refused_and_no_means_no(tmp_path):
     assert errors[0].startswith("ERROR: --num_case: not a setting of configs/demo_data.yaml; did you mean --num_cases")
     assert not dataset.exists()
 
-    quiet = run_bundle("--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3",
-                       "--save_figure", "false")
+    quiet = run_bundle(
+        "--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3", "--save_figure", "false"
+    )
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert (dataset / "datalist.json").is_file() and not (dataset / "figures").exists()
 

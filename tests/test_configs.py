@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLE_ROOT
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE_ROOT
-from scripts.settings import layered_config_files
+from scripts.core.settings import layered_config_files
 
 CONFIGS = sorted(p for p in (BUNDLE_ROOT / "configs").glob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
@@ -19,7 +19,7 @@ CONFIGS = sorted(p for p in (BUNDLE_ROOT / "configs").glob("*") if p.suffix in (
 def _layers(path: Path) -> list[str]:
     """The files a config is meant to be used with: common.yaml under it, an overlay on its base config."""
     if path.name.startswith("multi_gpu_"):
-        return layered_config_files(str(path.with_name(path.name[len("multi_gpu_"):])), str(path))
+        return layered_config_files(str(path.with_name(path.name[len("multi_gpu_") :])), str(path))
     if path.name == "hires.yaml":
         return layered_config_files(str(path.with_name("inference.yaml")), str(path))
     return layered_config_files(str(path))
@@ -77,8 +77,12 @@ def test_networks_instantiate_and_run_forward(common_config):
         label = torch.randint(0, num_classes, (2, 1, 8 * compression, 8 * compression, 8 * compression))
         condition = torch.nn.functional.one_hot(label[:, 0], num_classes).permute(0, 4, 1, 2, 3).float()
         down_residuals, mid_residual = controlnet(latent, timesteps, controlnet_cond=condition)
-        guided = unet(latent, timesteps, down_block_additional_residuals=down_residuals,
-                      mid_block_additional_residual=mid_residual)
+        guided = unet(
+            latent,
+            timesteps,
+            down_block_additional_residuals=down_residuals,
+            mid_block_additional_residual=mid_residual,
+        )
         assert guided.shape == latent.shape and torch.isfinite(guided).all()
         # ControlNet mirrors the UNet, so it can start from the UNet's weights
         missing = controlnet.load_state_dict(unet.state_dict(), strict=False).missing_keys
@@ -102,13 +106,17 @@ def test_schedulers_noise_and_step(common_config, name):
     assert step[0].shape == latent.shape and torch.isfinite(step[0]).all()
 
 
-@pytest.mark.parametrize("base", ["train_autoencoder.yaml", "train_diffusion.yaml", "train_controlnet.yaml", "inference.yaml"])
+@pytest.mark.parametrize(
+    "base", ["train_autoencoder.yaml", "train_diffusion.yaml", "train_controlnet.yaml", "inference.yaml"]
+)
 def test_hires_overlay_sets_the_paper_scale_grid_and_networks(base, monkeypatch):
     """Layered last on any stage, the overlay changes grid and network sizes consistently: the
     latent grid passes through every UNet level and the ControlNet still mirrors the UNet."""
     monkeypatch.chdir(BUNDLE_ROOT)
     parser = ConfigParser()
-    parser.read_config(layered_config_files(str(BUNDLE_ROOT / "configs" / base), str(BUNDLE_ROOT / "configs" / "hires.yaml")))
+    parser.read_config(
+        layered_config_files(str(BUNDLE_ROOT / "configs" / base), str(BUNDLE_ROOT / "configs" / "hires.yaml"))
+    )
     parser.parse()
     assert parser.get_parsed_content("spatial_size") == [256, 256, 128]
     compression = 2 ** (len(parser.get_parsed_content("autoencoder_def#channels")) - 1)
@@ -117,7 +125,9 @@ def test_hires_overlay_sets_the_paper_scale_grid_and_networks(base, monkeypatch)
     levels = len(parser.get_parsed_content("diffusion_unet_def#channels"))
     assert all(s % 2 ** (levels - 1) == 0 for s in latent)
     if "controlnet_def" in parser.get():
-        assert parser.get_parsed_content("controlnet_def#channels") == parser.get_parsed_content("diffusion_unet_def#channels")
+        assert parser.get_parsed_content("controlnet_def#channels") == parser.get_parsed_content(
+            "diffusion_unet_def#channels"
+        )
 
 
 def test_hires_overlay_edits_values_inside_the_shared_definitions():
@@ -125,14 +135,18 @@ def test_hires_overlay_edits_values_inside_the_shared_definitions():
     placement) stays as configs/common.yaml declares it, so the two cannot drift apart."""
     common = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "common.yaml"))
     overlay = ConfigParser.load_config_file(str(BUNDLE_ROOT / "configs" / "hires.yaml"))
-    assert not any(isinstance(v, dict) and "_target_" in v for v in overlay.values()), "hires.yaml restates a definition"
+    assert not any(
+        isinstance(v, dict) and "_target_" in v for v in overlay.values()
+    ), "hires.yaml restates a definition"
     parser = ConfigParser()
     parser.read_config(layered_config_files(str(BUNDLE_ROOT / "configs" / "hires.yaml")))
     for name in ("autoencoder_def", "discriminator_def", "diffusion_unet_def"):
         layered, shared = parser[name], common[name]
         edited = {key.split("#", 1)[1] for key in overlay if key.startswith(name + "#")}
         assert edited, f"hires.yaml does not resize {name}"
-        assert {k: v for k, v in layered.items() if k not in edited} == {k: v for k, v in shared.items() if k not in edited}
+        assert {k: v for k, v in layered.items() if k not in edited} == {
+            k: v for k, v in shared.items() if k not in edited
+        }
         assert all(layered[k] == overlay[f"{name}#{k}"] for k in edited)
 
 

@@ -4,17 +4,14 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import toy_image, toy_label, write_dataset, write_nifti
-from scripts.data import check_case, check_cases, load_datalist, preprocessing_transforms
-from scripts.errors import BundleInputError
+
+from scripts.core.errors import BundleInputError
+from scripts.data.cases import check_case, check_cases, load_datalist, preprocessing_transforms
 
 LPS_ANISOTROPIC = np.diag([-3.0, -2.0, 6.0, 1.0])  # LPS axes, 3 x 2 x 6 mm voxels
 
@@ -29,8 +26,13 @@ def test_datalist_paths_resolve_against_dataset_dir(tmp_path):
 
 @pytest.mark.parametrize(
     "content, expected",
-    [(None, "datalist not found"), ("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
-     ('{"training": [{"image": "a.nii.gz"}]}', "lacks ['label']"), ('{"training": {"image": 1}}', "must be a list")],
+    [
+        (None, "datalist not found"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"training": [{"image": "a.nii.gz"}]}', "lacks ['label']"),
+        ('{"training": {"image": 1}}', "must be a list"),
+    ],
 )
 def test_datalist_errors(tmp_path, content, expected):
     path = tmp_path / "datalist.json"
@@ -138,7 +140,7 @@ def test_pair_chain_brings_lps_anisotropic_case_onto_the_grid(tmp_path, contract
 
 
 def test_label_map_applies_in_the_chain(tmp_path, common_config):
-    from scripts.labels import LabelContract
+    from scripts.data.labels import LabelContract
 
     label = toy_label()
     label[label == 4] = 9  # the dataset calls HCC 9

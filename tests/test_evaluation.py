@@ -18,19 +18,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
-
 from conftest import BUNDLE_ROOT, run_bundle, write_nifti
-from scripts.diversity import PairwiseMsSsim, ms_ssim_weights
-from scripts.errors import BundleInputError, find_input_error
-from scripts.evaluation import NO_SEGMENTER_NOTICE, Evaluation, find_synthetic_volumes, load_segmenter, real_volume_set
-from scripts.feature_networks import build_feature_network
-from scripts.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
-from scripts.settings import layered_config_files
+from monai.bundle import ConfigParser, ConfigWorkflow
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_unet  # noqa: F401
 
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
+from scripts.data.pairs import find_pairs
+from scripts.evaluation.diversity import PairwiseMsSsim, ms_ssim_weights
+from scripts.evaluation.evaluation import NO_SEGMENTER_NOTICE, Evaluation, load_segmenter, real_volume_set
+from scripts.evaluation.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
+from scripts.networks.feature_networks import build_feature_network
+
 CONFIG = layered_config_files("configs/evaluate.yaml")
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,22 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     files["radimagenet"] = root / "radimagenet.pth"
     torch.save(build_feature_network("radimagenet_resnet50").state_dict(), files["radimagenet"])
     files["medicalnet"] = root / "medicalnet10.pth"  # MedicalNet's DataParallel layout
-    torch.save({"state_dict": {f"module.{k}": v for k, v in build_feature_network("medicalnet_resnet10").state_dict().items()}},
-               files["medicalnet"])
+    torch.save(
+        {
+            "state_dict": {
+                f"module.{k}": v for k, v in build_feature_network("medicalnet_resnet10").state_dict().items()
+            }
+        },
+        files["medicalnet"],
+    )
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / c) for c in CONFIG])
     os.chdir(BUNDLE_ROOT)
     segmenter = parser.get_parsed_content("networks#unet")()
     files["segmentation"] = root / "segmentation_unet_best.pt"
-    torch.save({"model": segmenter.state_dict(), "network": "unet", "labels": LABELS, "epoch": 1}, files["segmentation"])
+    torch.save(
+        {"model": segmenter.state_dict(), "network": "unet", "labels": LABELS, "epoch": 1}, files["segmentation"]
+    )
     return files
 
 
@@ -96,9 +105,13 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(kind, weights, vo
 def test_2_5d_fid_is_per_plane_and_their_mean(weights, volumes):
     protocol = _protocol("2.5d-autoencoder", weights)
     features = protocol.volume_features(volumes[0])
-    assert set(features) == {"xy", "yz", "zx"} and all(f.shape == (32, 112) for f in features.values())  # a row per slice
-    distance = Fid25D.distance([protocol.volume_features(v) for v in _noisy(volumes[:2], 0.1)],
-                               [protocol.volume_features(v) for v in volumes[:2]])
+    assert set(features) == {"xy", "yz", "zx"} and all(
+        f.shape == (32, 112) for f in features.values()
+    )  # a row per slice
+    distance = Fid25D.distance(
+        [protocol.volume_features(v) for v in _noisy(volumes[:2], 0.1)],
+        [protocol.volume_features(v) for v in volumes[:2]],
+    )
     assert distance["mean"] == pytest.approx(sum(distance[p] for p in ("xy", "yz", "zx")) / 3)
 
 
@@ -106,7 +119,9 @@ def test_radimagenet_2_5d_features_from_a_local_file(weights, volumes):
     """MAISI's network: loaded from a torchvision-layout file, 2048 pooled features per slice.
     (Its FID is MONAI's FIDMetric as for any extractor; a 2048-wide matrix square root takes ~30 s
     on one CPU thread, so the FID itself is exercised above with the narrower extractors.)"""
-    protocol = Fid25D(build_fid_extractor("radimagenet_resnet50", str(weights["radimagenet"]), 2), center_slices_ratio=0.25)
+    protocol = Fid25D(
+        build_fid_extractor("radimagenet_resnet50", str(weights["radimagenet"]), 2), center_slices_ratio=0.25
+    )
     clean, again = protocol.volume_features(volumes[0]), protocol.volume_features(volumes[0])
     noisy = protocol.volume_features(_noisy(volumes[:1], 0.1)[0])
     assert all(clean[p].shape == (8, 2048) for p in ("xy", "yz", "zx"))  # central quarter of 32 slices
@@ -120,13 +135,16 @@ def test_fid_with_fewer_samples_than_features_is_finite():
     assert frechet_distance(real, real) == pytest.approx(0, abs=1e-6)
 
 
-@pytest.mark.parametrize("network, file, dims", [("medicalnet_resnet10", "radimagenet", 3),
-                                                  ("radimagenet_resnet50", "medicalnet", 2)])
+@pytest.mark.parametrize(
+    "network, file, dims", [("medicalnet_resnet10", "radimagenet", 3), ("radimagenet_resnet50", "medicalnet", 2)]
+)
 def test_weights_of_another_architecture_are_one_clear_error(network, file, dims, weights):
     with pytest.raises(BundleInputError) as caught:
         build_fid_extractor(network, str(weights[file]), dims, setting="fid_weights")
     message = str(caught.value)
-    assert "\n" not in message and str(weights[file]) in message and "do not fit" in message and "--fid_weights" in message
+    assert (
+        "\n" not in message and str(weights[file]) in message and "do not fit" in message and "--fid_weights" in message
+    )
 
 
 def test_networks_of_the_other_dimensionality_and_missing_weights_are_refused(weights, tmp_path):
@@ -171,9 +189,18 @@ def _write_pairs(folder: Path, dataset: Path, noise: float = 0.0, with_labels: b
 
 def evaluate(output: Path, dataset: Path, synthetic: dict[str, str], **settings) -> ConfigWorkflow:
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type=None, run_id="evaluating", output_dir=str(output),
-                              dataset_dir=str(dataset), synthetic=synthetic, device="$torch.device('cpu')",
-                              real_sections=["training", "validation", "test"], **TINY, **settings)
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type=None,
+        run_id="evaluating",
+        output_dir=str(output),
+        dataset_dir=str(dataset),
+        synthetic=synthetic,
+        device="$torch.device('cpu')",
+        real_sections=["training", "validation", "test"],
+        **TINY,
+        **settings,
+    )
     workflow.initialize()
     workflow.run()
     return workflow
@@ -182,11 +209,19 @@ def evaluate(output: Path, dataset: Path, synthetic: dict[str, str], **settings)
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_phantoms, weights) -> Path:
     root = tmp_path_factory.mktemp("evaluation")
-    sets = {"copy": _write_pairs(root / "copy", tiny_phantoms), "noisy": _write_pairs(root / "noisy", tiny_phantoms, 0.3),
-            "images_only": _write_pairs(root / "images", tiny_phantoms, 0.1, with_labels=False)}
+    sets = {
+        "copy": _write_pairs(root / "copy", tiny_phantoms),
+        "noisy": _write_pairs(root / "noisy", tiny_phantoms, 0.3),
+        "images_only": _write_pairs(root / "images", tiny_phantoms, 0.1, with_labels=False),
+    }
     os.chdir(BUNDLE_ROOT)
-    evaluate(root / "out", tiny_phantoms, {k: str(v) for k, v in sets.items()}, autoencoder_path=str(weights["autoencoder"]),
-             segmentation_checkpoint=str(weights["segmentation"]))
+    evaluate(
+        root / "out",
+        tiny_phantoms,
+        {k: str(v) for k, v in sets.items()},
+        autoencoder_path=str(weights["autoencoder"]),
+        segmentation_checkpoint=str(weights["segmentation"]),
+    )
     return root / "out"
 
 
@@ -194,9 +229,22 @@ def test_report_has_one_row_per_set_and_every_metric(report):
     metrics = json.loads((report / "metrics.json").read_text())
     rows = {row["set"]: row for row in metrics["table"]}
     assert list(rows) == ["real", "copy", "noisy", "images_only"]
-    assert set(metrics["columns"]) >= {"fid_2.5d_xy", "fid_2.5d_yz", "fid_2.5d_zx", "fid_2.5d", "fid_3d", "ms_ssim",
-                                       "dice_liver", "dice_portal_vein", "dice_hepatic_vein", "dice_hcc", "contrast"}
-    assert rows["copy"]["fid_2.5d"] == pytest.approx(0, abs=1e-6) and rows["copy"]["fid_3d"] == pytest.approx(0, abs=1e-6)
+    assert set(metrics["columns"]) >= {
+        "fid_2.5d_xy",
+        "fid_2.5d_yz",
+        "fid_2.5d_zx",
+        "fid_2.5d",
+        "fid_3d",
+        "ms_ssim",
+        "dice_liver",
+        "dice_portal_vein",
+        "dice_hepatic_vein",
+        "dice_hcc",
+        "contrast",
+    }
+    assert rows["copy"]["fid_2.5d"] == pytest.approx(0, abs=1e-6) and rows["copy"]["fid_3d"] == pytest.approx(
+        0, abs=1e-6
+    )
     assert rows["noisy"]["fid_2.5d"] > 1e-4 and rows["noisy"]["fid_3d"] > 1e-4
     assert rows["real"]["fid_2.5d"] is not None  # two halves of the 4 real volumes
     for name in ("real", "copy", "noisy"):  # sets with label maps: Dice of the segmenter, intensities per class
@@ -207,7 +255,9 @@ def test_report_has_one_row_per_set_and_every_metric(report):
     assert rows["images_only"]["fid_3d"] is not None and 0 < rows["images_only"]["ms_ssim"] < 1
     intensity = metrics["sets"]["copy"]["intensity"]
     assert intensity["mean"]["liver"] > intensity["mean"]["hcc"]  # HBP: bright liver, dark HCC
-    assert metrics["protocol"]["fid_3d"]["offline_surrogate"] is True and metrics["protocol"]["fid_3d"]["weights_sha256"]
+    assert (
+        metrics["protocol"]["fid_3d"]["offline_surrogate"] is True and metrics["protocol"]["fid_3d"]["weights_sha256"]
+    )
     table = (report / "metrics.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and "fid_2.5d" in table
     assert (report / "intensity_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -216,8 +266,13 @@ def test_report_has_one_row_per_set_and_every_metric(report):
 def test_existing_report_is_kept_unless_overwrite(report, tiny_phantoms, weights):
     before = (report / "metrics.json").read_text()
     with pytest.raises(Exception) as caught:
-        evaluate(report, tiny_phantoms, {"copy": str(report.parent / "copy")}, autoencoder_path=str(weights["autoencoder"]),
-                 fid_2_5d_network=None)
+        evaluate(
+            report,
+            tiny_phantoms,
+            {"copy": str(report.parent / "copy")},
+            autoencoder_path=str(weights["autoencoder"]),
+            fid_2_5d_network=None,
+        )
     assert "not empty" in str(find_input_error(caught.value))
     assert (report / "metrics.json").read_text() == before
 
@@ -237,17 +292,24 @@ def test_bad_synthetic_folder_is_one_error_naming_it(problem, tmp_path, tiny_pha
         _write_pairs(folder, tiny_phantoms)
         (folder / "case1_label.nii.gz").unlink()
     with pytest.raises(BundleInputError) as caught:
-        find_synthetic_volumes(str(folder))
+        find_pairs(str(folder), labels_required=False)
     assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_sets_on_different_grids_are_one_error(tiny_phantoms, tmp_path):
     parser = common_parser()
     contract = parser.get_parsed_content("label_contract", instantiate=True)
-    real = real_volume_set(str(tiny_phantoms / "datalist.json"), str(tiny_phantoms), "test",
-                           parser.get_parsed_content("pair_preprocessing", instantiate=True), contract)
+    real = real_volume_set(
+        str(tiny_phantoms / "datalist.json"),
+        str(tiny_phantoms),
+        "test",
+        parser.get_parsed_content("pair_preprocessing", instantiate=True),
+        contract,
+    )
     other = common_parser(spatial_size=[32, 32, 24]).get_parsed_content("pair_preprocessing", instantiate=True)
-    mismatched = real_volume_set(str(tiny_phantoms / "datalist.json"), str(tiny_phantoms), "validation", other, contract)
+    mismatched = real_volume_set(
+        str(tiny_phantoms / "datalist.json"), str(tiny_phantoms), "validation", other, contract
+    )
     mismatched.name = "synthetic"
     evaluation = Evaluation(real, [mismatched], contract, TINY["spatial_size"], TINY["spacing"])
     with pytest.raises(BundleInputError, match=r"set 'synthetic' has \[32, 32, 24\] voxels .* same grid"):
@@ -257,10 +319,23 @@ def test_sets_on_different_grids_are_one_error(tiny_phantoms, tmp_path):
 
 def test_cli_wrong_weights_is_one_error_line(tiny_phantoms, weights, tmp_path):
     folder = _write_pairs(tmp_path / "set", tiny_phantoms)
-    result = run_bundle("evaluating", "--config_file", str(CONFIG), "--dataset_dir", str(tiny_phantoms),
-                        "--synthetic", str({"copy": str(folder)}), "--output_dir", str(tmp_path / "out"),
-                        "--fid_3d_network", "medicalnet_resnet50", "--fid_3d_weights", str(weights["medicalnet"]),
-                        "--fid_2_5d_network", "null")
+    result = run_bundle(
+        "evaluating",
+        "--config_file",
+        str(CONFIG),
+        "--dataset_dir",
+        str(tiny_phantoms),
+        "--synthetic",
+        str({"copy": str(folder)}),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--fid_3d_network",
+        "medicalnet_resnet50",
+        "--fid_3d_weights",
+        str(weights["medicalnet"]),
+        "--fid_2_5d_network",
+        "null",
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
     assert str(weights["medicalnet"]) in errors[0] and "--fid_3d_weights" in errors[0]
@@ -276,9 +351,18 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     recorded["latent_channel_std"] = reference = [0.5, 1.0, 2.0, 4.0]  # as stage 2 records the training latents'
     torch.save(recorded, unet)
     output = tmp_path / "unconditional"
-    workflow = ConfigWorkflow(config_file=layered_config_files("configs/generate_unconditional.yaml"), workflow_type=None, run_id="inference",
-                              output_dir=str(output), device="$torch.device('cpu')", num_inference_steps=2, num_samples=2,
-                              autoencoder_path=str(autoencoder), diffusion_unet_path=str(unet), **TINY)
+    workflow = ConfigWorkflow(
+        config_file=layered_config_files("configs/generate_unconditional.yaml"),
+        workflow_type=None,
+        run_id="inference",
+        output_dir=str(output),
+        device="$torch.device('cpu')",
+        num_inference_steps=2,
+        num_samples=2,
+        autoencoder_path=str(autoencoder),
+        diffusion_unet_path=str(unet),
+        **TINY,
+    )
     workflow.initialize()
     workflow.run()
     record = json.loads((output / "samples.json").read_text())
@@ -286,12 +370,18 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     images = [nib.load(output / s["image"]) for s in record["samples"]]
     for image in images:
         assert image.shape == tuple(TINY["spatial_size"])
-        assert np.allclose(nib.affines.voxel_sizes(image.affine), TINY["spacing"]) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        assert np.allclose(nib.affines.voxel_sizes(image.affine), TINY["spacing"]) and nib.aff2axcodes(
+            image.affine
+        ) == ("R", "A", "S")
     pixels = [np.asanyarray(i.dataobj) for i in images]
     assert all(np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1 for p in pixels)
     assert not np.array_equal(pixels[0], pixels[1])  # two seeds, two samples
-    assert find_synthetic_volumes(str(output))[0] == {"image": str(output / "sample_0000_image.nii.gz")}  # evaluable, no labels
+    assert find_pairs(str(output), labels_required=False)[0] == {
+        "image": str(output / "sample_0000_image.nii.gz")
+    }  # evaluable, no labels
     # the sampled latents' spread per channel, beside the training latents' recorded by stage 2
     spread = record["latent_channel_std"]
     assert len(spread) == 4 and all(s > 0 for s in spread) and record["reference_latent_channel_std"] == reference
-    assert record["latent_std_ratio"] == pytest.approx([s / r for s, r in zip(spread, reference)], rel=1e-3)
+    assert record["latent_std_ratio"] == pytest.approx(
+        [s / r for s, r in zip(spread, reference, strict=True)], rel=1e-3
+    )

@@ -14,13 +14,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
-
 from conftest import BUNDLE_ROOT
-from scripts.errors import find_input_error
-from scripts.evaluation import find_synthetic_volumes
-from scripts.settings import layered_config_files
+from monai.bundle import ConfigWorkflow
 from stage_helpers import TINY, one_thread  # noqa: F401
+
+from scripts.core.errors import find_input_error
+from scripts.core.settings import layered_config_files
+from scripts.data.pairs import find_pairs
 
 TRAIN = layered_config_files("configs/train_gan_baseline.yaml")
 INFER = layered_config_files("configs/inference_gan_baseline.yaml")
@@ -28,9 +28,18 @@ INFER = layered_config_files("configs/inference_gan_baseline.yaml")
 
 def _train(dataset: Path, output: Path, max_epochs: int) -> ConfigWorkflow:
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
-    workflow = ConfigWorkflow(config_file=TRAIN, workflow_type="train", dataset_dir=str(dataset), output_dir=str(output),
-                              device="$torch.device('cpu')", max_epochs=max_epochs, val_interval=1, batch_size=2,
-                              patch_size=[32, 32, 32], **TINY)
+    workflow = ConfigWorkflow(
+        config_file=TRAIN,
+        workflow_type="train",
+        dataset_dir=str(dataset),
+        output_dir=str(output),
+        device="$torch.device('cpu')",
+        max_epochs=max_epochs,
+        val_interval=1,
+        batch_size=2,
+        patch_size=[32, 32, 32],
+        **TINY,
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -49,7 +58,9 @@ def trained(tiny_phantoms, tmp_path_factory) -> Path:
 
 def test_one_iteration_writes_last_and_best_checkpoints(trained):
     for kind in ("last", "best"):
-        checkpoint = torch.load(trained / "gan_baseline" / f"gan_baseline_{kind}.pt", map_location="cpu", weights_only=True)
+        checkpoint = torch.load(
+            trained / "gan_baseline" / f"gan_baseline_{kind}.pt", map_location="cpu", weights_only=True
+        )
         assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 1
         assert {"generator", "discriminator", "g_optimizer", "d_optimizer", "trainer"} <= set(checkpoint)
         assert checkpoint["labels"]["hcc"] == 4 and np.isfinite(checkpoint["best_metric"])  # validation PSNR
@@ -72,27 +83,43 @@ def test_generates_pairs_in_the_inference_layout(trained, tiny_phantoms, tmp_pat
     for path in masks:
         shutil.copy(path, mask_dir / path.name)
     output = tmp_path / "pairs"
-    workflow = ConfigWorkflow(config_file=INFER, workflow_type=None, run_id="inference", mask_dir=str(mask_dir),
-                              output_dir=str(output), gan_path=str(trained / "gan_baseline" / "gan_baseline_best.pt"),
-                              device="$torch.device('cpu')", **TINY)
+    workflow = ConfigWorkflow(
+        config_file=INFER,
+        workflow_type=None,
+        run_id="inference",
+        mask_dir=str(mask_dir),
+        output_dir=str(output),
+        gan_path=str(trained / "gan_baseline" / "gan_baseline_best.pt"),
+        device="$torch.device('cpu')",
+        **TINY,
+    )
     workflow.initialize()
     workflow.run()
     record = json.loads((output / "pairs.json").read_text())
     assert sorted(p["mask"] for p in record["pairs"]) == sorted(str(p) for p in mask_dir.glob("*.nii.gz"))
     for path in masks:
         name = path.name[: -len(".nii.gz")]
-        given, label, image = (nib.load(p) for p in (path, output / f"{name}_label.nii.gz", output / f"{name}_image.nii.gz"))
+        given, label, image = (
+            nib.load(p) for p in (path, output / f"{name}_label.nii.gz", output / f"{name}_image.nii.gz")
+        )
         assert np.array_equal(np.asanyarray(label.dataobj), np.asanyarray(given.dataobj))
         assert image.shape == given.shape and np.allclose(image.affine, given.affine, atol=1e-5)
         pixels = np.asanyarray(image.dataobj)
         assert np.isfinite(pixels).all() and 0 <= pixels.min() and pixels.max() <= 1 and pixels.std() > 0
-    assert len(find_synthetic_volumes(str(output))) == 2  # what configs/evaluate.yaml reads
+    assert len(find_pairs(str(output), labels_required=False)) == 2  # what configs/evaluate.yaml reads
 
 
 def test_missing_gan_weights_are_one_error_naming_the_file(tiny_phantoms, tmp_path):
-    workflow = ConfigWorkflow(config_file=INFER, workflow_type=None, run_id="inference",
-                              mask_dir=str(tiny_phantoms / "labelsTr"), output_dir=str(tmp_path / "out"),
-                              gan_path=str(tmp_path / "absent.pt"), device="$torch.device('cpu')", **TINY)
+    workflow = ConfigWorkflow(
+        config_file=INFER,
+        workflow_type=None,
+        run_id="inference",
+        mask_dir=str(tiny_phantoms / "labelsTr"),
+        output_dir=str(tmp_path / "out"),
+        gan_path=str(tmp_path / "absent.pt"),
+        device="$torch.device('cpu')",
+        **TINY,
+    )
     with pytest.raises(Exception) as caught:
         workflow.initialize()
     error = find_input_error(caught.value)

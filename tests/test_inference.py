@@ -14,30 +14,41 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
-
 from conftest import BUNDLE_ROOT, run_bundle, toy_label, write_nifti
-from scripts.checkpoints import weights_sha256
-from scripts.errors import BundleInputError, find_input_error
-from scripts.inference import output_seed
-from scripts.outputs import OWNER_MARKER
-from scripts.sampler import conditioning_embedded_once
-from scripts.settings import layered_config_files
+from monai.bundle import ConfigWorkflow
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.core.outputs import OWNER_MARKER
+from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
+from scripts.generation.inference import output_seed
+from scripts.generation.sampler import conditioning_embedded_once
+
 CONFIG = layered_config_files("configs/inference.yaml")
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
 
 
 def _write_controlnet(path: Path, unet: Path, seed: int = 0) -> Path:
     unet_checkpoint = torch.load(unet, weights_only=True)
-    return write_network(path, "controlnet_def", "controlnet", seed, trained_like=True,
-                         noise_schedule=unet_checkpoint["noise_schedule"], labels=LABELS,
-                         diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"))
+    return write_network(
+        path,
+        "controlnet_def",
+        "controlnet",
+        seed,
+        trained_like=True,
+        noise_schedule=unet_checkpoint["noise_schedule"],
+        labels=LABELS,
+        diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"),
+    )
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, dict[str, str]]:
+    return build_weights(tmp_path_factory)
+
+
+def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
     """Tiny seeded-random weights for both schedules, recorded as the training configs record them."""
     root = tmp_path_factory.mktemp("weights")
     autoencoder = write_autoencoder(root / "autoencoder.pt")
@@ -45,8 +56,11 @@ def weights(tmp_path_factory) -> dict[str, dict[str, str]]:
     for schedule in ("ddpm", "rflow"):
         unet = write_unet(root / f"unet_{schedule}.pt", autoencoder, noise_schedule=schedule)
         controlnet = _write_controlnet(root / f"controlnet_{schedule}.pt", unet)
-        found[schedule] = {"autoencoder_path": str(autoencoder), "diffusion_unet_path": str(unet),
-                           "controlnet_path": str(controlnet)}
+        found[schedule] = {
+            "autoencoder_path": str(autoencoder),
+            "diffusion_unet_path": str(unet),
+            "controlnet_path": str(controlnet),
+        }
     return found
 
 
@@ -72,8 +86,9 @@ def infer(output: Path, weights: dict[str, str], **settings) -> Path:
     """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
     settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights, **settings}
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output),
-                              **settings)
+    workflow = ConfigWorkflow(
+        config_file=CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output), **settings
+    )
     workflow.initialize()
     workflow.run()
     return output
@@ -139,13 +154,22 @@ def test_every_sampler_generates_several_samples_per_mask(sampler, schedule, wei
     write_nifti(masks / "case.nii.gz", label, affine)
     out = infer(tmp_path / "out", weights[schedule], mask_dir=str(masks), sampler=sampler, num_samples_per_mask=2)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [OWNER_MARKER, "case_s0_image.nii.gz", "case_s0_label.nii.gz", "case_s1_image.nii.gz",
-                     "case_s1_label.nii.gz", "pairs.json"]
+    assert names == [
+        OWNER_MARKER,
+        "case_s0_image.nii.gz",
+        "case_s0_label.nii.gz",
+        "case_s1_image.nii.gz",
+        "case_s1_label.nii.gz",
+        "pairs.json",
+    ]
     first, second = (np.asanyarray(nib.load(out / f"case_s{k}_image.nii.gz").dataobj) for k in (0, 1))
     assert np.isfinite(first).all() and not np.allclose(first, second)
     pairs = json.loads((out / "pairs.json").read_text())["pairs"]
     # each sample starts from its own seed; the seed kept is that of the attempt the quality gate kept
-    assert [p["quality_gate"]["attempts"][0]["seed"] for p in pairs] == [output_seed(0, "case", 0), output_seed(0, "case", 1)]
+    assert [p["quality_gate"]["attempts"][0]["seed"] for p in pairs] == [
+        output_seed(0, "case", 0),
+        output_seed(0, "case", 1),
+    ]
     assert all(p["seed"] in [a["seed"] for a in p["quality_gate"]["attempts"]] for p in pairs)
 
 
@@ -169,7 +193,7 @@ def test_mask_embedding_computed_once_gives_the_same_guidance():
         with conditioning_embedded_once(controlnet, cond):
             once = [controlnet(x=x, timesteps=torch.tensor([t]), controlnet_cond=cond) for t in (10, 500)]
         assert not torch.allclose(once[0][1], once[1][1])  # the timestep still matters
-    for got, want in zip(once[0][0] + [once[0][1]], expected[0] + [expected[1]]):
+    for got, want in zip(once[0][0] + [once[0][1]], expected[0] + [expected[1]], strict=True):
         assert torch.allclose(got, want, atol=1e-6)
     assert not hasattr(controlnet.controlnet_cond_embedding, "embedding")  # the real module is back
 
@@ -191,7 +215,9 @@ def _bad_masks(folder: Path) -> dict[str, Path]:
     return {k: Path(v) for k, v in bad.items()}
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "not 3D", "unknown label", "non-integer", "NaN", "all background", "not NIfTI"])
+@pytest.mark.parametrize(
+    "kind", ["corrupt", "not 3D", "unknown label", "non-integer", "NaN", "all background", "not NIfTI"]
+)
 def test_bad_mask_is_one_error_naming_it_and_nothing_is_written(kind, weights, tmp_path):
     bad = _bad_masks(tmp_path / "bad")[kind]
     datalist = tmp_path / "datalist.json"
@@ -224,15 +250,17 @@ def test_bad_weights_are_one_error_naming_the_file(which, weights, mask_dir, tmp
 
 
 def test_weights_that_differ_from_large_files_yml_are_refused(weights, tmp_path, monkeypatch):
-    import scripts.checkpoints as checkpoints
+    import scripts.core.checkpoints as checkpoints
 
     listed = tmp_path / "large_files.yml"
     shutil.copy(weights["ddpm"]["autoencoder_path"], tmp_path / "autoencoder.pt")
-    listed.write_text('large_files:\n- path: "autoencoder.pt"\n  url: ""\n  hash_val: "' + "0" * 64 + '"\n  hash_type: "sha256"\n')
+    listed.write_text(
+        'large_files:\n- path: "autoencoder.pt"\n  url: ""\n  hash_val: "' + "0" * 64 + '"\n  hash_type: "sha256"\n'
+    )
     monkeypatch.setattr(checkpoints, "LARGE_FILES", str(listed))
     with pytest.raises(BundleInputError, match="sha256 listed in large_files.yml"):
         checkpoints.load_checkpoint(str(tmp_path / "autoencoder.pt"), "autoencoder weights")
-    listed.write_text(listed.read_text().replace("0" * 64, checkpoints.file_sha256(str(tmp_path / "autoencoder.pt"))))
+    listed.write_text(listed.read_text().replace("0" * 64, checkpoints.file_hash(str(tmp_path / "autoencoder.pt"))))
     assert "autoencoder" in checkpoints.load_checkpoint(str(tmp_path / "autoencoder.pt"), "autoencoder weights")
 
 
@@ -270,8 +298,19 @@ def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weight
     shutil.copytree(mask_dir, masks)
     bad = _bad_masks(tmp_path / "bad")["unknown label"]
     shutil.copy(bad, masks / "zz_bad.nii.gz")
-    args = ["inference", "--config_file", str(CONFIG), "--mask_dir", str(masks), "--output_dir", str(tmp_path / "out"),
-            "--device", "cpu", "--num_inference_steps", "2"]
+    args = [
+        "inference",
+        "--config_file",
+        str(CONFIG),
+        "--mask_dir",
+        str(masks),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--num_inference_steps",
+        "2",
+    ]
     for key, value in {**TINY, **weights["ddpm"]}.items():
         args += [f"--{key}", str(value)]
     result = run_bundle(*args)
@@ -286,11 +325,24 @@ def test_command_runs_from_another_folder_with_bundle_root(weights, mask_dir, tm
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     files = layered_config_files(str(BUNDLE_ROOT / "configs" / "inference.yaml"))
-    args = ["inference", "--config_file", str(files), "--bundle_root", str(BUNDLE_ROOT), "--mask_dir", str(mask_dir),
-            "--device", "cpu", "--num_inference_steps", "2"]
+    args = [
+        "inference",
+        "--config_file",
+        str(files),
+        "--bundle_root",
+        str(BUNDLE_ROOT),
+        "--mask_dir",
+        str(mask_dir),
+        "--device",
+        "cpu",
+        "--num_inference_steps",
+        "2",
+    ]
     for key, value in {**TINY, **weights["ddpm"]}.items():
         args += [f"--{key}", str(value)]
-    result = run_bundle(*args, "--output_dir", str(tmp_path / "out"), cwd=elsewhere, env={"PYTHONPATH": str(BUNDLE_ROOT)})
+    result = run_bundle(
+        *args, "--output_dir", str(tmp_path / "out"), cwd=elsewhere, env={"PYTHONPATH": str(BUNDLE_ROOT)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("*_image.nii.gz"))
     assert not any(elsewhere.iterdir())  # nothing written relative to the working directory
@@ -317,8 +369,12 @@ def test_mask_editing_writes_the_edited_map_with_hcc_inside_the_liver(weights, t
     big[8:48, 6:42, 4:20] = 1  # a liver block wide enough for a 20 mm nodule away from its vessels
     big[10:46, 20, 12] = 2
     write_nifti(tmp_path / "masks" / "case.nii.gz", big, affine)
-    out = infer(tmp_path / "out", weights["ddpm"], mask_dir=str(tmp_path / "masks"),
-                mask_editing={"insert_hcc_diameters_mm": [20.0]})
+    out = infer(
+        tmp_path / "out",
+        weights["ddpm"],
+        mask_dir=str(tmp_path / "masks"),
+        mask_editing={"insert_hcc_diameters_mm": [20.0]},
+    )
     edited = np.asanyarray(nib.load(out / "case_label.nii.gz").dataobj)
     assert set(np.unique(edited)) <= {0, 1, 2, 4} and (edited == 4).sum() > 20
     assert np.all(big[edited == 4] == 1)  # the nodule replaced parenchyma only
@@ -331,8 +387,13 @@ def test_demo_weights_give_the_hbp_pattern_on_unseen_masks(tmp_path):
     """The README's main job: shipped weights, bundled demo masks (not in the training set), default
     sampler. Pooled over the volumes, liver parenchyma is brighter than HCC and than each vessel."""
     os.chdir(BUNDLE_ROOT)
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference",
-                              output_dir=str(tmp_path / "demo"), device="$torch.device('cpu')")
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="infer",
+        run_id="inference",
+        output_dir=str(tmp_path / "demo"),
+        device="$torch.device('cpu')",
+    )
     workflow.initialize()
     workflow.run()
     sums, counts = np.zeros(5), np.zeros(5)
@@ -344,7 +405,7 @@ def test_demo_weights_give_the_hbp_pattern_on_unseen_masks(tmp_path):
         image = np.asanyarray(nib.load(tmp_path / "demo" / f"{name}_image.nii.gz").dataobj)
         sums += np.bincount(label.ravel(), weights=image.ravel(), minlength=5)
         counts += np.bincount(label.ravel(), minlength=5)
-    means = dict(zip(LABELS, sums / np.maximum(counts, 1)))
+    means = dict(zip(LABELS, sums / np.maximum(counts, 1), strict=True))
     assert counts[4] > 0 and counts[2] > 0 and counts[3] > 0
     for darker in ("hcc", "portal_vein", "hepatic_vein"):
         assert means["liver"] > means[darker], means
@@ -353,7 +414,7 @@ def test_demo_weights_give_the_hbp_pattern_on_unseen_masks(tmp_path):
 def test_onednn_convolutions_give_the_same_output_and_are_restored():
     """Sampling runs the networks' 3D convolutions on oneDNN (much faster for one small volume on
     CPU); the results match the default kernels and the layers are restored afterwards."""
-    from scripts.sampler import onednn_conv3d
+    from scripts.generation.sampler import onednn_conv3d
 
     torch.manual_seed(0)
     unet = common_parser().get_parsed_content("diffusion_unet_def", instantiate=True).eval()
@@ -384,7 +445,9 @@ def test_overwrite_false_as_text_keeps_the_folder_and_an_unknown_word_is_refused
     with pytest.raises(Exception) as caught:
         infer(tmp_path / "other", weights["ddpm"], mask_dir=str(mask_dir), save_preview="maybe")
     assert "'save_preview'" in str(find_input_error(caught.value)) and not (tmp_path / "other").exists()
-    quiet = infer(tmp_path / "quiet", weights["ddpm"], mask_dir=str(mask_dir), save_preview="no", quality_gate_enabled="no")
+    quiet = infer(
+        tmp_path / "quiet", weights["ddpm"], mask_dir=str(mask_dir), save_preview="no", quality_gate_enabled="no"
+    )
     assert not list(quiet.glob("*_preview.png"))
     assert all("quality_gate" not in record for record in json.loads((quiet / "pairs.json").read_text())["pairs"])
 
@@ -394,8 +457,12 @@ def test_quality_gate_regenerates_a_failing_volume_with_new_recorded_seeds(weigh
     times with distinct seeds, the best attempt is kept and pairs.json says it failed."""
     label, affine = _lps_mask()
     write_nifti(tmp_path / "masks" / "case.nii.gz", label, affine)
-    out = infer(tmp_path / "out", weights["ddpm"], mask_dir=str(tmp_path / "masks"),
-                quality_gate_settings={"min_contrast": 1.0, "min_class_voxels": 1, "max_tries": 3})
+    out = infer(
+        tmp_path / "out",
+        weights["ddpm"],
+        mask_dir=str(tmp_path / "masks"),
+        quality_gate_settings={"min_contrast": 1.0, "min_class_voxels": 1, "max_tries": 3},
+    )
     record = json.loads((out / "pairs.json").read_text())["pairs"][0]
     gate = record["quality_gate"]
     seeds = [attempt["seed"] for attempt in gate["attempts"]]
@@ -406,7 +473,9 @@ def test_quality_gate_regenerates_a_failing_volume_with_new_recorded_seeds(weigh
     # the kept image is the one generated with the recorded seed
     kept = np.asanyarray(nib.load(out / "case_image.nii.gz").dataobj)
     first = infer(tmp_path / "first", weights["ddpm"], mask_dir=str(tmp_path / "masks"), quality_gate_enabled=False)
-    assert np.array_equal(kept, np.asanyarray(nib.load(first / "case_image.nii.gz").dataobj)) == (record["seed"] == seeds[0])
+    assert np.array_equal(kept, np.asanyarray(nib.load(first / "case_image.nii.gz").dataobj)) == (
+        record["seed"] == seeds[0]
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -415,24 +484,34 @@ def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(predic
     unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), prediction_type=prediction_type)
     controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
     for sampler in ("ddim", "ddpm"):
-        workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference", sampler=sampler,
-                                  output_dir=str(tmp_path / "out"), device="$torch.device('cpu')", **TINY,
-                                  **{**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)})
+        workflow = ConfigWorkflow(
+            config_file=CONFIG,
+            workflow_type="infer",
+            run_id="inference",
+            sampler=sampler,
+            output_dir=str(tmp_path / "out"),
+            device="$torch.device('cpu')",
+            **TINY,
+            **{**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)},
+        )
         workflow.initialize()
         assert workflow.parser.get_parsed_content("scheduler").prediction_type == prediction_type
 
 
-@pytest.mark.parametrize("setting,value,expected", [
-    ("seed", -1, "config 'seed': expected an integer >= 0, got -1"),
-    ("num_inference_steps", "abc", "config 'num_inference_steps': expected an integer >= 1 or null, got 'abc'"),
-    ("num_samples_per_mask", 0, "config 'num_samples_per_mask': expected an integer >= 1, got 0"),
-    ("conditioning_scale", "abc", "config 'conditioning_scale': expected a number >= 0.0, got 'abc'"),
-    ("output_intensity_range", [0], "config 'output_intensity_range': expected a list of 2 numbers or null"),
-    ("label_map", [1, 2], "config 'label_map': expected a dict or null, got [1, 2]"),
-    ("mask_editing", "hcc", "config 'mask_editing': expected a dict or null, got 'hcc'"),
-    ("sampler", "euler", "config 'sampler': expected one of ddpm, ddim, rflow or null, got 'euler'"),
-    ("device", "cuda:7" if not torch.cuda.is_available() else "nonsense", "config 'device'"),
-])
+@pytest.mark.parametrize(
+    "setting,value,expected",
+    [
+        ("seed", -1, "config 'seed': expected an integer >= 0, got -1"),
+        ("num_inference_steps", "abc", "config 'num_inference_steps': expected an integer >= 1 or null, got 'abc'"),
+        ("num_samples_per_mask", 0, "config 'num_samples_per_mask': expected an integer >= 1, got 0"),
+        ("conditioning_scale", "abc", "config 'conditioning_scale': expected a number >= 0.0, got 'abc'"),
+        ("output_intensity_range", [0], "config 'output_intensity_range': expected a list of 2 numbers or null"),
+        ("label_map", [1, 2], "config 'label_map': expected a dict or null, got [1, 2]"),
+        ("mask_editing", "hcc", "config 'mask_editing': expected a dict or null, got 'hcc'"),
+        ("sampler", "euler", "config 'sampler': expected one of ddpm, ddim, rflow or null, got 'euler'"),
+        ("device", "cuda:7" if not torch.cuda.is_available() else "nonsense", "config 'device'"),
+    ],
+)
 def test_bad_settings_are_one_error_before_any_work(setting, value, expected, weights, mask_dir, tmp_path):
     with pytest.raises(Exception) as caught:
         infer(tmp_path / "out", weights["ddpm"], mask_dir=str(mask_dir), **{setting: value})
@@ -441,16 +520,19 @@ def test_bad_settings_are_one_error_before_any_work(setting, value, expected, we
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
 
 
-def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_its_mask(weights, tiny_phantoms, tmp_path):
-    from scripts.figures import save_comparison_figure
+def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_its_mask(
+    weights, tiny_phantoms, tmp_path
+):
+    from scripts.tools.figures import save_comparison_figure
 
     datalist = tiny_phantoms / "datalist.json"
-    out = infer(tmp_path / "out", weights["ddpm"], datalist=str(datalist), dataset_dir=str(tiny_phantoms),
-                section="training")
+    out = infer(
+        tmp_path / "out", weights["ddpm"], datalist=str(datalist), dataset_dir=str(tiny_phantoms), section="training"
+    )
     figure = save_comparison_figure(str(out), str(datalist), str(tiny_phantoms), str(tmp_path / "cmp.png"))
     assert Path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(figure).stat().st_size > 5_000
+    other = json.loads(datalist.read_text())
+    other["training"], other["validation"], other["test"] = other["test"], other["test"], other["test"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="no pair was generated from a mask of"):  # masks from elsewhere
-        other = json.loads(datalist.read_text())
-        other["training"], other["validation"], other["test"] = other["test"], other["test"], other["test"]
-        (tmp_path / "other.json").write_text(json.dumps(other))
         save_comparison_figure(str(out), str(tmp_path / "other.json"), str(tiny_phantoms), str(tmp_path / "x.png"))

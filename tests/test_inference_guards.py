@@ -7,6 +7,8 @@ available. After sampling: a generated image with NaN or Inf is never written.""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import os
@@ -16,16 +18,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-import scripts.inference as inference
 from conftest import toy_label, write_nifti
-from scripts.data import check_cases, load_nifti_header
-from scripts.errors import BundleInputError, find_input_error
-from scripts.inference import MaskToImage, available_memory, find_masks
 from stage_helpers import one_thread  # noqa: F401
-from test_inference import infer, weights  # noqa: F401
+from test_inference import build_weights, infer
+
+import scripts.generation.inference as inference
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.data.cases import check_cases, load_nifti_header
+from scripts.generation.inference import MaskToImage, available_memory, find_masks
 
 # ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """The tiny weights of test_inference, built for this module."""
+    return build_weights(tmp_path_factory)
 
 
 def _write_with_header_affine(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
@@ -85,7 +93,7 @@ def generated(monkeypatch) -> list[str]:
 
 @pytest.fixture
 def warnings_logged() -> list[str]:
-    """Warnings of scripts.inference, caught on its own logger: a bundle run reconfigures the root
+    """Warnings of scripts.generation.inference, caught on its own logger: a bundle run reconfigures the root
     logger from configs/logging.conf, which removes pytest's caplog handler."""
     caught: list[str] = []
 
@@ -95,9 +103,9 @@ def warnings_logged() -> list[str]:
                 caught.append(record.getMessage())
 
     handler = Catch()
-    logging.getLogger("scripts.inference").addHandler(handler)
+    logging.getLogger("scripts.generation.inference").addHandler(handler)
     yield caught
-    logging.getLogger("scripts.inference").removeHandler(handler)
+    logging.getLogger("scripts.generation.inference").removeHandler(handler)
 
 
 def _good_mask(folder: Path, name: str = "a_good.nii.gz", shape=(24, 24, 16)) -> str:
@@ -157,8 +165,14 @@ def _odd_entries(folder: Path) -> dict[str, str]:
     (folder / "folder.nii.gz").mkdir()
     (folder / "folder.nii.gz" / "case.nii.gz").write_bytes(b"not read")
     os.mkfifo(folder / "pipe.nii.gz")
-    return {"broken.nii.gz": "broken symlink", "loop.nii.gz": "symlink loop", "ping.nii": "symlink loop",
-            "pong.nii": "symlink loop", "folder.nii.gz": "a folder, not a file", "pipe.nii.gz": "not a regular file"}
+    return {
+        "broken.nii.gz": "broken symlink",
+        "loop.nii.gz": "symlink loop",
+        "ping.nii": "symlink loop",
+        "pong.nii": "symlink loop",
+        "folder.nii.gz": "a folder, not a file",
+        "pipe.nii.gz": "not a regular file",
+    }
 
 
 def test_odd_folder_entries_are_reported_one_by_one_and_the_valid_masks_are_used(weights, tmp_path, warnings_logged):
@@ -190,12 +204,18 @@ def _generator(**settings) -> MaskToImage:
     from stage_helpers import common_parser
 
     parser = common_parser()
-    return MaskToImage(None, parser.get_parsed_content("label_contract", instantiate=True),
-                       parser.get_parsed_content("spacing"), parser.get_parsed_content("spatial_size"), **settings)
+    return MaskToImage(
+        None,
+        parser.get_parsed_content("label_contract", instantiate=True),
+        parser.get_parsed_content("spacing"),
+        parser.get_parsed_content("spatial_size"),
+        **settings,
+    )
 
 
 def test_a_mask_too_large_for_the_memory_is_refused_from_its_header_before_any_generation(
-        weights, generated, tmp_path, monkeypatch):
+    weights, generated, tmp_path, monkeypatch
+):
     masks = tmp_path / "masks"
     _good_mask(masks)
     # a large grid whose voxels are never read: the file stops right after the header
@@ -214,8 +234,9 @@ def test_a_mask_too_large_for_the_memory_is_refused_from_its_header_before_any_g
     assert generated == [] and not (tmp_path / "out").exists()
 
 
-def test_a_mask_taking_over_half_the_memory_gets_a_warning_and_is_generated(weights, tmp_path, monkeypatch,
-                                                                           warnings_logged):
+def test_a_mask_taking_over_half_the_memory_gets_a_warning_and_is_generated(
+    weights, tmp_path, monkeypatch, warnings_logged
+):
     path = _good_mask(tmp_path / "masks", "case.nii.gz")
     needed = _generator().memory_estimate(nib.load(path))
     monkeypatch.setattr(inference, "available_memory", lambda: int(needed * 1.5))
@@ -244,15 +265,28 @@ def _peak_rss_reset() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Give the heap that earlier tests of this process freed back to the system: glibc keeps it for
+    reuse, and a run served from it would not raise the peak resident set size measured here."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _rss(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-@pytest.mark.parametrize("shape,voxel_mm", [
-    ((200, 200, 120), 1.5),  # finer voxels than the model's: the mask grid dominates
-    ((40, 40, 30), 40.0),  # coarser voxels: the grid resampled to the model spacing dominates
-])
+@pytest.mark.parametrize(
+    "shape,voxel_mm",
+    [
+        ((200, 200, 120), 1.5),  # finer voxels than the model's: the mask grid dominates
+        ((40, 40, 30), 40.0),  # coarser voxels: the grid resampled to the model spacing dominates
+    ],
+)
 def test_the_estimate_bounds_the_measured_peak_memory(shape, voxel_mm, weights, tmp_path):
     """The steps of a run (read and check, resample to the model grid, sample, resample back,
     write) on one mask, measured by the kernel's peak resident set size of this process."""
@@ -263,6 +297,7 @@ def test_the_estimate_bounds_the_measured_peak_memory(shape, voxel_mm, weights, 
     generator = _workflow_generator(weights["ddpm"])
     path = write_nifti(tmp_path / "mask.nii.gz", toy_label(shape), np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0]))
     estimate = generator.memory_estimate(nib.load(path))
+    _release_free_heap()
     _peak_rss_reset()
     before = _rss("VmRSS")
     label, nifti = generator.read(path)
@@ -277,12 +312,18 @@ def test_the_estimate_bounds_the_measured_peak_memory(shape, voxel_mm, weights, 
 def _workflow_generator(weights: dict[str, str]) -> MaskToImage:
     """The generator configs/inference.yaml builds, on the tiny grid with the tiny test weights."""
     from monai.bundle import ConfigWorkflow
-
     from stage_helpers import TINY
     from test_inference import CONFIG
 
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", run_id="inference", num_inference_steps=2,
-                              device="$torch.device('cpu')", **TINY, **weights)
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="infer",
+        run_id="inference",
+        num_inference_steps=2,
+        device="$torch.device('cpu')",
+        **TINY,
+        **weights,
+    )
     workflow.initialize()
     return workflow.parser.get_parsed_content("generator")
 
@@ -293,7 +334,6 @@ def _workflow_generator(weights: dict[str, str]) -> MaskToImage:
 def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights, tmp_path):
     """An autoencoder whose decoder holds a NaN decodes NaN images: refused before any file is written."""
     import torch
-
     from stage_helpers import write_unet
     from test_inference import _write_controlnet
 
@@ -302,8 +342,11 @@ def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights,
     checkpoint["autoencoder"][last].view(-1)[0] = float("nan")
     torch.save(checkpoint, tmp_path / "autoencoder.pt")
     unet = write_unet(tmp_path / "unet.pt", tmp_path / "autoencoder.pt")
-    broken = {"autoencoder_path": str(tmp_path / "autoencoder.pt"), "diffusion_unet_path": str(unet),
-              "controlnet_path": str(_write_controlnet(tmp_path / "controlnet.pt", unet))}
+    broken = {
+        "autoencoder_path": str(tmp_path / "autoencoder.pt"),
+        "diffusion_unet_path": str(unet),
+        "controlnet_path": str(_write_controlnet(tmp_path / "controlnet.pt", unet)),
+    }
     _good_mask(tmp_path / "masks")
     with pytest.raises(Exception) as caught:
         infer(tmp_path / "out", broken, mask_dir=str(tmp_path / "masks"))

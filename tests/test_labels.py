@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.errors import BundleInputError
-from scripts.labels import LabelContract, LabelContractd
-
-LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
+from scripts.core.errors import BundleInputError
+from scripts.data.labels import LABELS, LabelContract, LabelContractd
 
 
 def test_contract_comes_from_common_config(contract):
+    """configs/common.yaml `labels` and the code's one copy (scripts.data.labels.LABELS) agree."""
     assert contract.labels == LABELS
     assert contract.num_classes == 5
     assert contract.names == ["background", "liver", "portal_vein", "hepatic_vein", "hcc"]

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from scripts.checkpoints import load_network_weights, weights_sha256
-from scripts.data import load_datalist
-from scripts.latent_cache import LoadLatentCased, prepare_latent_cache
 from stage_helpers import common_parser, one_thread, write_autoencoder  # noqa: F401  (one_thread: autouse)
+
+from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.data.cases import load_datalist
+from scripts.data.latent_cache import LoadLatentCased, prepare_latent_cache
 
 
 def _cache(tiny_phantoms: Path, cache_dir: Path, autoencoder: Path, **settings):
@@ -24,9 +24,17 @@ def _cache(tiny_phantoms: Path, cache_dir: Path, autoencoder: Path, **settings):
     preprocessing = parser.get_parsed_content("pair_preprocessing")
     datalist = str(tiny_phantoms / "datalist.json")
     sections = {s: load_datalist(datalist, str(tiny_phantoms), s) for s in ("training", "validation")}
-    cache = prepare_latent_cache(str(cache_dir), encoder, weights_sha256(checkpoint, "autoencoder"), preprocessing,
-                                 sections, parser.get_parsed_content("latent_cache_settings"),
-                                 parser.get_parsed_content("num_classes"), autoencoder_path=str(autoencoder), progress=False)
+    cache = prepare_latent_cache(
+        str(cache_dir),
+        encoder,
+        weights_sha256(checkpoint, "autoencoder"),
+        preprocessing,
+        sections,
+        parser.get_parsed_content("latent_cache_settings"),
+        parser.get_parsed_content("num_classes"),
+        autoencoder_path=str(autoencoder),
+        progress=False,
+    )
     return cache, encoder, preprocessing
 
 

@@ -11,9 +11,8 @@ from importlib.metadata import version
 
 import pytest
 import yaml
-from monai.bundle import verify_metadata
-
 from conftest import BUNDLE_ROOT
+from monai.bundle import verify_metadata
 
 META = BUNDLE_ROOT / "configs" / "metadata.json"
 # The model zoo's metadata schema, named by its URL in metadata.json. The offline copy is the text the
@@ -68,8 +67,16 @@ def _set_value_range(meta: dict, value_range: list) -> None:
         lambda m: m["controlnet_data_format"]["outputs"]["pred"].update(value_range=[0, "inf"]),
         lambda m: m["network_data_format"]["inputs"]["label"].pop("value_range"),
     ],
-    ids=["no_schema", "no_network_data_format", "version_not_string", "spec_without_channels",
-         "channels_not_int", "value_range_strings", "value_range_one_string", "spec_without_value_range"],
+    ids=[
+        "no_schema",
+        "no_network_data_format",
+        "version_not_string",
+        "spec_without_channels",
+        "channels_not_int",
+        "value_range_strings",
+        "value_range_one_string",
+        "spec_without_value_range",
+    ],
 )
 def test_schema_rejects_broken_metadata(tmp_path, breakage):
     meta = _metadata()
@@ -131,7 +138,14 @@ def test_labels_in_metadata_match_common_config():
 
 
 def test_model_zoo_files_are_present():
-    for name in ("LICENSE", "README.md", "docs/README.md", "large_files.yml", "configs/logging.conf", "requirements.txt"):
+    for name in (
+        "LICENSE",
+        "README.md",
+        "docs/README.md",
+        "large_files.yml",
+        "configs/logging.conf",
+        "requirements.txt",
+    ):
         assert (BUNDLE_ROOT / name).is_file(), name
     assert "Apache License" in (BUNDLE_ROOT / "LICENSE").read_text()
     entries = yaml.safe_load((BUNDLE_ROOT / "large_files.yml").read_text())["large_files"]

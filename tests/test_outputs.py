@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BUNDLE_ROOT
-from scripts.errors import BundleInputError
-from scripts.outputs import OWNER_MARKER, publish, staging_dir
-from scripts.settings import layered_config_files
+
+from scripts.core.errors import BundleInputError
+from scripts.core.outputs import OWNER_MARKER, publish, staging_dir
+from scripts.core.settings import layered_config_files
 
 
 def _write(folder: Path, name: str = "result.txt", text: str = "new", overwrite: bool = False, inputs=()) -> Path:
@@ -93,17 +93,38 @@ def test_leftovers_of_ended_runs_are_removed_and_live_ones_kept(tmp_path):
 
 def test_sigterm_removes_the_staging_folder_and_prints_one_line(tmp_path):
     dataset = tmp_path / "phantom"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(layered_config_files("configs/demo_data.yaml")),
-               "--dataset_dir", str(dataset), "--num_cases", "200", "--save_figure", "false"]
-    process = subprocess.Popen(command, cwd=BUNDLE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(layered_config_files("configs/demo_data.yaml")),
+        "--dataset_dir",
+        str(dataset),
+        "--num_cases",
+        "200",
+        "--save_figure",
+        "false",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=BUNDLE_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
-    while not any((p / "imagesTr").is_dir() and any((p / "imagesTr").iterdir()) for p in tmp_path.glob(".phantom.staging-*")):
+    while not any(
+        (p / "imagesTr").is_dir() and any((p / "imagesTr").iterdir()) for p in tmp_path.glob(".phantom.staging-*")
+    ):
         assert time.time() < deadline and process.poll() is None, "no staging folder appeared"
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("ERROR:")] == [
-        "ERROR: interrupted (signal SIGTERM); nothing half-written was published"]
+        "ERROR: interrupted (signal SIGTERM); nothing half-written was published"
+    ]
     assert list(tmp_path.iterdir()) == []

@@ -18,14 +18,14 @@ import pytest
 import torch
 from monai.networks.nets import ResNet
 
-from scripts.errors import BundleInputError
-from scripts.feature_networks import (
+from scripts.core.errors import BundleInputError
+from scripts.networks.feature_networks import (
     FeatureExtractor,
     build_feature_network,
     load_feature_extractor,
     load_feature_network,
 )
-from scripts.perceptual import DISABLED_NOTICE, PerceptualLoss3D, build_perceptual_loss
+from scripts.networks.perceptual import DISABLED_NOTICE, PerceptualLoss3D, build_perceptual_loss
 
 SIZE = 16  # volume edge; small keeps the whole file well under a minute on 2 cores
 RATIO = 0.25  # share of slices per axis for the 2.5D loss in these tests
@@ -264,7 +264,7 @@ def test_unknown_network_type():
 
 
 def test_no_weights_disables_the_loss_with_a_notice(caplog):
-    with caplog.at_level(logging.INFO, logger="scripts.perceptual"):
+    with caplog.at_level(logging.INFO, logger="scripts.networks.perceptual"):
         assert build_perceptual_loss(None, "radimagenet_resnet50", 0.3) is None
         assert build_perceptual_loss("", "medicalnet_resnet10", 0.3) is None
     assert caplog.messages.count(DISABLED_NOTICE) == 2

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.errors import BundleInputError
-from scripts.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
+from scripts.core.errors import BundleInputError
+from scripts.data.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
 
 TINY = (32, 32, 24)
 SMALL = (48, 48, 40)
@@ -58,7 +58,7 @@ def test_types_shapes_and_label_ids(small_cases):
 
 
 def test_hbp_contrast_liver_brighter_than_vessels_and_hcc(small_cases):
-    seen = {name: 0 for name in ("portal_vein", "hepatic_vein", "hcc")}
+    seen = dict.fromkeys(("portal_vein", "hepatic_vein", "hcc"), 0)
     for case in small_cases:
         liver = case.image[case.label == LABELS["liver"]].mean()
         assert 0.6 < liver < 1.4  # ~1.0 up to bias field and noise
@@ -118,7 +118,7 @@ def test_spacing_follows_shape_and_range():
     drawn = generate_phantom(2, spacing_range=((4.0, 5.0), (4.0, 5.0), (6.0, 8.0)), orientations=("LPS",))
     sp = drawn.info["spacing_ras"]
     assert 4.0 <= sp[0] <= 5.0 and 4.0 <= sp[1] <= 5.0 and 6.0 <= sp[2] <= 8.0
-    assert drawn.image.shape == tuple(int(round(f / s)) for f, s in zip((320.0, 320.0, 240.0), sp))
+    assert drawn.image.shape == tuple(int(round(f / s)) for f, s in zip((320.0, 320.0, 240.0), sp, strict=True))
 
 
 @pytest.mark.parametrize(

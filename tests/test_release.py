@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
-from scripts.errors import BundleInputError
-from scripts.release import release_name, write_release
-from scripts.settings import layered_config_files
+
+from scripts.core.errors import BundleInputError
+from scripts.core.settings import layered_config_files
+from scripts.tools.release import release_name, write_release
 
 #: The command the unpacked release must run as a user would (cwd: the unpacked folder), on the tiny
 #: phantoms ("{dataset}") with --output_dir, --device cpu and the tiny grid added. Switching this smoke
@@ -46,7 +46,7 @@ def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def release(tmp_path_factory) -> Path:
     """The release zip, written by the command a maintainer runs in the bundle root."""
     out = tmp_path_factory.mktemp("release") / "dist"
-    result = _python("-m", "scripts.release", "--output_dir", str(out), cwd=BUNDLE_ROOT)
+    result = _python("-m", "scripts.tools.release", "--output_dir", str(out), cwd=BUNDLE_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     zip_path = out / f"{NAME}_v{METADATA['version']}.zip"
     assert result.stdout.strip() == (
@@ -60,8 +60,18 @@ def release(tmp_path_factory) -> Path:
 def unpacked(release, tmp_path_factory) -> Path:
     """The release as a user gets it: ``python -m monai.bundle download --name N --url file://...``."""
     bundle_dir = tmp_path_factory.mktemp("downloads")
-    result = _python("-m", "monai.bundle", "download", "--name", NAME, "--url", release.as_uri(),
-                     "--bundle_dir", str(bundle_dir), cwd=bundle_dir)
+    result = _python(
+        "-m",
+        "monai.bundle",
+        "download",
+        "--name",
+        NAME,
+        "--url",
+        release.as_uri(),
+        "--bundle_dir",
+        str(bundle_dir),
+        cwd=bundle_dir,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return bundle_dir / NAME
 
@@ -83,22 +93,47 @@ def test_zip_holds_one_bundle_folder_with_what_a_user_needs(release):
     names = [i.filename for i in infos]
     assert names == sorted(names) and len(names) == len(set(names))
     assert {n.split("/")[0] for n in names} == {NAME}
-    files = {n[len(NAME) + 1:] for n in names}
-    assert {"LICENSE", "README.md", "requirements.txt", "large_files.yml", "configs/metadata.json",
-            "configs/common.yaml", "configs/logging.conf", "scripts/__init__.py", "scripts/release.py",
-            "docs/README.md"} <= files
-    assert {entry["path"] for entry in LARGE_FILES} <= files and any(f.startswith("models/") and f.endswith(".pt")
-                                                                     for f in files)
+    files = {n[len(NAME) + 1 :] for n in names}
+    assert {
+        "LICENSE",
+        "README.md",
+        "requirements.txt",
+        "large_files.yml",
+        "configs/metadata.json",
+        "configs/common.yaml",
+        "configs/logging.conf",
+        "scripts/__init__.py",
+        "scripts/tools/release.py",
+        "docs/README.md",
+    } <= files
+    assert {entry["path"] for entry in LARGE_FILES} <= files and any(
+        f.startswith("models/") and f.endswith(".pt") for f in files
+    )
     # development files and run outputs stay out (outputs/ and datasets/ exist in a working checkout);
     # of datasets/, only the demo masks inference runs on by default
-    assert {f.split("/")[0] for f in files} <= {"LICENSE", "README.md", "requirements.txt", "large_files.yml",
-                                                "configs", "scripts", "models", "docs", "benchmarks", "datasets"}
+    assert {f.split("/")[0] for f in files} <= {
+        "LICENSE",
+        "README.md",
+        "requirements.txt",
+        "large_files.yml",
+        "configs",
+        "scripts",
+        "models",
+        "docs",
+        "benchmarks",
+        "datasets",
+    }
     demo_masks = {f for f in files if f.startswith("datasets/")}
     assert demo_masks and all(f.startswith("datasets/demo_masks/") and f.endswith(".nii.gz") for f in demo_masks)
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/." in f"/{f}"]
     # reproducible metadata: no directory entries, one date, one mode, deflate
-    assert all(not i.is_dir() and i.date_time == (1980, 1, 1, 0, 0, 0) and i.external_attr >> 16 == 0o100644
-               and i.compress_type == zipfile.ZIP_DEFLATED for i in infos)
+    assert all(
+        not i.is_dir()
+        and i.date_time == (1980, 1, 1, 0, 0, 0)
+        and i.external_attr >> 16 == 0o100644
+        and i.compress_type == zipfile.ZIP_DEFLATED
+        for i in infos
+    )
 
 
 def test_monai_download_unpacks_the_bundle_folder(unpacked):
@@ -111,8 +146,15 @@ def test_monai_download_unpacks_the_bundle_folder(unpacked):
 def test_rebuilds_are_byte_identical_and_skip_junk(release, unpacked, tmp_path):
     # an unpacked release, outside git, with run outputs and caches lying around, packs to the same bytes
     copy = _copy(unpacked, tmp_path / NAME)
-    for junk in ("outputs/autoencoder/autoencoder_last.pt", "datasets/phantom/datalist.json", "tests/test_x.py",
-                 "scripts/__pycache__/data.cpython-311.pyc", "models/.DS_Store", ".ci/run", "pytest.ini"):
+    for junk in (
+        "outputs/autoencoder/autoencoder_last.pt",
+        "datasets/phantom/datalist.json",
+        "tests/test_x.py",
+        "scripts/__pycache__/data.cpython-311.pyc",
+        "models/.DS_Store",
+        ".ci/run",
+        "pytest.ini",
+    ):
         (copy / junk).parent.mkdir(parents=True, exist_ok=True)
         (copy / junk).write_text("junk")
     first = Path(write_release(str(copy), str(tmp_path / "a")))
@@ -123,7 +165,7 @@ def test_rebuilds_are_byte_identical_and_skip_junk(release, unpacked, tmp_path):
 
 def test_refuses_to_overwrite_unless_asked(release, unpacked, tmp_path):
     before = _sha256(release)
-    result = _python("-m", "scripts.release", "--output_dir", str(release.parent), cwd=BUNDLE_ROOT)
+    result = _python("-m", "scripts.tools.release", "--output_dir", str(release.parent), cwd=BUNDLE_ROOT)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"ERROR: {release}: exists; pass --overwrite true or choose another --output_dir"
@@ -158,7 +200,18 @@ def test_unpacked_release_runs_a_bundle_command(unpacked, tiny_phantoms, tmp_pat
     """The shipped configs, scripts and weights work together outside the repository."""
     out = tmp_path / "out"
     command, *extra = (arg.format(dataset=tiny_phantoms) for arg in RELEASE_SMOKE)
-    result = run_bundle("--config_file", command, *extra, "--dataset_dir", str(tiny_phantoms),
-                        "--output_dir", str(out), "--device", "cpu", *TINY_GRID[:4], cwd=unpacked)
+    result = run_bundle(
+        "--config_file",
+        command,
+        *extra,
+        "--dataset_dir",
+        str(tiny_phantoms),
+        "--output_dir",
+        str(out),
+        "--device",
+        "cpu",
+        *TINY_GRID[:4],
+        cwd=unpacked,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(out.rglob("*.nii.gz")), f"{command} wrote no NIfTI under {out}"

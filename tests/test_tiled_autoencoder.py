@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from conftest import BUNDLE_ROOT
 from monai.bundle import ConfigParser
 
-import scripts.tiled_autoencoder as tiled_module
-from scripts.tiled_autoencoder import TiledAutoencoder, gaussian_weight_map, seam_error
+import scripts.networks.tiled_autoencoder as tiled_module
+from scripts.networks.tiled_autoencoder import TiledAutoencoder, gaussian_weight_map, seam_error
 
 DECODE_MAX_REL_TOL = 0.08  # max |whole - tiled| / (max - min of whole), decode, overlap 0.5
 DECODE_MEAN_REL_TOL = 0.01  # mean |whole - tiled| / range; measured 0.45-0.6 %

@@ -14,28 +14,42 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
+from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
 from monai.bundle import ConfigWorkflow
 
-from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
-from scripts.checkpoints import export_weights
-from scripts.errors import find_input_error
-from scripts.settings import layered_config_files
+from scripts.core.checkpoints import export_weights
+from scripts.core.errors import find_input_error
+from scripts.core.settings import layered_config_files
 
 CONFIG = layered_config_files("configs/train_autoencoder.yaml")
 
 
 def _overrides(dataset: Path, output: Path, **extra) -> dict:
-    keys = dict(zip((k.lstrip("-") for k in TINY_GRID[::2]), (eval(v) for v in TINY_GRID[1::2])))
-    return {"dataset_dir": str(dataset), "output_dir": str(output), "val_interval": 1, "adversarial_warmup_epochs": 1,
-            **keys, **extra}
+    keys = dict(zip((k.lstrip("-") for k in TINY_GRID[::2]), (eval(v) for v in TINY_GRID[1::2]), strict=True))
+    return {
+        "dataset_dir": str(dataset),
+        "output_dir": str(output),
+        "val_interval": 1,
+        "adversarial_warmup_epochs": 1,
+        **keys,
+        **extra,
+    }
 
 
 def _cli(dataset: Path, output: Path, max_epochs: int, **extra: str) -> list[str]:
-    options = dict(zip(TINY_GRID[::2], TINY_GRID[1::2]))
+    options = dict(zip(TINY_GRID[::2], TINY_GRID[1::2], strict=True))
     options.update({"--max_epochs": str(max_epochs), "--val_interval": "1", "--adversarial_warmup_epochs": "1"})
     options.update({f"--{k}": v for k, v in extra.items()})
-    return ["training", "--config_file", str(CONFIG), "--dataset_dir", str(dataset), "--output_dir", str(output),
-            *[part for item in options.items() for part in item]]
+    return [
+        "training",
+        "--config_file",
+        str(CONFIG),
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(output),
+        *[part for item in options.items() for part in item],
+    ]
 
 
 def _load(path: Path) -> dict:
@@ -49,7 +63,9 @@ def trained(tiny_phantoms, tmp_path_factory) -> tuple[Path, dict]:
     cwd = os.getcwd()
     os.chdir(BUNDLE_ROOT)
     try:
-        workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, output, max_epochs=2))
+        workflow = ConfigWorkflow(
+            config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, output, max_epochs=2)
+        )
         workflow.initialize()
         initial = {k: v.clone() for k, v in workflow.parser.get_parsed_content("autoencoder").state_dict().items()}
         workflow.run()
@@ -89,8 +105,11 @@ def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monk
     """An error on a heavily weighted class counts more: mean over voxels of w * |error| / mean(w)."""
     monkeypatch.chdir(BUNDLE_ROOT)
     weights = {"portal_vein": 10.0}
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train",
-                              **_overrides(tiny_phantoms, tmp_path, max_epochs=1, recon_class_weights=weights))
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="train",
+        **_overrides(tiny_phantoms, tmp_path, max_epochs=1, recon_class_weights=weights),
+    )
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     label = torch.ones(1, 1, 4, 4, 4)
@@ -99,25 +118,39 @@ def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monk
     reconstruction[0, 0, 0, 0, 0] = 1.0  # the only error sits on that voxel
     loss = trainer._reconstruction_loss(reconstruction, image, {"image": image, "label": label})
     assert float(loss) == pytest.approx(10.0 / (63 + 10.0))  # plain L1 would give 1 / 64
-    plain = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, tmp_path, max_epochs=1))
+    plain = ConfigWorkflow(
+        config_file=CONFIG, workflow_type="train", **_overrides(tiny_phantoms, tmp_path, max_epochs=1)
+    )
     plain.initialize()
     plain_loss = plain.parser.get_parsed_content("train#trainer")._reconstruction_loss(reconstruction, image, {})
     assert float(plain_loss) == pytest.approx(1.0 / 64)
-    with pytest.raises(Exception) as caught:
-        bad = ConfigWorkflow(config_file=CONFIG, workflow_type="train",
-                             **_overrides(tiny_phantoms, tmp_path, recon_class_weights={"vessel": 2.0}))
+
+    def build_trainer() -> None:
+        bad = ConfigWorkflow(
+            config_file=CONFIG,
+            workflow_type="train",
+            **_overrides(tiny_phantoms, tmp_path, recon_class_weights={"vessel": 2.0}),
+        )
         bad.initialize()
         bad.parser.get_parsed_content("train#trainer")
+
+    with pytest.raises(Exception) as caught:
+        build_trainer()
     assert "config 'recon_class_weights': unknown class 'vessel'" in str(find_input_error(caught.value))
 
 
 def test_fine_tuning_starts_from_the_given_weights(trained, tiny_phantoms, tmp_path, monkeypatch):
     """--init_autoencoder_path loads stage-1 weights before training; without it the start is random."""
     output, _ = trained
-    exported = export_weights(str(output / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "ae.pt"), "autoencoder")
+    exported = export_weights(
+        str(output / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "ae.pt"), "autoencoder"
+    )
     monkeypatch.chdir(BUNDLE_ROOT)
-    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train",
-                              **_overrides(tiny_phantoms, tmp_path / "run", init_autoencoder_path=str(exported)))
+    workflow = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="train",
+        **_overrides(tiny_phantoms, tmp_path / "run", init_autoencoder_path=str(exported)),
+    )
     workflow.initialize()
     start = workflow.parser.get_parsed_content("autoencoder").state_dict()
     saved = _load(exported)["autoencoder"]
@@ -131,9 +164,17 @@ def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, 
     # ship-ready weights: the autoencoder alone, and they reconstruct exactly as the checkpoint did
     shipped = export_weights(str(best), str(tmp_path / "autoencoder.pt"), "autoencoder")
     assert set(_load(Path(shipped))) >= {"autoencoder", "source_epoch"} and "g_optimizer" not in _load(Path(shipped))
-    overrides = {k: v for k, v in _overrides(tiny_phantoms, tmp_path).items() if k in ("dataset_dir", "output_dir", "spacing", "spatial_size")}
-    workflow = ConfigWorkflow(config_file=layered_config_files("configs/inference_autoencoder.yaml"), workflow_type="infer",
-                              autoencoder_path=shipped, **overrides)
+    overrides = {
+        k: v
+        for k, v in _overrides(tiny_phantoms, tmp_path).items()
+        if k in ("dataset_dir", "output_dir", "spacing", "spatial_size")
+    }
+    workflow = ConfigWorkflow(
+        config_file=layered_config_files("configs/inference_autoencoder.yaml"),
+        workflow_type="infer",
+        autoencoder_path=shipped,
+        **overrides,
+    )
     workflow.initialize()
     workflow.run()
     folder = tmp_path / "autoencoder_reconstruction"
@@ -144,8 +185,12 @@ def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, 
     # the same volumes through the same weights: the PSNR the training validation recorded as best
     assert float(metrics["psnr"]) == pytest.approx(_load(best)["best_metric"], rel=1e-4)
     assert -1.0 <= float(metrics["ssim"]) <= 1.0
-    again = ConfigWorkflow(config_file=layered_config_files("configs/inference_autoencoder.yaml"), workflow_type="infer",
-                           autoencoder_path=str(best), **overrides)
+    again = ConfigWorkflow(
+        config_file=layered_config_files("configs/inference_autoencoder.yaml"),
+        workflow_type="infer",
+        autoencoder_path=str(best),
+        **overrides,
+    )
     with pytest.raises(RuntimeError) as err:  # an existing result is never overwritten unasked
         again.initialize()
     assert "exists and is not empty; pass --overwrite true" in str(find_input_error(err.value))
@@ -186,8 +231,17 @@ def test_training_runs_from_another_folder_with_bundle_root(tiny_phantoms, tmp_p
 
 
 def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", *_cli(tiny_phantoms, tmp_path, 1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        *_cli(tiny_phantoms, tmp_path, 1),
+    ]
     cmd[cmd.index(str(CONFIG))] = str([*CONFIG, "configs/multi_gpu_train_autoencoder.yaml"])
     result = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.bundle import ConfigParser
-
 from conftest import BUNDLE_ROOT, COMMON
-from scripts.checkpoints import weights_sha256
-from scripts.controlnet import (
+from monai.bundle import ConfigParser
+from stage_helpers import common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401
+
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.errors import find_input_error
+from scripts.data.labels import class_weight_table
+from scripts.evaluation.mask_fidelity import ClassIntensityMeans, MaskContrast
+from scripts.generation.sampler import LatentDiffusionSampler
+from scripts.models.controlnet import (
     CONTROLNET_ONLY_PREFIXES,
     ControlNetPrepareBatch,
     ControlNetTrainingInferer,
@@ -25,12 +30,7 @@ from scripts.controlnet import (
     WeightedTarget,
     init_controlnet_from_unet,
 )
-from scripts.diffusion import training_prepare_batch
-from scripts.errors import find_input_error
-from scripts.labels import class_weight_table
-from scripts.mask_fidelity import ClassIntensityMeans, MaskContrast
-from scripts.sampler import LatentDiffusionSampler
-from stage_helpers import common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401
+from scripts.models.diffusion import training_prepare_batch
 
 CONFIG = "configs/train_controlnet.yaml"
 WEIGHTS = {"hcc": 4, "portal_vein": 2, "hepatic_vein": 2}
@@ -49,8 +49,13 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 
 def _settings(tiny_phantoms: Path, output: Path, weights: dict[str, Path], **extra) -> dict:
-    return overrides(tiny_phantoms, output, autoencoder_path=str(weights["autoencoder"]),
-                     diffusion_unet_path=str(weights["unet"]), **extra)
+    return overrides(
+        tiny_phantoms,
+        output,
+        autoencoder_path=str(weights["autoencoder"]),
+        diffusion_unet_path=str(weights["unet"]),
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +146,7 @@ def test_mask_fidelity_pools_voxels_per_class(contract):
     means, key = ClassIntensityMeans(labels, reference=([0, 8, 0.5, 0.5, 0.5], [4, 8, 1, 1, 1])), MaskContrast(labels)
     for metric in (means, key):
         metric.reset()
-        for image, label in zip(images, (first, second)):
+        for image, label in zip(images, (first, second), strict=True):
             metric.update(([image], [label]))
     result = means.compute()
     liver = [(first == 1).sum(), (second == 1).sum()]
@@ -210,12 +215,29 @@ def test_controlnet_sees_the_full_resolution_mask_and_steers_the_unet(weights, c
 
     def sample(net, mask):
         scheduler = parser.get_parsed_content("ddim_scheduler_def", instantiate=True)
-        sampler = LatentDiffusionSampler(unet, scheduler, decoder=None, scale_factor=1.0, num_inference_steps=2,
-                                         latent_channels=4, compression=4, controlnet=net, contract=contract)
+        sampler = LatentDiffusionSampler(
+            unet,
+            scheduler,
+            decoder=None,
+            scale_factor=1.0,
+            num_inference_steps=2,
+            latent_channels=4,
+            compression=4,
+            controlnet=net,
+            contract=contract,
+        )
         return sampler.sample_latents([7], mask)
 
-    unguided = LatentDiffusionSampler(unet, parser.get_parsed_content("ddim_scheduler_def", instantiate=True), None, 1.0,
-                                      2, 4, 4, latent_size=(8, 8, 8)).sample_latents([7])
+    unguided = LatentDiffusionSampler(
+        unet,
+        parser.get_parsed_content("ddim_scheduler_def", instantiate=True),
+        None,
+        1.0,
+        2,
+        4,
+        4,
+        latent_size=(8, 8, 8),
+    ).sample_latents([7])
     controlnet.train()  # as during training: the sampler runs it in eval mode and gives it back in train mode
     torch.testing.assert_close(sample(controlnet, label), unguided)  # zero convolutions: no guidance yet
     assert controlnet.training and not unet.training
@@ -238,8 +260,15 @@ def _controlnet_def(**changes) -> dict:
 
 @pytest.mark.parametrize(
     "breakage",
-    ["unet_mismatch", "missing_unet", "schedule_mismatch", "other_autoencoder", "controlnet_mismatch",
-     "conditioning_channels", "unknown_weight_class"],
+    [
+        "unet_mismatch",
+        "missing_unet",
+        "schedule_mismatch",
+        "other_autoencoder",
+        "controlnet_mismatch",
+        "conditioning_channels",
+        "unknown_weight_class",
+    ],
 )
 def test_mismatch_is_one_clear_error_before_training(breakage, tiny_phantoms, weights, tmp_path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
@@ -248,8 +277,13 @@ def test_mismatch_is_one_clear_error_before_training(breakage, tiny_phantoms, we
     if breakage == "unet_mismatch":  # weights of a narrower UNet
         torch.manual_seed(0)
         other = common_parser(**{"diffusion_unet_def#channels": [16, 32, 64]}).get_parsed_content("diffusion_unet_def")
-        torch.save({"diffusion_unet": other.state_dict(), **{k: v for k, v in _load(weights["unet"]).items()
-                                                              if k != "diffusion_unet"}}, tmp_path / "narrow.pt")
+        torch.save(
+            {
+                "diffusion_unet": other.state_dict(),
+                **{k: v for k, v in _load(weights["unet"]).items() if k != "diffusion_unet"},
+            },
+            tmp_path / "narrow.pt",
+        )
         settings["diffusion_unet_path"] = unet_path = str(tmp_path / "narrow.pt")
         expected = f"{unet_path}: diffusion UNet weights does not fit the configured network"
     elif breakage == "missing_unet":

@@ -17,18 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.checkpoints import weights_sha256
-from scripts.diffusion import (
+from stage_helpers import (  # noqa: F401
+    cli,
+    common_parser,
+    one_thread,
+    overrides,
+    workflow,
+    write_autoencoder,
+    write_unet,
+)
+
+from scripts.core.checkpoints import weights_sha256
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.models.diffusion import (
     RFlowPrepareBatch,
     checkpoint_prediction_type,
     load_diffusion_unet,
     predicted_x0,
     training_prepare_batch,
 )
-from scripts.errors import BundleInputError, find_input_error
-from stage_helpers import cli, common_parser, one_thread, overrides, workflow, write_autoencoder, write_unet  # noqa: F401
 
 CONFIG = "configs/train_diffusion.yaml"
 
@@ -49,8 +57,10 @@ def ddpm_run(tiny_phantoms, autoencoder, tmp_path_factory) -> dict:
     cwd = os.getcwd()
     os.chdir(BUNDLE_ROOT)
     try:
-        run = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=2, num_val_samples=1,
-                                           autoencoder_path=str(autoencoder)))
+        run = workflow(
+            CONFIG,
+            **overrides(tiny_phantoms, output, max_epochs=2, num_val_samples=1, autoencoder_path=str(autoencoder)),
+        )
         run.initialize()
         initial = {k: v.clone() for k, v in run.parser.get_parsed_content("diffusion_unet").state_dict().items()}
         run.run()
@@ -67,7 +77,9 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     manifest = json.loads((output / "latent_cache" / "manifest.json").read_text())
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
     assert last["scale_factor"] == pytest.approx(manifest["scale_factor"]) and last["scale_factor"] > 0
-    assert last["noise_schedule"] == "ddpm" and last["autoencoder_sha256"] == weights_sha256(_load(autoencoder), "autoencoder")
+    assert last["noise_schedule"] == "ddpm" and last["autoencoder_sha256"] == weights_sha256(
+        _load(autoencoder), "autoencoder"
+    )
     changed = [k for k, v in last["diffusion_unet"].items() if not torch.equal(v, ddpm_run["initial"][k])]
     # MONAI zero-initialises each residual branch's last convolution, which holds back the gradients of
     # the layers before it for the first steps: after 2 steps a good part, not all, has moved
@@ -96,10 +108,13 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     assert any(t.startswith("val_sample") for t in tags["images"]), tags
     assert {"train_loss", "val_x0_nmse", "val_x0_nmse_high_t", "val_sample_latent_std_error"} <= tags["scalars"]
 
-    from scripts.figures import save_training_curves
+    from scripts.tools.figures import save_training_curves
 
-    curves = save_training_curves({"ddpm": str(output / "diffusion_unet" / "tensorboard")},
-                                  ["val_x0_nmse", "val_sample_latent_std_error", "not_logged"], str(output / "curves.png"))
+    curves = save_training_curves(
+        {"ddpm": str(output / "diffusion_unet" / "tensorboard")},
+        ["val_x0_nmse", "val_sample_latent_std_error", "not_logged"],
+        str(output / "curves.png"),
+    )
     assert Path(curves).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,8 +133,17 @@ def test_rflow_prepare_batch_targets_the_velocity():
 
 def test_rflow_schedule_trains_and_samples(tiny_phantoms, autoencoder, tmp_path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
-    run = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path, max_epochs=1, num_val_samples=1, noise_schedule="rflow",
-                                       autoencoder_path=str(autoencoder)))
+    run = workflow(
+        CONFIG,
+        **overrides(
+            tiny_phantoms,
+            tmp_path,
+            max_epochs=1,
+            num_val_samples=1,
+            noise_schedule="rflow",
+            autoencoder_path=str(autoencoder),
+        ),
+    )
     run.initialize()
     assert type(run.parser.get_parsed_content("train#prepare_batch")).__name__ == "RFlowPrepareBatch"
     assert type(run.parser.get_parsed_content("sampling_scheduler")).__name__ == "RFlowScheduler"
@@ -146,8 +170,9 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
     last["scale_factor"] = stored = 0.5 * last["scale_factor"]
     torch.save(last, last_path)
 
-    run = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=3, num_val_samples=1,
-                                       autoencoder_path=str(autoencoder)))
+    run = workflow(
+        CONFIG, **overrides(tiny_phantoms, output, max_epochs=3, num_val_samples=1, autoencoder_path=str(autoencoder))
+    )
     run.initialize()
     assert not run.parser.get_parsed_content("latent_cache").built  # the copied cache is reused
     dataset = run.parser.get_parsed_content("train#dataset")
@@ -160,8 +185,10 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
     # the extended run still learns: its learning rate decays over the new max_epochs, not the old
     assert any(not torch.equal(v, last["diffusion_unet"][k]) for k, v in resumed["diffusion_unet"].items())
 
-    other = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=4, noise_schedule="rflow",
-                                         autoencoder_path=str(autoencoder)))
+    other = workflow(
+        CONFIG,
+        **overrides(tiny_phantoms, output, max_epochs=4, noise_schedule="rflow", autoencoder_path=str(autoencoder)),
+    )
     other.initialize()
     with pytest.raises(RuntimeError) as err:
         other.run()
@@ -169,8 +196,10 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
     assert f"{last_path}: cannot resume, it was saved with noise_schedule 'ddpm' but this run has 'rflow'" in message
     assert _load(last_path)["epoch"] == 3
 
-    epsilon = workflow(CONFIG, **overrides(tiny_phantoms, output, max_epochs=4, prediction_type="epsilon",
-                                           autoencoder_path=str(autoencoder)))
+    epsilon = workflow(
+        CONFIG,
+        **overrides(tiny_phantoms, output, max_epochs=4, prediction_type="epsilon", autoencoder_path=str(autoencoder)),
+    )
     epsilon.initialize()
     with pytest.raises(RuntimeError) as err:
         epsilon.run()
@@ -184,7 +213,9 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
 def test_training_target_and_implied_clean_latent_agree_for_each_prediction_type(prediction_type):
     """The prepared target is what the scheduler's sampling step expects, and a perfect prediction of it
     implies the true clean latent at every noise level, high ones included."""
-    scheduler = common_parser(prediction_type=prediction_type).get_parsed_content("ddpm_scheduler_def", instantiate=True)
+    scheduler = common_parser(prediction_type=prediction_type).get_parsed_content(
+        "ddpm_scheduler_def", instantiate=True
+    )
     assert scheduler.prediction_type == prediction_type
     prepare = training_prepare_batch("ddpm", scheduler)
     latents = torch.randn(4, 4, 8, 8, 8)
@@ -212,8 +243,10 @@ def test_unet_of_another_prediction_type_is_refused_and_old_checkpoints_are_epsi
     unet = common_parser().get_parsed_content("diffusion_unet_def", instantiate=True)
     sha = weights_sha256(_load(autoencoder), "autoencoder")
     path = write_unet(tmp_path / "unet.pt", autoencoder, prediction_type="epsilon")
-    with pytest.raises(BundleInputError, match="predicts 'epsilon', this run uses prediction_type 'v_prediction'; "
-                                               "pass --prediction_type epsilon"):
+    with pytest.raises(
+        BundleInputError,
+        match="predicts 'epsilon', this run uses prediction_type 'v_prediction'; " "pass --prediction_type epsilon",
+    ):
         load_diffusion_unet(unet, str(path), "ddpm", sha, "v_prediction")
     assert checkpoint_prediction_type(load_diffusion_unet(unet, str(path), "ddpm", sha, "epsilon")) == "epsilon"
     legacy = _load(path)
@@ -225,8 +258,13 @@ def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
     ckpt = tmp_path / "diffusion_unet" / "diffusion_unet_last.pt"
     args = cli(CONFIG, tiny_phantoms, tmp_path, max_epochs=8, num_val_samples=0, autoencoder_path=autoencoder)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see stage_helpers.one_thread
-    proc = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=BUNDLE_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -235,8 +273,14 @@ def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
     killed = _load(ckpt)
     assert 1 <= killed["epoch"] < 8, "the run finished before it could be killed"
 
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=BUNDLE_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed diffusion_unet from {ckpt} at epoch {killed['epoch']}" in result.stdout + result.stderr
     assert "latent cache: reusing" in result.stdout + result.stderr
@@ -249,8 +293,17 @@ def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
 def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, autoencoder, tmp_path):
     configs = [CONFIG, "configs/multi_gpu_train_diffusion.yaml"]
     args = cli(configs, tiny_phantoms, tmp_path, max_epochs=1, num_val_samples=1, autoencoder_path=autoencoder)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        *args,
+    ]
     result = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     last = _load(tmp_path / "diffusion_unet" / "diffusion_unet_last.pt")
@@ -274,10 +327,14 @@ def test_mismatch_is_one_clear_error_before_training(breakage, tiny_phantoms, au
         expected = f"{tmp_path / 'other.pt'}: autoencoder weights does not fit the configured network"
     elif breakage == "missing_autoencoder":
         settings["autoencoder_path"] = str(tmp_path / "nope.pt")
-        expected = f"{tmp_path / 'nope.pt'}: autoencoder weights not found; train them with configs/train_autoencoder.yaml"
+        expected = (
+            f"{tmp_path / 'nope.pt'}: autoencoder weights not found; train them with configs/train_autoencoder.yaml"
+        )
     else:
         settings["noise_schedule"] = "ddim"
-        expected = "config 'noise_schedule': unknown schedule 'ddim'; use --noise_schedule ddpm or --noise_schedule rflow"
+        expected = (
+            "config 'noise_schedule': unknown schedule 'ddim'; use --noise_schedule ddpm or --noise_schedule rflow"
+        )
     run = workflow(CONFIG, **settings)
     with pytest.raises(RuntimeError) as err:
         run.initialize()
@@ -294,13 +351,17 @@ def test_cli_error_is_one_line(tiny_phantoms, autoencoder, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("setting,value,expected", [
-    ("ema_decay", 1.0, "config 'ema_decay': expected a number >= 0.001 and <= 0.99999, got 1.0"),
-    ("batch_size", "two", "config 'batch_size': expected an integer >= 1, got 'two'"),
-    ("prediction_type", "sample", "config 'prediction_type': expected one of v_prediction, epsilon, got 'sample'"),
-])
-def test_bad_training_settings_stop_before_any_work(setting, value, expected, tiny_phantoms, autoencoder, tmp_path,
-                                                    monkeypatch):
+@pytest.mark.parametrize(
+    "setting,value,expected",
+    [
+        ("ema_decay", 1.0, "config 'ema_decay': expected a number >= 0.001 and <= 0.99999, got 1.0"),
+        ("batch_size", "two", "config 'batch_size': expected an integer >= 1, got 'two'"),
+        ("prediction_type", "sample", "config 'prediction_type': expected one of v_prediction, epsilon, got 'sample'"),
+    ],
+)
+def test_bad_training_settings_stop_before_any_work(
+    setting, value, expected, tiny_phantoms, autoencoder, tmp_path, monkeypatch
+):
     monkeypatch.chdir(BUNDLE_ROOT)
     run = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path, autoencoder_path=str(autoencoder), **{setting: value}))
     with pytest.raises(Exception) as caught:

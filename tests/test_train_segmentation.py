@@ -13,20 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
-
-import scripts.segmentation  # noqa: F401  (configs reach it as scripts.segmentation)
 from conftest import BUNDLE_ROOT, run_bundle
-from scripts.errors import BundleInputError, find_input_error
-from scripts.segmentation import (
-    check_patch_fits,
-    check_synthetic_sources,
-    find_synthetic_pairs,
-    size_divisor,
-    synthetic_pairs,
-)
-from scripts.settings import layered_config_files
+from monai.bundle import ConfigParser, ConfigWorkflow
 from stage_helpers import TINY, one_thread  # noqa: F401
+
+import scripts.models.segmentation  # noqa: F401  (configs reach it as scripts.models.segmentation)
+from scripts.core.errors import BundleInputError, find_input_error
+from scripts.core.settings import layered_config_files
+from scripts.data.pairs import find_pairs
+from scripts.models.segmentation import check_patch_fits, check_synthetic_sources, size_divisor, synthetic_pairs
 
 CONFIG = layered_config_files("configs/train_segmentation.yaml")
 #: HCC leads every summary; the other foreground classes follow by id.
@@ -72,8 +67,14 @@ def synthetic_dir(tiny_phantoms, tmp_path_factory) -> Path:
             prefix = f"{name}_s{k}"
             shutil.copy(tiny_phantoms / case["image"], folder / f"{prefix}_image.nii.gz")
             shutil.copy(tiny_phantoms / case["label"], folder / f"{prefix}_label.nii.gz")
-            records.append({"image": f"{prefix}_image.nii.gz", "label": f"{prefix}_label.nii.gz",
-                            "mask": str(tiny_phantoms / case["label"]), "sample": k})
+            records.append(
+                {
+                    "image": f"{prefix}_image.nii.gz",
+                    "label": f"{prefix}_label.nii.gz",
+                    "mask": str(tiny_phantoms / case["label"]),
+                    "sample": k,
+                }
+            )
     (folder / "pairs.json").write_text(json.dumps({"seed": 0, "pairs": records}))
     return folder
 
@@ -81,8 +82,13 @@ def synthetic_dir(tiny_phantoms, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- the five networks
 @pytest.mark.parametrize(
     "network, cls, divisor",
-    [("unet", "UNet", 8), ("segresnet", "SegResNet", 8), ("attention_unet", "AttentionUnet", 8),
-     ("dynunet", "DynUNet", 8), ("vnet", "VNet", 16)],
+    [
+        ("unet", "UNet", 8),
+        ("segresnet", "SegResNet", 8),
+        ("attention_unet", "AttentionUnet", 8),
+        ("dynunet", "DynUNet", 8),
+        ("vnet", "VNet", 16),
+    ],
 )
 def test_network_trains_and_reports_per_class_test_dice(network, cls, divisor, tiny_phantoms, tmp_path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
@@ -103,8 +109,13 @@ def test_network_trains_and_reports_per_class_test_dice(network, cls, divisor, t
     ckpt_dir = tmp_path / f"segmentation_{network}"
     last = _load(ckpt_dir / f"segmentation_{network}_last.pt")
     assert last["epoch"] == 1 and last["trainer"]["iteration"] == 1  # 2 training cases, batch 2
-    assert last["network"] == network and last["labels"] == {"background": 0, "liver": 1, "portal_vein": 2,
-                                                              "hepatic_vein": 3, "hcc": 4}
+    assert last["network"] == network and last["labels"] == {
+        "background": 0,
+        "liver": 1,
+        "portal_vein": 2,
+        "hepatic_vein": 3,
+        "hcc": 4,
+    }
     assert last["num_real_cases"] == 2 and last["num_synthetic_cases"] == 0 and last["synthetic_ratio"] == 0.0
     # VNet's input transition sums a broadcast input (zero gradient to its bias terms): most, not all, move
     changed = [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, initial[k])]
@@ -157,8 +168,9 @@ def test_synthetic_cases_join_training_only_when_asked(tiny_phantoms, synthetic_
     assert labels(parser, "test#datalist") == real["test"]
 
     # and they are trained on: 4 cases, batch 2 -> 2 iterations
-    run = _workflow(**_settings(tiny_phantoms, tmp_path, synthetic_dir=str(synthetic_dir), synthetic_ratio=1.0,
-                                max_epochs=1))
+    run = _workflow(
+        **_settings(tiny_phantoms, tmp_path, synthetic_dir=str(synthetic_dir), synthetic_ratio=1.0, max_epochs=1)
+    )
     run.initialize()
     run.run()
     run.finalize()
@@ -167,8 +179,16 @@ def test_synthetic_cases_join_training_only_when_asked(tiny_phantoms, synthetic_
     assert last["synthetic_dir"] == str(synthetic_dir)
 
     # a fixed epoch_length (the study's equal_steps): 1 step per epoch whatever the number of cases
-    equal = _workflow(**_settings(tiny_phantoms, tmp_path / "equal", synthetic_dir=str(synthetic_dir),
-                                  synthetic_ratio=1.0, max_epochs=2, epoch_length=1))
+    equal = _workflow(
+        **_settings(
+            tiny_phantoms,
+            tmp_path / "equal",
+            synthetic_dir=str(synthetic_dir),
+            synthetic_ratio=1.0,
+            max_epochs=2,
+            epoch_length=1,
+        )
+    )
     equal.initialize()
     equal.run()
     equal.finalize()
@@ -197,9 +217,12 @@ def _pairs(folder: Path, names: list[str]) -> Path:
 
 
 def test_synthetic_pair_choice_is_seeded_and_spreads_over_masks(tmp_path):
-    folder = _pairs(tmp_path / "s", [f"{m}_s{k}_{r}.nii.gz" for m in "abcd" for k in range(3) for r in ("image", "label")]
-                    + ["pairs.json", "a_s0_preview.png", ".hidden_image.nii.gz"])
-    assert len(find_synthetic_pairs(str(folder))) == 12
+    folder = _pairs(
+        tmp_path / "s",
+        [f"{m}_s{k}_{r}.nii.gz" for m in "abcd" for k in range(3) for r in ("image", "label")]
+        + ["pairs.json", "a_s0_preview.png", ".hidden_image.nii.gz"],
+    )
+    assert len(find_pairs(str(folder))) == 12
     chosen = synthetic_pairs(str(folder), 1.5, 4, seed=7)  # round(1.5 x 4) = 6
     assert len(chosen) == 6 and chosen == synthetic_pairs(str(folder), 1.5, 4, seed=7)
     masks = [Path(p["image"]).name[0] for p in chosen]
@@ -216,14 +239,24 @@ def test_synthetic_pair_choice_is_seeded_and_spreads_over_masks(tmp_path):
     [
         (["a_image.nii.gz", "a_label.nii.gz"], "s", 2.0, "needs 4 synthetic pairs, the folder has 1"),
         ([], None, 1.0, "config 'synthetic_ratio' is 1 but no synthetic pairs are given: pass --synthetic_dir"),
-        (["a_image.nii.gz", "a_label.nii.gz", "b_image.nii.gz"], "s", 1.0, "b_image.nii.gz: synthetic image has no label file"),
+        (
+            ["a_image.nii.gz", "a_label.nii.gz", "b_image.nii.gz"],
+            "s",
+            1.0,
+            "b_image.nii.gz: synthetic image has no label file",
+        ),
         (["a_label.nii.gz"], "s", 1.0, "a_label.nii.gz: synthetic label has no image file (a_image.nii.gz)"),
         (["a_image.nii.gz", "a_label.nii"], "s", 0.5, None),
         (["pairs.json"], "s", 1.0, "no synthetic pairs (X_image.nii.gz + X_label.nii.gz) in this folder"),
-        (["case1.nii.gz"], "s", 1.0, "case1.nii.gz: synthetic NIfTI files must be named X_image.nii.gz / X_label.nii.gz"),
+        (
+            ["case1.nii.gz"],
+            "s",
+            1.0,
+            "case1.nii.gz: synthetic NIfTI files must be named X_image.nii.gz / X_label.nii.gz",
+        ),
         (["a_image.nii.gz", "a_label.nii.gz"], "s", -1.0, "config 'synthetic_ratio' must be a number >= 0"),
         (["a_image.nii.gz", "a_label.nii.gz"], "s", 0.1, "rounds to 0 synthetic cases"),
-        ([], "missing", 1.0, "missing: synthetic_dir is not a folder"),
+        ([], "missing", 1.0, "missing: synthetic folder not found"),
     ],
 )
 def test_synthetic_pair_errors(files, folder, ratio, expected, tmp_path):
@@ -284,12 +317,25 @@ def test_resume_continues_from_the_checkpoint_epoch(tiny_phantoms, synthetic_dir
 
 
 def test_unknown_network_is_one_clear_error_line(tiny_phantoms, tmp_path):
-    args = ["training", "--config_file", str(CONFIG), "--dataset_dir", str(tiny_phantoms), "--output_dir", str(tmp_path / "out"),
-            "--network", "resnet", "--device", "cpu"]
+    args = [
+        "training",
+        "--config_file",
+        str(CONFIG),
+        "--dataset_dir",
+        str(tiny_phantoms),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--network",
+        "resnet",
+        "--device",
+        "cpu",
+    ]
     result = run_bundle(*args)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
-    assert errors == ["ERROR: config 'network': unknown network 'resnet'; use --network attention_unet, dynunet, "
-                      "segresnet, unet, vnet"], result.stderr[-2000:]
+    assert errors == [
+        "ERROR: config 'network': unknown network 'resnet'; use --network attention_unet, dynunet, "
+        "segresnet, unet, vnet"
+    ], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists(), "something was written before the error"

@@ -1,0 +1,319 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Checkpoints: atomic writes, ``weights_only`` loads, and resume-on-rerun for every stage.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed while saving can
+leave a truncated file behind that the next run would try to resume from. Here every write goes
+to a temporary file in the same folder and is renamed over the target, which the OS does
+atomically. Loading for resume reuses MONAI's ``CheckpointLoader`` (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.handlers import CheckpointLoader
+
+from scripts.core.errors import BundleInputError
+from scripts.core.outputs import BUNDLE_ROOT, atomic_path
+
+__all__ = [
+    "unwrap",
+    "save_atomic",
+    "file_hash",
+    "listed_sha256",
+    "load_checkpoint",
+    "load_network_weights",
+    "StageCheckpointer",
+    "export_weights",
+]
+
+#: The bundle's list of weight files with their sha256 (model-zoo ``large_files.yml``).
+LARGE_FILES = os.path.join(BUNDLE_ROOT, "large_files.yml")
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside a ``DistributedDataParallel`` wrapper (or the network itself)."""
+    return network.module if hasattr(network, "module") else network
+
+
+def save_atomic(obj: Any, path: str) -> str:
+    """``torch.save`` to ``path`` through a temporary sibling file and an atomic rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint to resume from
+    return path
+
+
+def file_hash(path: str, hash_type: str = "sha256") -> str:
+    """Hex digest of a file's bytes (``hash_type``: a ``hashlib`` name, e.g. sha256, md5); the one
+    place the bundle hashes a file (weights against ``large_files.yml``, the release, FID weights)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, hash_type).hexdigest()
+
+
+def listed_sha256(path: str, large_files: str | None = None) -> str | None:
+    """The sha256 that ``large_files`` (default: the bundle's ``large_files.yml``) lists for ``path``.
+
+    None when the file is not listed.
+    """
+    large_files = LARGE_FILES if large_files is None else large_files
+    if not os.path.isfile(large_files):
+        return None
+    import yaml  # a MONAI bundle dependency; imported here as only this check needs it
+
+    with open(large_files) as f:
+        entries = (yaml.safe_load(f) or {}).get("large_files") or []
+    root = os.path.dirname(os.path.abspath(large_files))
+    target = os.path.realpath(path)
+    for entry in entries:
+        if (
+            os.path.realpath(os.path.join(root, entry["path"])) == target
+            and entry.get("hash_type", "sha256") == "sha256"
+        ):
+            return str(entry["hash_val"]).lower()
+    return None
+
+
+def load_checkpoint(path: str, what: str = "checkpoint", hint: str = "") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; one-line errors name the file.
+
+    A file listed in the bundle's ``large_files.yml`` (the shipped weights) must have the listed
+    sha256: a truncated download or a replaced file stops here instead of producing wrong images.
+    """
+    if not os.path.isfile(path):
+        raise BundleInputError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
+    expected = listed_sha256(path)
+    if expected is not None and file_hash(path) != expected:
+        raise BundleInputError(
+            f"{path}: {what} do not match the sha256 listed in large_files.yml (damaged or replaced file); "
+            "restore it, e.g. with git checkout or python -m monai.bundle download_large_files --bundle_path ."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickling-policy errors all mean "not a usable checkpoint"
+        raise BundleInputError(f"{path}: cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(checkpoint, dict):
+        raise BundleInputError(f"{path}: {what} is not a dict of state dicts")
+    return checkpoint
+
+
+def load_network_weights(network: torch.nn.Module, path: str, key: str, what: str, hint: str = "") -> dict[str, Any]:
+    """Load ``checkpoint[key]`` into ``network`` strictly; a mismatch is one line naming the file.
+
+    Returns the whole checkpoint so callers can read extra entries (``scale_factor``, ...).
+    """
+    checkpoint = load_checkpoint(path, what, hint)
+    state = checkpoint.get(key, checkpoint)
+    target = unwrap(network)
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise BundleInputError(
+            f"{path}: {what} does not fit the configured network ({detail[:300]}{'...' if len(detail) > 300 else ''})"
+        ) from e
+    return checkpoint
+
+
+def weights_sha256(checkpoint: Mapping[str, Any], key: str | None = None) -> str:
+    """SHA-256 of network weights (names, dtypes, shapes, values): the identity later stages record.
+
+    ``checkpoint[key]`` is hashed, or ``checkpoint`` itself when it has no ``key`` (a bare state
+    dict, as :func:`load_network_weights` accepts). The weights are hashed, not the file: the same
+    weights re-saved with other entries (``export_weights``, a later epoch's optimizer state) keep
+    their identity, while any changed value changes it.
+    """
+    state = checkpoint.get(key, checkpoint) if key is not None else checkpoint
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = torch.as_tensor(state[name]).detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resume_value(path: str, key: str, default: Any) -> Any:
+    """``checkpoint[key]`` of the checkpoint a re-run will resume from (``path``), else ``default``.
+
+    For values fixed when a run starts that must survive a resume, such as the latent
+    ``scale_factor``: the networks were trained with the stored value, not with a recomputed one.
+    """
+    if not os.path.isfile(path):
+        return default
+    checkpoint = load_checkpoint(path, "checkpoint")
+    value = checkpoint.get(key, default)
+    if value != default:
+        logger.info(f"{key} {value!r} restored from {path} (this run alone would use {default!r})")
+    return value
+
+
+def _reapply_lambda(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's rates from the schedule as configured now, at the restored epoch.
+
+    The optimizer state restores the rate of the epoch the run stopped at; when a re-run stretches
+    the schedule (a larger ``max_epochs`` in the lambda), the next epoch must use the new curve,
+    not that rate (0 at the end of a finished run). For an interrupted run the two agree.
+    """
+    for group, base_lr, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+class StageCheckpointer:
+    """Ignite handler keeping ``<stage>_last.pt`` (every epoch) and ``<stage>_best.pt`` (on improvement).
+
+    Attach it to the trainer. When ``<stage>_last.pt`` exists as training starts, every object of
+    ``save_dict`` (trainer included: epoch and iteration counters) is restored from it, so
+    re-running an interrupted command continues where it stopped; a larger ``max_epochs`` on the
+    command line extends a finished run. ``evaluator`` (optional) supplies the key metric. A kill
+    mid-epoch loses at most that epoch: attach this handler after the validation handler so
+    ``last`` holds the epoch's validation result too.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        stage: file prefix, e.g. ``"autoencoder"``.
+        save_dict: name -> object with ``state_dict``/``load_state_dict`` (networks, optimizers,
+            schedulers); the trainer it is attached to is added as ``trainer``.
+        evaluator: the validation engine whose ``state.best_metric`` decides ``best``.
+        extra: plain values stored alongside (``scale_factor``, the network config, ...).
+        is_main_process: only the main process writes (distributed training).
+        must_match: keys of ``extra`` that a checkpoint being resumed must hold with the same value
+            (the noise schedule, the identity of frozen weights, ...); a difference stops the command
+            before training with one line, instead of silently mixing two incompatible runs.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        stage: str,
+        save_dict: Mapping[str, Any],
+        evaluator: Any | None = None,
+        extra: Mapping[str, Any] | None = None,
+        is_main_process: bool = True,
+        must_match: Sequence[str] = (),
+    ) -> None:
+        self.save_dir = save_dir
+        self.stage = stage
+        self.save_dict = dict(save_dict)
+        self.evaluator = evaluator
+        self.extra = dict(extra or {})
+        self.is_main_process = is_main_process
+        self.last_path = os.path.join(save_dir, f"{stage}_last.pt")
+        self.best_path = os.path.join(save_dir, f"{stage}_best.pt")
+        # read a leftover checkpoint now, so a damaged one stops the command before training starts
+        self._resume_from = (
+            load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
+        )
+        if self._resume_from is not None:
+            self._check_resumable(must_match)
+
+    def _check_resumable(self, must_match: Sequence[str]) -> None:
+        for key in must_match:
+            if key not in self.extra or key not in self._resume_from:  # older checkpoints may lack a key
+                continue
+            old, new = self._resume_from[key], self.extra[key]
+            if old != new:
+                raise BundleInputError(
+                    f"{self.last_path}: cannot resume, it was saved with {key} {old!r} but this run has {new!r}; "
+                    "pass another --output_dir to start afresh (or restore the original setting)"
+                )
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        self.save_dict["trainer"] = engine
+        engine.add_event_handler(Events.STARTED, self.resume)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, lambda _: self.save_best(engine))
+
+    def _payload(self, engine: Any) -> dict[str, Any]:
+        # bare weights, loadable without DDP
+        payload = {name: unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
+        payload.update(self.extra)
+        payload["epoch"] = int(engine.state.epoch)
+        payload["iteration"] = int(engine.state.iteration)
+        if self.evaluator is not None:
+            payload["best_metric"] = float(self.evaluator.state.best_metric)
+            payload["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
+        return payload
+
+    def resume(self, engine: Any) -> None:
+        checkpoint = self._resume_from
+        if checkpoint is None:
+            return
+        max_epochs = engine.state.max_epochs
+        loadable = {k: unwrap(v) for k, v in self.save_dict.items()}
+        # MONAI's loader restores every object, trainer counters included, with weights_only=True.
+        CheckpointLoader(load_path=self.last_path, load_dict=loadable, map_location="cpu")(engine)
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        for obj in loadable.values():
+            if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
+                _reapply_lambda(obj)
+        if self.evaluator is not None and "best_metric" in checkpoint:
+            self.evaluator.state.best_metric = checkpoint["best_metric"]
+            self.evaluator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
+        logger.info(
+            f"resumed {self.stage} from {self.last_path} at epoch {engine.state.epoch}, "
+            f"iteration {engine.state.iteration}"
+        )
+
+    def save_last(self, engine: Any) -> None:
+        if self.is_main_process:
+            save_atomic(self._payload(engine), self.last_path)
+
+    def save_best(self, engine: Any) -> None:
+        state = self.evaluator.state
+        if self.is_main_process and state.best_metric_epoch == engine.state.epoch:
+            save_atomic(self._payload(engine), self.best_path)
+            logger.info(f"new best {self.stage} ({state.best_metric:.4f}) saved to {self.best_path}")
+
+
+def export_weights(
+    checkpoint_path: str, output_path: str, key: str, overwrite: bool = False, dtype: str | None = None, **info: Any
+) -> str:
+    """Write the bare ``key`` weights of a training checkpoint (no optimizer state) for shipping.
+
+    The result is ``{key: state_dict, "source_epoch": ..., <recorded entries>, **info}``, loadable
+    by :func:`load_network_weights` exactly like the training checkpoint it came from; ``info``
+    overrides recorded entries. ``dtype="float16"`` halves the file (floating tensors only; they
+    are cast back to the network's type when loaded). Its weights then have a new identity
+    (:func:`weights_sha256`): record that one in what is trained on top of them.
+    """
+    checkpoint = load_checkpoint(checkpoint_path, "checkpoint")
+    if key not in checkpoint:
+        raise BundleInputError(f"{checkpoint_path}: has no {key!r} weights (keys: {sorted(checkpoint)})")
+    if os.path.exists(output_path) and not overwrite:
+        raise BundleInputError(f"{output_path}: exists; pass overwrite=True to replace it")
+    state = checkpoint[key]
+    if dtype is not None:
+        cast = getattr(torch, dtype)
+        state = {name: t.to(cast) if t.is_floating_point() else t for name, t in state.items()}
+    exported = {key: state, "source_epoch": checkpoint.get("epoch")}
+    for extra in (
+        "best_metric",
+        "best_metric_epoch",
+        "scale_factor",
+        "noise_schedule",
+        "prediction_type",
+        "latent_channel_std",
+        "latent_channels",
+        "autoencoder_sha256",
+        "diffusion_unet_sha256",
+        "labels",
+    ):  # what later stages check
+        if extra in checkpoint:
+            exported[extra] = checkpoint[extra]
+    exported.update(info)
+    return save_atomic(exported, output_path)

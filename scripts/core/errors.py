@@ -1,0 +1,95 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""User-facing errors: one line that names the file and the problem, and a non-zero exit.
+
+``python -m monai.bundle run`` lets exceptions escape with the full traceback, and MONAI wraps
+errors raised while a config expression is evaluated in ``RuntimeError("Failed to evaluate ...")``.
+A researcher who pointed the bundle at a bad file needs the one sentence at the bottom of that
+chain, so every config installs :func:`install_error_hook` in its ``initialize`` section.
+
+A write that fails for a reason the user has to resolve (full disk, read-only file system, quota,
+permission) is such an error too, named by the folder being written
+(:func:`scripts.core.outputs.explain_write_error`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType, TracebackType
+
+__all__ = ["BundleInputError", "install_error_hook", "find_input_error", "error_line"]
+
+
+class BundleInputError(ValueError):
+    """A problem with something the user gave (a file, a folder or a config value).
+
+    The message must say which file or setting is wrong and what is wrong with it, in one line.
+    """
+
+
+#: Exceptions whose message is already a complete sentence for the user.
+_USER_FACING = (BundleInputError, FileExistsError, FileNotFoundError, PermissionError)
+
+
+def find_input_error(exc: BaseException | None) -> BaseException | None:
+    """Return the first user-facing error in ``exc``'s cause/context chain, or ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, _USER_FACING):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _write_error(exc: BaseException) -> str | None:
+    try:  # imported here: scripts.core.outputs imports this module
+        from scripts.core.outputs import explain_write_error
+    except ImportError:
+        return None
+    return explain_write_error(exc)
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one ``ERROR: ...`` line for ``exc``, or ``None`` when it is not the user's to fix (a bug:
+    the traceback is shown then)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"ERROR: interrupted ({exc or 'Ctrl-C'}); nothing half-written was published"
+    user_error = find_input_error(exc)
+    if not isinstance(user_error, BundleInputError):  # a bare OSError may be a failed write: name its folder
+        message = _write_error(exc)
+        if message is not None:
+            return "ERROR: " + " ".join(message.split())
+    if user_error is None:
+        return None
+    message = " ".join(str(user_error).split())  # force a single line
+    if isinstance(user_error, OSError) and user_error.filename and str(user_error.filename) not in message:
+        message = f"{user_error.filename}: {message}"
+    return f"ERROR: {message}"
+
+
+def _one_line_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    line = error_line(exc)
+    if line is None:
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    print(line, file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def install_error_hook() -> bool:
+    """Print user-facing errors as one ``ERROR:`` line instead of a traceback; Python still exits 1.
+
+    SIGTERM (what batch schedulers and containers send) is handled like Ctrl-C: it raises
+    ``KeyboardInterrupt``, so every staging folder and temporary file is removed on the way out.
+    Returns ``True`` so it can sit in a config's ``initialize`` list.
+    """
+    sys.excepthook = _one_line_hook
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    return True

@@ -1,0 +1,576 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Inference, the bundle's main job: label maps in, paired MR volumes out.
+
+For every input mask ``X.nii.gz`` the pipeline
+
+1. reads it and applies the label contract (checks, ``label_map`` remapping);
+2. optionally edits it (``scripts.data.masks.MaskEditor``: new layouts, not only re-renderings);
+3. brings a copy onto the model grid with MONAI transforms (RAS, model spacing, crop/pad);
+4. samples a latent guided by the ControlNet and decodes it (``scripts.generation.sampler``);
+5. resamples the image back onto the input mask's own grid (``ResampleToMatch``) and writes
+   ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
+   voxels, shape, affine and header, so the two always lie on the same grid.
+
+Every mask is checked before anything is generated (its header: a 3D grid, real-valued voxels, a
+usable affine, and the memory it will need; then its voxels against the label contract): one bad
+mask stops the command at once with one line naming it, before any output exists (finding a bad
+file after hours of sampling would waste them, and a partial set of pairs is easy to mistake for
+a whole one). Outputs go to a staging folder that replaces ``output_dir`` only when every pair is
+written.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
+from tqdm import tqdm
+
+from scripts.core.errors import BundleInputError
+from scripts.core.outputs import staged_output
+from scripts.core.settings import as_bool
+from scripts.data.cases import NIFTI_SUFFIXES, load_datalist, load_nifti_header, read_nifti
+from scripts.data.labels import LabelContract
+from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
+from scripts.generation.preview import save_pair_preview
+from scripts.generation.quality_gate import HBPQualityGate
+from scripts.models.diffusion import check_noise_schedule
+
+__all__ = [
+    "SAMPLER_SCHEDULES",
+    "DEFAULT_STEPS",
+    "check_sampler",
+    "num_steps",
+    "find_masks",
+    "output_seed",
+    "output_prefix",
+    "MaskToImage",
+    "check_masks",
+    "generate_pairs",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Sampler name -> the noise schedule the model must have been trained with.
+SAMPLER_SCHEDULES = {"ddpm": "ddpm", "ddim": "ddpm", "rflow": "rflow"}
+#: Reverse steps per sampler when --num_inference_steps is not given.
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "rflow": 30}
+
+
+def check_sampler(sampler: str | None, noise_schedule: str, weights_path: str) -> str:
+    """The sampler to use: ``sampler``, or the model's own default; a mismatch is one clear error."""
+    check_noise_schedule(noise_schedule)
+    if sampler is None:
+        return "rflow" if noise_schedule == "rflow" else "ddim"
+    if sampler not in SAMPLER_SCHEDULES:
+        raise BundleInputError(f"config 'sampler': unknown sampler {sampler!r}; use one of {sorted(SAMPLER_SCHEDULES)}")
+    if SAMPLER_SCHEDULES[sampler] != noise_schedule:
+        fits = sorted(name for name, schedule in SAMPLER_SCHEDULES.items() if schedule == noise_schedule)
+        raise BundleInputError(
+            f"{weights_path}: trained with noise_schedule {noise_schedule!r}, which sampler {sampler!r} cannot "
+            f"sample; use --sampler {' or --sampler '.join(fits)}"
+        )
+    return sampler
+
+
+def num_steps(num_inference_steps: int | None, sampler: str) -> int:
+    """Reverse steps: the given number, else the sampler's default."""
+    steps = DEFAULT_STEPS[sampler] if num_inference_steps is None else int(num_inference_steps)
+    if steps < 1:
+        raise BundleInputError(f"config 'num_inference_steps' must be at least 1, got {steps}")
+    return steps
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _unreachable(path: str) -> str | None:
+    """Why the folder entry ``path`` is a symlink that leads nowhere usable, or ``None`` if it is not."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if e.errno == errno.ENOENT:
+            return f"broken symlink (its target {os.readlink(path)} does not exist)"
+        return f"symlink that cannot be followed ({e.strerror})"
+    return None
+
+
+def _scan_mask_dir(mask_dir: str) -> tuple[list[str], list[str]]:
+    """The NIfTI files of ``mask_dir`` (sorted paths) and the names of its other files.
+
+    Hidden entries are ignored and so are sub-folders, except one named like a mask
+    (``x.nii.gz/``); every entry that looks like a mask but is no readable file (that folder, a
+    broken symlink, a symlink loop, a pipe or device) gets a warning naming it, so a mask the user
+    expects is never left out without a word.
+    """
+    masks, others = [], []
+    for name in sorted(os.listdir(mask_dir)):
+        if name.startswith("."):
+            continue
+        path = os.path.join(mask_dir, name)
+        looks_like_mask = name.endswith(NIFTI_SUFFIXES)
+        problem = _unreachable(path)
+        if problem is None and looks_like_mask and not os.path.isfile(path):
+            problem = "a folder, not a file" if os.path.isdir(path) else "not a regular file"
+        if problem is not None:
+            logger.warning(f"{path}: skipped, {problem}")
+        elif looks_like_mask:
+            masks.append(path)
+        elif os.path.isfile(path):
+            others.append(name)
+    return masks, others
+
+
+def find_masks(
+    mask_dir: str | None = None,
+    datalist: str | None = None,
+    dataset_dir: str | None = None,
+    section: str = "test",
+    demo_mask_dir: str | None = None,
+) -> list[dict[str, str]]:
+    """Input masks as ``[{"label": path, "name": stem}]``, from the first source given.
+
+    ``mask_dir``: every ``.nii``/``.nii.gz`` file in it (other files are listed in the log and
+    left alone; broken symlinks, symlink loops and folders or other non-files named like a mask
+    are skipped with a warning naming each); else the ``label`` entries of ``datalist``'s
+    ``section``; else the bundle's demo masks. Output names come from file names, so they must be
+    unique.
+    """
+    if mask_dir:
+        if not os.path.isdir(mask_dir):
+            flag = "--demo_mask_dir" if mask_dir == demo_mask_dir else "--mask_dir"
+            raise BundleInputError(f"{mask_dir}: mask folder not found ({flag})")
+        masks, others = _scan_mask_dir(mask_dir)
+        if others:
+            logger.warning(f"{mask_dir}: not NIfTI, left alone: {', '.join(others)}")
+        where = mask_dir
+    elif datalist:
+        masks = [item["label"] for item in load_datalist(datalist, dataset_dir or "", section, keys=("label",))]
+        where = f"{datalist} [{section}]"
+    else:
+        if not demo_mask_dir:
+            raise BundleInputError("no masks given: pass --mask_dir DIR or --datalist FILE")
+        return find_masks(mask_dir=demo_mask_dir, demo_mask_dir=demo_mask_dir)
+    if not masks:
+        raise BundleInputError(f"{where}: no label maps (.nii or .nii.gz) to generate from")
+    items = [{"label": path, "name": _stem(path)} for path in masks]
+    seen: dict[str, str] = {}
+    for item in items:
+        if item["name"] in seen:
+            raise BundleInputError(
+                f"{item['label']}: same output name {item['name']!r} as {seen[item['name']]}; rename one of them"
+            )
+        seen[item["name"]] = item["label"]
+    return items
+
+
+def output_seed(seed: int, name: str, sample: int, attempt: int = 0) -> int:
+    """The seed of one output: a function of the run seed, the mask's name, the sample index and,
+    for a volume regenerated after failing the quality gate, the attempt.
+
+    Derived from the name rather than the position, so adding a mask to a folder changes no other
+    output.
+    """
+    entropy = [int(seed), zlib.crc32(name.encode()), int(sample)] + ([int(attempt)] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def output_prefix(name: str, sample: int, num_samples: int) -> str:
+    """``X`` for one sample per mask, ``X_s{k}`` for several."""
+    return name if num_samples == 1 else f"{name}_s{sample}"
+
+
+#: Memory needed for one mask, measured: peak RSS above what the command held after loading the
+#: networks, sampled phase by phase (and /usr/bin/time -v for the whole command), shipped demo
+#: weights, default 64^3 model grid at 5 x 5 x 4 mm, CPU, uint8 masks of 1.5 mm voxels:
+#:   150 x 150 x 100 (2.25 M voxels)    251 MiB
+#:   300 x 300 x 200 (18 M voxels)     1227 MiB (int16 1246, float64 1272, quality-gate retry and
+#:                                     preview 1219, with mask editing 1391)
+#:   400 x 400 x 260 (41.6 M voxels)   2512 MiB
+#:   600 x 600 x 400 (144 M, 0.75 mm)  8514 MiB (maximum resident set size of the whole command
+#:                                     9,208,940 kB by /usr/bin/time -v)
+#: The model grid stays at spatial_size and reading a uint8 mask takes 2 bytes per voxel: in every
+#: case the peak is ResampleToMatch bringing the generated image back onto the mask's own grid
+#: (its sampling grid and float32 output at the mask's size, about 62 bytes per mask voxel).
+#: Bytes per mask voxel, plus the voxel's own size as read:
+_MASK_GRID_BYTES_PER_VOXEL = 63
+#: Extra bytes per mask voxel with mask editing (the edited copy, int64 while edited).
+_EDITING_BYTES_PER_VOXEL = 10
+#: Bytes per voxel of the mask resampled to the model spacing, before the crop to spatial_size: that
+#: grid is large only for masks with coarser voxels than the model's (a 100 x 100 x 60 mask of 10 mm
+#: voxels gives 200 x 200 x 150 voxels at 5 x 5 x 4 mm: 325 MiB, 57 bytes per voxel).
+_RESAMPLED_BYTES_PER_VOXEL = 60
+#: Sampling, decoding and allocator slack, independent of the mask (120 to 250 MiB measured).
+_FIXED_BYTES = 200 * 2**20
+#: A mask that needs more than this share of the available memory gets a warning.
+_MEMORY_WARNING_SHARE = 0.5
+#: A cgroup limit at or above this is no limit (cgroup v1 reports about 2**63).
+_NO_CGROUP_LIMIT = 2**60
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_available() -> int | None:
+    """Memory left under this container's cgroup limit (cgroup v2 or v1), or ``None`` without a limit.
+
+    Reclaimable page cache (``inactive_file``) counts as available, as the kernel would free it.
+    """
+    for limit_file, usage_file, stat_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "/sys/fs/cgroup/memory/memory.stat",
+        ),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is None or usage is None or limit >= _NO_CGROUP_LIMIT:
+            continue
+        reclaimable = 0
+        try:
+            with open(stat_file) as f:
+                stats = dict(line.split() for line in f if len(line.split()) == 2)
+            reclaimable = int(stats.get("inactive_file", 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - usage + reclaimable)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give this process, or ``None`` where it cannot be told.
+
+    ``psutil``'s available memory when installed, else ``MemAvailable`` of ``/proc/meminfo``;
+    capped by the cgroup limit of a container or batch job, which those do not see.
+    """
+    available = None
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    limited = _cgroup_available()
+    if limited is not None:
+        available = limited if available is None else min(available, limited)
+    return available
+
+
+def _gb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes < 1e10 else f"{num_bytes / 1e9:.0f} GB"
+
+
+class MaskToImage:
+    """One input mask -> (image, label) on the mask's own grid.
+
+    Args:
+        sampler: guided ``scripts.generation.sampler.LatentDiffusionSampler`` (mask on the model grid -> image).
+        contract: the label contract (checks and remapping of input ids).
+        spacing: model-grid spacing (mm, RAS).
+        spatial_size: model-grid size (voxels).
+        editor: optional ``scripts.data.masks.MaskEditor`` applied on the input grid before generation.
+        output_range: the [0, 1] model intensities are mapped linearly onto it (None: keep [0, 1]).
+        memory_check: refuse, before anything is generated, a mask whose estimated peak memory
+            (:meth:`memory_estimate`) exceeds the available memory; warn above half of it.
+    """
+
+    def __init__(
+        self,
+        sampler: torch.nn.Module,
+        contract: LabelContract,
+        spacing: Sequence[float],
+        spatial_size: Sequence[int],
+        editor: Any = None,
+        output_range: Sequence[float] | None = None,
+        memory_check: bool = True,
+    ) -> None:
+        self.sampler = sampler
+        self.spacing = tuple(float(s) for s in spacing)
+        self.memory_check = as_bool(memory_check, "memory_check")
+        self.contract = contract
+        self.editor = editor
+        self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
+        #: width of the output intensity range ([0, 1] model intensities are mapped onto it)
+        self.intensity_span = 1.0 if self.output_range is None else self.output_range[1] - self.output_range[0]
+        # the label half of scripts.data.cases.preprocessing_transforms, on a label already read and checked
+        self.to_model_grid = Compose(
+            [
+                Orientation(axcodes="RAS", labels=None),
+                Spacing(pixdim=spacing, mode="nearest"),
+                ResizeWithPadOrCrop(spatial_size=spatial_size),
+            ]
+        )
+        self.to_mask_grid = ResampleToMatch(mode="bilinear", padding_mode="zeros")
+
+    def memory_estimate(self, mask: nib.Nifti1Image) -> int:
+        """Peak bytes that generating from ``mask`` takes beyond the loaded networks, from its header
+        alone (grid, data type, affine), without reading its voxels. Against the measurements noted
+        at ``_MASK_GRID_BYTES_PER_VOXEL`` it is 6 to 14 % high for masks of 18 M voxels or more, and
+        relatively higher for small masks, where the fixed part dominates.
+        """
+        shape = tuple(int(s) for s in mask.shape[:3])
+        scaled = mask.dataobj.slope not in (None, 1) or mask.dataobj.inter not in (None, 0)
+        itemsize = 8 if scaled else mask.get_data_dtype().itemsize  # nibabel scales into float64
+        per_voxel = _MASK_GRID_BYTES_PER_VOXEL + itemsize
+        if self.editor is not None and getattr(self.editor, "enabled", True):
+            per_voxel += _EDITING_BYTES_PER_VOXEL
+        # the grid Orientation + Spacing make before the crop, from the transforms themselves run
+        # lazily on a stand-in that holds no voxels
+        affine = torch.as_tensor(mask.affine, dtype=torch.float64)
+        stand_in = MetaTensor(torch.zeros(1).expand(1, *shape), affine=affine)
+        resampled = self.to_model_grid_shape(stand_in)
+        return int(_FIXED_BYTES + per_voxel * math.prod(shape) + _RESAMPLED_BYTES_PER_VOXEL * math.prod(resampled))
+
+    def to_model_grid_shape(self, on_mask_grid: MetaTensor) -> tuple[int, ...]:
+        """Shape of ``on_mask_grid`` reoriented and resampled to the model spacing, before the crop."""
+        # one lazy transform after the other: a lazy Compose would carry out the resampling at its end
+        pending = Orientation(axcodes="RAS", labels=None, lazy=True)(on_mask_grid)
+        pending = Spacing(pixdim=self.spacing, mode="nearest", lazy=True)(pending)
+        return tuple(int(s) for s in pending.peek_pending_shape())
+
+    def check_memory(self, path: str, mask: nib.Nifti1Image) -> int | None:
+        """Refuse ``mask`` (file ``path``) when its :meth:`memory_estimate` exceeds the available
+        memory; warn when it takes more than half. Returns the estimate (``None`` when not checked).
+        """
+        if not self.memory_check:
+            return None
+        available = available_memory()
+        if available is None:
+            logger.debug("available memory unknown here: masks are not checked against it")
+            return None
+        needed = self.memory_estimate(mask)
+        shape = "x".join(str(int(s)) for s in mask.shape[:3])
+        size = f"{shape} voxels of {mask.get_data_dtype()}"
+        if needed > available:
+            raise BundleInputError(
+                f"{path}: mask of {size} needs about {_gb(needed)} of memory to resample and write on its "
+                f"own grid, but only {_gb(available)} is available; free memory, use a larger machine, or "
+                f"resample the mask to coarser voxels (the model's are {'x'.join(f'{v:g}' for v in self.spacing)} mm)"
+            )
+        if needed > _MEMORY_WARNING_SHARE * available:
+            logger.warning(
+                f"{path}: mask of {size} needs about {_gb(needed)} of the {_gb(available)} of memory "
+                "available; other programs may run short"
+            )
+        return needed
+
+    def read(self, path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """The checked, remapped label array of ``path`` and its NIfTI image (for the header)."""
+        label, _ = read_nifti(path, role="label mask")
+        return np.asarray(self.contract.prepare(label, path)), nib.load(path)
+
+    def edit(self, label: np.ndarray, affine: np.ndarray, seed: int, source: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """The edited label (the label itself without an editor) and a summary of the edits."""
+        if self.editor is None:
+            return label, {}
+        edited, summary = self.editor(
+            label,
+            spacing=affine_to_spacing(np.asarray(affine, dtype=np.float64), r=3, suppress_zeros=False),
+            seed=seed,
+            source=source,
+        )
+        self.contract.check(edited, f"{source} (edited)", remapped=True)
+        return np.asarray(edited), dict(summary)
+
+    def __call__(self, label: np.ndarray, affine: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
+        """Image (float32, the label's shape) generated from ``label`` with ``seed``."""
+        on_mask_grid = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(affine))
+        on_model_grid = self.to_model_grid(on_mask_grid)
+        # the sampler seeds its starting noise; DDPM's stochastic steps draw from the global generator
+        torch.manual_seed(seed)
+        generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
+        if not torch.isfinite(generated).all():
+            raise BundleInputError(
+                "the generated image holds NaN or Inf: the weights produce non-finite values "
+                "(check --autoencoder_path, --diffusion_unet_path and --controlnet_path)"
+            )
+        image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
+        image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
+        if self.output_range is not None:
+            low, high = self.output_range
+            image = low + (high - low) * image
+        return image
+
+
+def _save(array: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
+    """Write ``array`` with ``like``'s affine and header (orientation codes, units) as ``dtype``."""
+    header = like.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)  # the data are written as they are, unscaled
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=dtype), like.affine, header=header), path)
+
+
+def _label_dtype(like: nib.Nifti1Image, label: np.ndarray) -> Any:
+    """The input's on-disk type when it holds the ids as they are, else uint8."""
+    dtype = like.get_data_dtype()
+    if like.dataobj.slope not in (None, 1) or like.dataobj.inter not in (None, 0):
+        return np.uint8
+    if np.issubdtype(dtype, np.integer) and label.max(initial=0) > np.iinfo(dtype).max:
+        return np.uint8
+    return dtype
+
+
+def check_masks(masks: Sequence[Mapping[str, str]], generator: MaskToImage) -> int:
+    """Check every mask before anything is generated; raises on the first bad one.
+
+    First every header (3D grid, real-valued data type, usable affine, the memory the mask will
+    need: see :meth:`MaskToImage.check_memory`), which takes no time, then every mask's voxels
+    against the label contract.
+    """
+    for item in masks:
+        generator.check_memory(item["label"], load_nifti_header(item["label"], role="label mask"))
+    for item in tqdm(masks, desc="checking masks", unit="mask"):
+        generator.read(item["label"])
+    return len(masks)
+
+
+def generate_pairs(
+    masks: Sequence[Mapping[str, str]],
+    generator: MaskToImage,
+    output_dir: str,
+    overwrite: bool = False,
+    seed: int = 0,
+    num_samples_per_mask: int = 1,
+    device: torch.device | str = "cpu",
+    save_preview: bool = False,
+    quality_gate: HBPQualityGate | None = None,
+) -> str:
+    """Write every pair (and ``pairs.json``, which maps each output to its mask and seed) to ``output_dir``.
+
+    The masks are all checked first; the pairs are written into a staging folder that replaces
+    ``output_dir`` only once complete (``overwrite`` must allow replacing a non-empty one) and
+    is removed if anything fails. With a ``quality_gate``, a volume that fails it is generated
+    again with a new seed, up to its ``max_tries``; the best attempt is kept and every attempt is
+    recorded. Returns ``output_dir``.
+    """
+    if num_samples_per_mask < 1:
+        raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
+    save_preview = as_bool(save_preview, "save_preview")
+    check_masks(masks, generator)
+    with staged_output(output_dir, overwrite, inputs=[item["label"] for item in masks]) as staging:
+        records = []
+        jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
+        for item, k in tqdm(jobs, desc="generating", unit="volume"):
+            records.append(
+                _write_pair(
+                    item,
+                    k,
+                    num_samples_per_mask,
+                    generator,
+                    staging,
+                    seed,
+                    torch.device(device),
+                    save_preview,
+                    quality_gate,
+                )
+            )
+        failed = [r["image"] for r in records if not r.get("quality_gate", {}).get("passed", True)]
+        if failed:
+            logger.warning(
+                f"{len(failed)} volume(s) failed the quality gate in every attempt (kept the best; see pairs.json): "
+                + ", ".join(failed)
+            )
+        write_pairs_manifest(staging, records, seed=int(seed))
+    return os.path.abspath(output_dir)
+
+
+def _write_pair(
+    item: Mapping[str, str],
+    sample: int,
+    num_samples: int,
+    generator: MaskToImage,
+    folder: str,
+    seed: int,
+    device: torch.device,
+    save_preview: bool,
+    quality_gate: HBPQualityGate | None = None,
+) -> dict[str, Any]:
+    prefix = output_prefix(item["name"], sample, num_samples)
+    case_seed = output_seed(seed, item["name"], sample)
+    label, nifti = generator.read(item["label"])
+    edited, summary = generator.edit(label, nifti.affine, case_seed, item["label"])
+    image = generator(edited, nifti.affine, case_seed, device)
+    gate_record = None
+    if quality_gate is not None:
+        image, case_seed, gate_record = _regenerate_until_gate_passes(
+            image, case_seed, edited, nifti.affine, generator, quality_gate, seed, item["name"], sample, device
+        )
+    names = {role: pair_file_name(prefix, role) for role in ROLES}
+    _save(image, nifti, os.path.join(folder, names["image"]), np.float32)
+    _save(edited, nifti, os.path.join(folder, names["label"]), _label_dtype(nifti, edited))
+    if save_preview:
+        save_pair_preview(image, edited, nifti.affine, os.path.join(folder, f"{prefix}_preview.png"), title=prefix)
+    return {
+        **names,
+        "mask": os.path.abspath(item["label"]),
+        "sample": sample,
+        "seed": case_seed,
+        "edits": summary,
+        **({} if gate_record is None else {"quality_gate": gate_record}),
+    }
+
+
+def _regenerate_until_gate_passes(
+    image: np.ndarray,
+    case_seed: int,
+    label: np.ndarray,
+    affine: np.ndarray,
+    generator: MaskToImage,
+    gate: HBPQualityGate,
+    seed: int,
+    name: str,
+    sample: int,
+    device: torch.device,
+) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Judge ``image``; while it fails, generate again with the next attempt's seed.
+
+    Returns the image kept (the first that passes, else the one with the largest margin), its seed
+    and the record of every attempt. The mask (and its edits) stays the same across attempts.
+    """
+    attempts = [{"seed": case_seed, **gate(image, label, generator.intensity_span)}]
+    best = (image, case_seed, attempts[0])
+    for attempt in range(1, gate.max_tries):
+        if best[2]["passed"]:
+            break
+        retry_seed = output_seed(seed, name, sample, attempt)
+        retry = generator(label, affine, retry_seed, device)
+        attempts.append({"seed": retry_seed, **gate(retry, label, generator.intensity_span)})
+        if attempts[-1]["passed"] or attempts[-1]["margin"] > best[2]["margin"]:
+            best = (retry, retry_seed, attempts[-1])
+    kept_image, kept_seed, verdict = best
+    return kept_image, kept_seed, {"passed": verdict["passed"], "tries": len(attempts), "attempts": attempts}

@@ -1,0 +1,204 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Documentation figures.
+
+``python -m scripts.tools.figures`` regenerates ``docs/figures/phantoms.png`` from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from scripts.data.pairs import read_pairs_manifest
+from scripts.generation.preview import OVERLAY, pick_slices, save_figure, to_ras
+
+
+def _as_arrays(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, label, affine) from a PhantomCase-like object or a 3-tuple."""
+    if hasattr(case, "image"):
+        return np.asarray(case.image), np.asarray(case.label), np.asarray(case.affine, dtype=np.float64)
+    image, label, affine = case
+    return np.asarray(image), np.asarray(label), np.asarray(affine, dtype=np.float64)
+
+
+def _overlay_rgba(label2d: np.ndarray, alpha: float) -> np.ndarray:
+    rgba = np.zeros(label2d.shape + (4,), dtype=np.float32)
+    for lid, (_, rgb) in OVERLAY.items():
+        m = label2d == lid
+        rgba[m, :3] = rgb
+        rgba[m, 3] = alpha if lid == 1 else min(1.0, alpha + 0.35)
+    return rgba
+
+
+def save_phantom_figure(cases: Sequence[Any], path: str, titles: Sequence[str] | None = None) -> str:
+    """Axial and coronal views of each case, raw and with the label overlay.
+
+    Cases are reoriented to RAS first and shown in radiological convention (patient right on
+    image left; anterior up on axial, superior up on coronal) with the true voxel aspect ratio.
+    The PNG is written to a temporary file beside ``path`` and renamed, so a reader never sees
+    a partial file.  Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n = len(cases)
+    if n == 0:
+        raise ValueError("save_phantom_figure needs at least one case")
+    fig, axes = plt.subplots(n, 4, figsize=(11.0, 2.75 * n + 0.5), squeeze=False)
+    for row, case in enumerate(cases):
+        image, label, affine = _as_arrays(case)
+        img, lab, sp = to_ras(image, label, affine)
+        z, y = pick_slices(lab)
+        vmax = float(np.percentile(img[lab > 0], 99.5)) if np.any(lab > 0) else float(np.percentile(img, 99.5))
+        views = [
+            ("axial", img[::-1, :, z].T, lab[::-1, :, z].T, sp[1] / sp[0]),
+            ("coronal", img[::-1, y, :].T, lab[::-1, y, :].T, sp[2] / sp[0]),
+        ]
+        for k, (name, im2, lb2, aspect) in enumerate(views):
+            for j, overlay in enumerate((False, True)):
+                ax = axes[row, 2 * k + j]
+                ax.imshow(
+                    im2, cmap="gray", vmin=0.0, vmax=vmax * 1.05, origin="lower", aspect=aspect, interpolation="nearest"
+                )
+                if overlay:
+                    ax.imshow(_overlay_rgba(lb2, 0.28), origin="lower", aspect=aspect, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.text(0.02, 0.97, "R", color="w", transform=ax.transAxes, va="top", fontsize=8)
+                ax.text(0.98, 0.97, "L", color="w", transform=ax.transAxes, va="top", ha="right", fontsize=8)
+                if row == 0:
+                    ax.set_title(f"{name}{' + labels' if overlay else ''}", fontsize=10)
+            if k == 0:
+                title = titles[row] if titles else f"case {row}"
+                axes[row, 0].set_ylabel(title, fontsize=9)
+    handles = [Patch(color=rgb, label=name) for name, rgb in OVERLAY.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    return save_figure(fig, path)
+
+
+def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path: str, num_cases: int = 4) -> str:
+    """Real image beside the image generated from its mask, for the first ``num_cases`` pairs.
+
+    ``pairs_dir`` is an inference output (``pairs.json``); each pair's ``mask`` is looked up among
+    the ``label`` entries of ``datalist`` to find the real image it was drawn from. Per case: axial
+    and coronal slices of the real image, the generated one, and the generated one with the label
+    overlay, same grey scale for both (RAS, radiological convention). Returns ``path``.
+    """
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    from scripts.data.cases import load_datalist
+
+    real_of = {}
+    for section in ("training", "validation", "test"):
+        for item in load_datalist(datalist, dataset_dir, section):
+            real_of[os.path.realpath(item["label"])] = item["image"]
+    manifest = read_pairs_manifest(pairs_dir, required=True)
+    records = [r for r in manifest["pairs"] if os.path.realpath(r["mask"]) in real_of][:num_cases]
+    if not records:
+        raise ValueError(f"{pairs_dir}: no pair was generated from a mask of {datalist}")
+    fig, axes = plt.subplots(len(records), 6, figsize=(15.0, 2.6 * len(records) + 0.4), squeeze=False)
+    for row, record in enumerate(records):
+        label_nii = nib.load(os.path.join(pairs_dir, record["label"]))
+        label = np.asarray(label_nii.dataobj)
+        real = nib.load(real_of[os.path.realpath(record["mask"])]).get_fdata(dtype=np.float32)
+        generated = nib.load(os.path.join(pairs_dir, record["image"])).get_fdata(dtype=np.float32)
+        real, lab, sp = to_ras(real, label, label_nii.affine)
+        generated, _, _ = to_ras(generated, label, label_nii.affine)
+        real = real / max(float(np.percentile(real, 99.5)), 1e-6)  # the real image's own [0, 1] scaling
+        z, y = pick_slices(lab)
+        for k, (name, cut, aspect) in enumerate(
+            (("axial", lambda a: a[::-1, :, z].T, sp[1] / sp[0]), ("coronal", lambda a: a[::-1, y, :].T, sp[2] / sp[0]))
+        ):
+            for j, (what, image, overlay) in enumerate(
+                (("real", real, False), ("generated", generated, False), ("generated + mask", generated, True))
+            ):
+                ax = axes[row, 3 * k + j]
+                ax.imshow(cut(image), cmap="gray", vmin=0.0, vmax=1.0, origin="lower", aspect=aspect)
+                if overlay:
+                    ax.imshow(_overlay_rgba(cut(lab), 0.25), origin="lower", aspect=aspect, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{what}, {name}", fontsize=9)
+        axes[row, 0].set_ylabel(os.path.basename(record["image"]).replace("_image.nii.gz", ""), fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_training_curves(log_dirs: dict[str, str], tags: Sequence[str], path: str) -> str:
+    """One panel per scalar ``tag``, one line per run: ``log_dirs`` maps a run's name to its TensorBoard folder.
+
+    For the model card's validation curves; tags a run did not log are skipped. Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.3), squeeze=False)
+    for name, log_dir in log_dirs.items():
+        accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for ax, tag in zip(axes[0], tags, strict=True):
+            if tag in accumulator.Tags()["scalars"]:
+                events = accumulator.Scalars(tag)
+                ax.plot([e.step for e in events], [e.value for e in events], marker="o", ms=3, label=name)
+    for ax, tag in zip(axes[0], tags, strict=True):
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a tag no run logged leaves an empty panel
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_dataset_figure(dataset_dir: str, num_cases: int = 4, section: str = "training") -> str:
+    """Figure of the first ``num_cases`` cases of a dataset's datalist, written to ``<dataset_dir>/figures/``."""
+    import nibabel as nib
+
+    from scripts.data.cases import load_datalist
+
+    items = load_datalist(os.path.join(dataset_dir, "datalist.json"), dataset_dir, section)[:num_cases]
+    cases = [
+        (
+            nib.load(item["image"]).get_fdata(dtype=np.float32),
+            np.asarray(nib.load(item["label"]).dataobj),
+            nib.load(item["image"]).affine,
+        )
+        for item in items
+    ]
+    titles = [os.path.basename(item["image"]).split(".")[0] for item in items]
+    return save_phantom_figure(cases, os.path.join(dataset_dir, "figures", "phantoms.png"), titles)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Regenerate ``docs/figures/phantoms.png`` from fixed seeds."""
+    from scripts.data.phantom import generate_phantom
+
+    p = argparse.ArgumentParser(description="Documentation figures.")
+    p.add_argument("--out", default=os.path.join("docs", "figures", "phantoms.png"))
+    p.add_argument("--seeds", default="0,4,8,11")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cases = [generate_phantom(s) for s in seeds]
+    titles = [f"seed {s}: {c.info['axcodes']}, HCC x{c.info['n_hcc']}" for s, c in zip(seeds, cases, strict=True)]
+    print(save_phantom_figure(cases, a.out, titles))
+
+
+if __name__ == "__main__":
+    main()
