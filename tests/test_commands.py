@@ -86,35 +86,74 @@ def test_misspelt_setting_is_refused_and_no_means_no(tmp_path):
     assert (dataset / "datalist.json").is_file() and not (dataset / "figures").exists()
 
 
-TASKS = ["demo_data", "check_data", "train_autoencoder", "train_diffusion", "train_controlnet", "train_gan_baseline",
-         "train_segmentation", "inference", "inference_autoencoder", "generate_unconditional", "inference_gan_baseline",
-         "evaluate", "augmentation_study"]
+TASKS = [
+    "demo_data",
+    "check_data",
+    "train_autoencoder",
+    "train_diffusion",
+    "train_controlnet",
+    "train_gan_baseline",
+    "train_segmentation",
+    "inference",
+    "inference_autoencoder",
+    "generate_unconditional",
+    "inference_gan_baseline",
+    "evaluate",
+    "augmentation_study",
+]
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_command_checks_common_settings_before_any_work(task, tmp_path, monkeypatch):
     """The checks declared once in common.yaml run first in every command: one line naming the setting."""
     monkeypatch.chdir(BUNDLE_ROOT)
-    workflow = ConfigWorkflow(config_file=layered_config_files(f"configs/{task}.yaml"), workflow_type=None,
-                              seed=-3, output_dir=str(tmp_path / "out"), dataset_dir=str(tmp_path / "none"))
+    workflow = ConfigWorkflow(
+        config_file=layered_config_files(f"configs/{task}.yaml"),
+        workflow_type=None,
+        seed=-3,
+        output_dir=str(tmp_path / "out"),
+        dataset_dir=str(tmp_path / "none"),
+    )
     with pytest.raises(Exception) as caught:
         workflow.initialize()
     assert str(find_input_error(caught.value)) == "config 'seed': expected an integer >= 0, got -3"
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("task,setting,value,expected", [
-    ("demo_data", "num_cases", 0, "config 'num_cases': expected an integer >= 1, got 0"),
-    ("evaluate", "overwrite", "maybe", "config 'overwrite': expected true/false, got 'maybe'"),
-    ("train_segmentation", "flip_prob", 2.0, "config 'flip_prob': expected a number >= 0.0 and <= 1.0, got 2.0"),
-    ("train_gan_baseline", "patch_size", [32, 32], "config 'patch_size': expected a list of 3 integers, got [32, 32]"),
-    ("augmentation_study", "launcher", "slurm", "config 'launcher': expected one of subprocess, in_process, got 'slurm'"),
-    ("generate_unconditional", "num_samples", "eight", "config 'num_samples': expected an integer >= 1, got 'eight'"),
-])
+@pytest.mark.parametrize(
+    "task,setting,value,expected",
+    [
+        ("demo_data", "num_cases", 0, "config 'num_cases': expected an integer >= 1, got 0"),
+        ("evaluate", "overwrite", "maybe", "config 'overwrite': expected true/false, got 'maybe'"),
+        ("train_segmentation", "flip_prob", 2.0, "config 'flip_prob': expected a number >= 0.0 and <= 1.0, got 2.0"),
+        (
+            "train_gan_baseline",
+            "patch_size",
+            [32, 32],
+            "config 'patch_size': expected a list of 3 integers, got [32, 32]",
+        ),
+        (
+            "augmentation_study",
+            "launcher",
+            "slurm",
+            "config 'launcher': expected one of subprocess, in_process, got 'slurm'",
+        ),
+        (
+            "generate_unconditional",
+            "num_samples",
+            "eight",
+            "config 'num_samples': expected an integer >= 1, got 'eight'",
+        ),
+    ],
+)
 def test_task_settings_are_checked_before_any_work(task, setting, value, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
-    workflow = ConfigWorkflow(config_file=layered_config_files(f"configs/{task}.yaml"), workflow_type=None,
-                              output_dir=str(tmp_path / "out"), **{setting: value})
+    workflow = ConfigWorkflow(
+        config_file=layered_config_files(f"configs/{task}.yaml"),
+        workflow_type=None,
+        output_dir=str(tmp_path / "out"),
+        **{setting: value},
+    )
     with pytest.raises(Exception) as caught:
         workflow.initialize()
     assert str(find_input_error(caught.value)) == expected

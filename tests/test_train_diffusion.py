@@ -370,22 +370,31 @@ def test_bad_training_settings_stop_before_any_work(
     assert not (tmp_path / "latent_cache").exists()  # nothing encoded
 
 
-def test_fine_tuning_starts_from_given_weights_also_on_another_autoencoder(tiny_phantoms, autoencoder, tmp_path,
-                                                                            monkeypatch):
+def test_fine_tuning_starts_from_given_weights_also_on_another_autoencoder(
+    tiny_phantoms, autoencoder, tmp_path, monkeypatch
+):
     """--init_diffusion_unet_path: the UNet starts from those weights, even when they were trained on another
     autoencoder's latents (fine-tuning after a new stage 1); another prediction type is still refused."""
     monkeypatch.chdir(BUNDLE_ROOT)
     other_autoencoder = write_autoencoder(tmp_path / "other_autoencoder.pt", seed=3)
     start = write_unet(tmp_path / "unet.pt", other_autoencoder, seed=5)
-    run = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path / "out", autoencoder_path=str(autoencoder),
-                                       init_diffusion_unet_path=str(start)))
+    run = workflow(
+        CONFIG,
+        **overrides(
+            tiny_phantoms, tmp_path / "out", autoencoder_path=str(autoencoder), init_diffusion_unet_path=str(start)
+        ),
+    )
     run.initialize()
     loaded = run.parser.get_parsed_content("diffusion_unet").state_dict()
     saved = torch.load(start, weights_only=True)["diffusion_unet"]
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     epsilon = write_unet(tmp_path / "epsilon.pt", autoencoder, seed=5, prediction_type="epsilon")
-    refused = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path / "out2", autoencoder_path=str(autoencoder),
-                                           init_diffusion_unet_path=str(epsilon)))
+    refused = workflow(
+        CONFIG,
+        **overrides(
+            tiny_phantoms, tmp_path / "out2", autoencoder_path=str(autoencoder), init_diffusion_unet_path=str(epsilon)
+        ),
+    )
     with pytest.raises(Exception) as caught:
         refused.initialize()
     assert "predicts 'epsilon', this run uses prediction_type 'v_prediction'" in str(find_input_error(caught.value))
