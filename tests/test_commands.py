@@ -139,6 +139,12 @@ def test_every_command_checks_common_settings_before_any_work(task, tmp_path, mo
             "config 'launcher': expected one of subprocess, in_process, got 'slurm'",
         ),
         (
+            "train_autoencoder",
+            "key_metric",
+            "val_real_contrast",
+            "config 'key_metric': expected one of val_psnr, val_ssim, val_recon_contrast, got 'val_real_contrast'",
+        ),
+        (
             "generate_unconditional",
             "num_samples",
             "eight",

@@ -101,6 +101,37 @@ def test_validation_reports_the_reconstruction_contrast_against_the_real_one(tra
     assert all(r == pytest.approx(real[0]) and r > 0.1 for r in real)  # HBP phantoms: the liver is bright
 
 
+def _scalars(folder: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_key_metric_picks_the_best_checkpoint_and_a_resume_may_switch_it(tiny_phantoms, tmp_path, monkeypatch):
+    """`key_metric` decides autoencoder_best.pt; resuming under another metric starts a new best."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    output = tmp_path / "run"
+    for max_epochs, key_metric in ((1, "val_psnr"), (2, "val_recon_contrast")):
+        workflow = ConfigWorkflow(
+            config_file=CONFIG,
+            workflow_type="train",
+            **_overrides(tiny_phantoms, output, max_epochs=max_epochs, key_metric=key_metric),
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        best = _load(output / "autoencoder" / "autoencoder_best.pt")
+        assert best["best_metric_name"] == key_metric
+    # a PSNR in dB restored as the best would never be beaten by a contrast: the resumed run's first
+    # validation must be the best so far, with the contrast it logged
+    assert best["best_metric_epoch"] == 2
+    logged = _scalars(output / "autoencoder" / "tensorboard", "val_recon_contrast")
+    assert best["best_metric"] == pytest.approx(logged[2], rel=1e-5)
+    assert best["best_metric"] < 1.0 < _scalars(output / "autoencoder" / "tensorboard", "val_psnr")[1]
+
+
 def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monkeypatch):
     """An error on a heavily weighted class counts more: mean over voxels of w * |error| / mean(w)."""
     monkeypatch.chdir(BUNDLE_ROOT)

@@ -30,6 +30,7 @@ __all__ = [
     "load_checkpoint",
     "load_network_weights",
     "StageCheckpointer",
+    "split_key_metric",
     "export_weights",
 ]
 
@@ -247,6 +248,7 @@ class StageCheckpointer:
         if self.evaluator is not None:
             payload["best_metric"] = float(self.evaluator.state.best_metric)
             payload["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
+            payload["best_metric_name"] = self.evaluator.state.key_metric_name
         return payload
 
     def resume(self, engine: Any) -> None:
@@ -262,8 +264,16 @@ class StageCheckpointer:
             if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
                 _reapply_lambda(obj)
         if self.evaluator is not None and "best_metric" in checkpoint:
-            self.evaluator.state.best_metric = checkpoint["best_metric"]
-            self.evaluator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
+            key_metric = self.evaluator.state.key_metric_name
+            # a best chosen by another metric is not comparable: the next validation starts a new best
+            if checkpoint.get("best_metric_name", key_metric) == key_metric:
+                self.evaluator.state.best_metric = checkpoint["best_metric"]
+                self.evaluator.state.best_metric_epoch = checkpoint["best_metric_epoch"]
+            else:
+                logger.info(
+                    f"{self.best_path} was chosen by {checkpoint['best_metric_name']}; this run chooses by "
+                    f"{key_metric}, so the next validation replaces it"
+                )
         logger.info(
             f"resumed {self.stage} from {self.last_path} at epoch {engine.state.epoch}, "
             f"iteration {engine.state.iteration}"
@@ -278,6 +288,18 @@ class StageCheckpointer:
         if self.is_main_process and state.best_metric_epoch == engine.state.epoch:
             save_atomic(self._payload(engine), self.best_path)
             logger.info(f"new best {self.stage} ({state.best_metric:.4f}) saved to {self.best_path}")
+
+
+def split_key_metric(metrics: Mapping[str, Any], key_metric: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split validation metric handlers into the one that picks the best checkpoint and the rest.
+
+    ``SupervisedEvaluator`` takes the two as ``key_val_metric`` and ``additional_metrics``; a
+    config that declares its metrics once and names the deciding one in a setting (``key_metric``)
+    passes them through this. Every metric is computed and logged either way.
+    """
+    if key_metric not in metrics:
+        raise BundleInputError(f"config 'key_metric': {key_metric!r} is not a validation metric ({sorted(metrics)})")
+    return {key_metric: metrics[key_metric]}, {k: v for k, v in metrics.items() if k != key_metric}
 
 
 def export_weights(
@@ -304,6 +326,7 @@ def export_weights(
     for extra in (
         "best_metric",
         "best_metric_epoch",
+        "best_metric_name",
         "scale_factor",
         "noise_schedule",
         "prediction_type",
