@@ -173,14 +173,21 @@ def test_ms_ssim_on_tiny_volumes(volumes):
 
 
 # ---------------------------------------------------------------------------------------- the whole command
-def _write_pairs(folder: Path, dataset: Path, noise: float = 0.0, with_labels: bool = True) -> Path:
-    """Synthetic sets made from the phantoms themselves, in the inference layout."""
+def _write_pairs(
+    folder: Path, dataset: Path, noise: float = 0.0, with_labels: bool = True, bright_dark: bool = False
+) -> Path:
+    """Synthetic sets made from the phantoms themselves, in the inference layout; ``bright_dark``
+    paints the vessels and HCC brighter than anything else (a generator that inverts the HBP pattern)."""
     datalist = json.loads((dataset / "datalist.json").read_text())
     rng = np.random.default_rng(0)
     for i, entry in enumerate(e for s in ("training", "validation", "test") for e in datalist[s]):
         image = nib.load(dataset / entry["image"])
         pixels = np.asarray(image.dataobj, dtype=np.float32)
         pixels = pixels + noise * pixels.std() * rng.standard_normal(pixels.shape).astype(np.float32)
+        if bright_dark:
+            label = np.asarray(nib.load(dataset / entry["label"]).dataobj)
+            dark = np.isin(label, [LABELS[c] for c in ("portal_vein", "hepatic_vein", "hcc")])
+            pixels[dark] = 2 * pixels.max()
         write_nifti(folder / f"case{i}_image.nii.gz", pixels, image.affine)
         if with_labels:
             shutil.copy(dataset / entry["label"], folder / f"case{i}_label.nii.gz")
@@ -213,6 +220,7 @@ def report(tmp_path_factory, tiny_phantoms, weights) -> Path:
         "copy": _write_pairs(root / "copy", tiny_phantoms),
         "noisy": _write_pairs(root / "noisy", tiny_phantoms, 0.3),
         "images_only": _write_pairs(root / "images", tiny_phantoms, 0.1, with_labels=False),
+        "inverted": _write_pairs(root / "inverted", tiny_phantoms, bright_dark=True),
     }
     os.chdir(BUNDLE_ROOT)
     evaluate(
@@ -228,7 +236,7 @@ def report(tmp_path_factory, tiny_phantoms, weights) -> Path:
 def test_report_has_one_row_per_set_and_every_metric(report):
     metrics = json.loads((report / "metrics.json").read_text())
     rows = {row["set"]: row for row in metrics["table"]}
-    assert list(rows) == ["real", "copy", "noisy", "images_only"]
+    assert list(rows) == ["real", "copy", "noisy", "images_only", "inverted"]
     assert set(metrics["columns"]) >= {
         "fid_2.5d_xy",
         "fid_2.5d_yz",
@@ -241,6 +249,7 @@ def test_report_has_one_row_per_set_and_every_metric(report):
         "dice_hepatic_vein",
         "dice_hcc",
         "contrast",
+        "hbp_order",
     }
     assert rows["copy"]["fid_2.5d"] == pytest.approx(0, abs=1e-6) and rows["copy"]["fid_3d"] == pytest.approx(
         0, abs=1e-6
@@ -255,6 +264,12 @@ def test_report_has_one_row_per_set_and_every_metric(report):
     assert rows["images_only"]["fid_3d"] is not None and 0 < rows["images_only"]["ms_ssim"] < 1
     intensity = metrics["sets"]["copy"]["intensity"]
     assert intensity["mean"]["liver"] > intensity["mean"]["hcc"]  # HBP: bright liver, dark HCC
+    # per volume: every real phantom shows the HBP order of its mask, none of the inverted ones does
+    order = {name: metrics["sets"][name]["intensity"]["hbp_order"] for name in ("copy", "inverted")}
+    assert order["copy"]["judged"] == order["inverted"]["judged"] >= 2
+    assert order["copy"]["ordered"] == order["copy"]["judged"] and rows["copy"]["hbp_order"] == 1.0
+    assert order["inverted"]["ordered"] == 0 and rows["inverted"]["hbp_order"] == 0.0
+    assert rows["images_only"]["hbp_order"] is None
     assert (
         metrics["protocol"]["fid_3d"]["offline_surrogate"] is True and metrics["protocol"]["fid_3d"]["weights_sha256"]
     )

@@ -48,6 +48,7 @@ from scripts.data.pairs import find_pairs
 from scripts.evaluation.diversity import PairwiseMsSsim
 from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
+from scripts.generation.quality_gate import HBPQualityGate
 from scripts.models.segmentation import load_segmentation_weights, select_network
 
 __all__ = [
@@ -215,9 +216,18 @@ class SegmentationDice:
 
 class ClassIntensityStats:
     """Intensity mean / std per label class (voxels pooled over the set), the bright-dark contrast
-    (:func:`scripts.evaluation.mask_fidelity.contrast`), and histograms per class and over all voxels."""
+    (:func:`scripts.evaluation.mask_fidelity.contrast`), histograms per class and over all voxels,
+    and with ``order_check`` (a :class:`~scripts.generation.quality_gate.HBPQualityGate`) how many
+    volumes each show the HBP order of their own mask, which a pooled contrast can hide."""
 
-    def __init__(self, contract: LabelContract, bright: Sequence[str], dark: Sequence[str], bins: int = 50) -> None:
+    def __init__(
+        self,
+        contract: LabelContract,
+        bright: Sequence[str],
+        dark: Sequence[str],
+        bins: int = 50,
+        order_check: HBPQualityGate | None = None,
+    ) -> None:
         self.names = contract.names
         unknown = [n for n in (*bright, *dark) if n not in contract.labels]
         if unknown:
@@ -233,6 +243,8 @@ class ClassIntensityStats:
         self.counts = torch.zeros(n, dtype=torch.float64)
         self.histograms = {name: torch.zeros(self.bins, dtype=torch.float64) for name in ("all", *self.names)}
         self.labelled = False
+        self.order_check = order_check
+        self.ordered = self.judged = 0
 
     def _histogram(self, values: torch.Tensor) -> torch.Tensor:
         return torch.histc(values.clamp(0.0, 1.0), bins=self.bins, min=0.0, max=1.0).double()
@@ -250,6 +262,11 @@ class ClassIntensityStats:
         self.counts += counts
         for i, name in enumerate(self.names):
             self.histograms[name] += self._histogram(values[ids == i].float())
+        if self.order_check is not None:
+            verdict = self.order_check(values.numpy(), ids.numpy())
+            if verdict["margin"] is not None:  # None: too little liver or no dark class to judge
+                self.judged += 1
+                self.ordered += int(verdict["passed"])
 
     def compute(self) -> dict[str, Any] | None:
         if not self.labelled:
@@ -261,6 +278,15 @@ class ClassIntensityStats:
             "std": {n: _number(variance[i].sqrt()) if self.counts[i] > 0 else None for i, n in enumerate(self.names)},
             "voxels": {n: int(self.counts[i]) for i, n in enumerate(self.names)},
             "contrast": _number(contrast(self.sums, self.counts, self.bright, self.dark)),
+            "hbp_order": (
+                None
+                if self.order_check is None
+                else {
+                    "ordered": self.ordered,
+                    "judged": self.judged,
+                    "fraction": self.ordered / self.judged if self.judged else None,
+                }
+            ),
         }
 
 
@@ -337,6 +363,13 @@ class Evaluation:
         self.ms_ssim = {"kernel_size": ms_ssim_kernel_size, "levels": ms_ssim_levels, "max_pairs": ms_ssim_max_pairs}
         PairwiseMsSsim(self.spatial_size, **self.ms_ssim)  # a grid too small for these settings fails now
         self.contrast_bright, self.contrast_dark = list(contrast_bright), list(contrast_dark)
+        # liver brighter than each of its vessels and HCC in the volume itself: the quality gate's test
+        # with no margin (one bright class only: the gate compares against a single class)
+        self.order_check = (
+            HBPQualityGate(contract.labels, self.contrast_bright[0], self.contrast_dark, min_contrast=0.0)
+            if len(self.contrast_bright) == 1
+            else None
+        )
         self.histogram_bins = histogram_bins
         self.seed = int(seed)
         self.info = dict(info or {})
@@ -373,7 +406,9 @@ class Evaluation:
             [],
             [],
             PairwiseMsSsim(self.spatial_size, **self.ms_ssim),
-            ClassIntensityStats(self.contract, self.contrast_bright, self.contrast_dark, self.histogram_bins),
+            ClassIntensityStats(
+                self.contract, self.contrast_bright, self.contrast_dark, self.histogram_bins, self.order_check
+            ),
             dice,
         )
         for image, label in self._volumes(volume_set):
@@ -458,7 +493,7 @@ class Evaluation:
         if self.fid_3d is not None:
             columns.append("fid_3d")
         columns.append("ms_ssim")
-        columns += [f"dice_{name}" for name in self.contract.names[1:]] + ["dice_mean", "contrast"]
+        columns += [f"dice_{name}" for name in self.contract.names[1:]] + ["dice_mean", "contrast", "hbp_order"]
         return columns
 
     def row(self, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -477,6 +512,7 @@ class Evaluation:
             "ms_ssim": summary.get("ms_ssim"),
             "dice_mean": fidelity.get("mean_dice"),
             "contrast": intensity.get("contrast"),
+            "hbp_order": (intensity.get("hbp_order") or {}).get("fraction"),
         }
         for name in self.contract.names[1:]:
             values[f"dice_{name}"] = (fidelity.get("dice") or {}).get(name)
@@ -527,7 +563,8 @@ class Evaluation:
                 "FID: lower is closer to the real set (row `real`: FID between two halves of the real set). "
                 "MS-SSIM: mean over pairs within the set, lower is more diverse. Dice: a segmentation network "
                 "trained on real data, run on the images, against their label maps. Contrast: mean(bright classes) "
-                "- mean(dark classes). n/a: not measured (null in metrics.json).",
+                "- mean(dark classes). HBP order: fraction of volumes whose liver is brighter than each of their "
+                "vessels and HCC (classes of at least 20 voxels). n/a: not measured (null in metrics.json).",
                 "",
                 table_of(rows, self.columns()),
                 "",
