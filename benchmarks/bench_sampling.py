@@ -69,7 +69,7 @@ from benchmarks.common import (
     trained_weights,
 )
 from benchmarks.quality import quality_report
-from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.core.checkpoints import load_network_weights
 from scripts.generation.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
 from scripts.generation.sampler import LatentDiffusionSampler, set_sampling_timesteps
 from scripts.models.controlnet import load_controlnet
@@ -264,9 +264,7 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         autoencoder = load_network_weights(
             decoder.autoencoder, str(trained["autoencoder"]), "autoencoder", "autoencoder weights"
         )
-        unet_checkpoint = load_diffusion_unet(
-            unet, str(trained["diffusion_unet"]), None, weights_sha256(autoencoder, "autoencoder")
-        )
+        unet_checkpoint = load_diffusion_unet(unet, str(trained["diffusion_unet"]), None, autoencoder)
         load_controlnet(controlnet, str(trained["controlnet"]), unet_checkpoint, str(trained["diffusion_unet"]), labels)
         scale_factor, schedule = float(unet_checkpoint["scale_factor"]), str(unet_checkpoint["noise_schedule"])
         weights = f"trained demo weights from {options.weights_dir} (noise_schedule {schedule})"

@@ -54,7 +54,7 @@ from benchmarks.common import (
     parse_configs,
     write_seeded_checkpoint,
 )
-from scripts.core.checkpoints import weights_sha256
+from scripts.models.autoencoder import latent_space_sha256
 
 __all__ = ["TARGET_CACHE_SPEEDUP", "EncodingPrepareBatch", "time_trainer", "run", "markdown"]
 
@@ -264,7 +264,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
             scale_factor=scale_factor,
             noise_schedule=str(parser.get_parsed_content("noise_schedule")),
             prediction_type=str(parser.get_parsed_content("prediction_type")),
-            autoencoder_sha256=weights_sha256(torch.load(autoencoder_path, weights_only=True), "autoencoder"),
+            latent_space_sha256=latent_space_sha256(torch.load(autoencoder_path, weights_only=True)),
         )
         parser = _stage_parser("configs/train_controlnet.yaml", options, base, diffusion_unet_path=str(unet_path))
         parser.get_parsed_content("train#dataset")

@@ -15,8 +15,8 @@ import torch
 from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.core.checkpoints import weights_sha256
 from scripts.core.settings import layered_config_files
+from scripts.models.autoencoder import latent_space_sha256
 
 #: The tiny model grid of the stage-1 tests (32^3 voxels, 8^3 latents), without the stage-1 patch size.
 TINY = {k.lstrip("-"): eval(v) for k, v in zip(TINY_GRID[::2], TINY_GRID[1::2], strict=True) if k != "--patch_size"}
@@ -86,7 +86,7 @@ def write_unet(
         scale_factor=scale_factor,
         noise_schedule=noise_schedule,
         prediction_type=prediction_type,
-        autoencoder_sha256=weights_sha256(torch.load(autoencoder, weights_only=True), "autoencoder"),
+        latent_space_sha256=latent_space_sha256(torch.load(autoencoder, weights_only=True)),
     )
 
 

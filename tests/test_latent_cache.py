@@ -11,9 +11,10 @@ import pytest
 import torch
 from stage_helpers import common_parser, one_thread, write_autoencoder  # noqa: F401  (one_thread: autouse)
 
-from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.core.checkpoints import load_network_weights
 from scripts.data.cases import load_datalist
 from scripts.data.latent_cache import LoadLatentCased, prepare_latent_cache
+from scripts.models.autoencoder import latent_space_sha256
 
 
 def _cache(tiny_phantoms: Path, cache_dir: Path, autoencoder: Path, **settings):
@@ -27,7 +28,7 @@ def _cache(tiny_phantoms: Path, cache_dir: Path, autoencoder: Path, **settings):
     cache = prepare_latent_cache(
         str(cache_dir),
         encoder,
-        weights_sha256(checkpoint, "autoencoder"),
+        latent_space_sha256(checkpoint),
         preprocessing,
         sections,
         parser.get_parsed_content("latent_cache_settings"),

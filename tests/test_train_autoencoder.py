@@ -17,9 +17,10 @@ import torch
 from conftest import BUNDLE_ROOT, TINY_GRID, run_bundle
 from monai.bundle import ConfigWorkflow
 
-from scripts.core.checkpoints import export_weights
+from scripts.core.checkpoints import export_weights, weights_sha256
 from scripts.core.errors import find_input_error
 from scripts.core.settings import layered_config_files
+from scripts.models.autoencoder import LATENT_SPACE_MODULES, latent_space_sha256
 
 CONFIG = layered_config_files("configs/train_autoencoder.yaml")
 
@@ -50,6 +51,12 @@ def _cli(dataset: Path, output: Path, max_epochs: int, **extra: str) -> list[str
         str(output),
         *[part for item in options.items() for part in item],
     ]
+
+
+def _initialize_and_run(workflow: ConfigWorkflow) -> None:
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
 
 
 def _load(path: Path) -> dict:
@@ -186,6 +193,43 @@ def test_fine_tuning_starts_from_the_given_weights(trained, tiny_phantoms, tmp_p
     start = workflow.parser.get_parsed_content("autoencoder").state_dict()
     saved = _load(exported)["autoencoder"]
     assert all(torch.equal(start[k], saved[k].to(start[k].dtype)) for k in saved)
+
+
+def test_decoder_only_fine_tuning_keeps_every_latent(trained, tiny_phantoms, tmp_path, monkeypatch):
+    """--freeze_encoder true trains the decoder alone; a resume with the encoder unfrozen is refused."""
+    output, _ = trained
+    exported = export_weights(
+        str(output / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "ae.pt"), "autoencoder"
+    )
+    monkeypatch.chdir(BUNDLE_ROOT)
+    run = tmp_path / "run"
+    settings = _overrides(tiny_phantoms, run, max_epochs=2, init_autoencoder_path=str(exported), freeze_encoder=True)
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **settings)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    start, last = _load(exported), _load(run / "autoencoder" / "autoencoder_last.pt")
+    assert last["epoch"] == 2 and last["freeze_encoder"] is True
+    encoder_side = [k for k in start["autoencoder"] if k.split(".")[0] in LATENT_SPACE_MODULES]
+    assert encoder_side and all(torch.equal(last["autoencoder"][k], start["autoencoder"][k]) for k in encoder_side)
+    decoder_moved = [
+        k
+        for k in start["autoencoder"]
+        if k.startswith("decoder.") and not torch.equal(last["autoencoder"][k], start["autoencoder"][k])
+    ]
+    assert decoder_moved, "the decoder did not train"
+    assert latent_space_sha256(last) == latent_space_sha256(start)
+    assert weights_sha256(last, "autoencoder") != weights_sha256(start, "autoencoder")
+
+    resumed = ConfigWorkflow(
+        config_file=CONFIG, workflow_type="train", **{**settings, "max_epochs": 3, "freeze_encoder": False}
+    )
+    with pytest.raises(RuntimeError) as err:
+        _initialize_and_run(resumed)
+    error = find_input_error(err.value)
+    assert error is not None and "cannot resume, it was saved with freeze_encoder True but this run has False" in str(
+        error
+    )
 
 
 def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, tmp_path, monkeypatch):

@@ -294,7 +294,7 @@ def test_mismatch_is_one_clear_error_before_training(breakage, tiny_phantoms, we
         expected = f"{unet_path}: diffusion UNet was trained with noise_schedule 'ddpm', this run uses 'rflow'"
     elif breakage == "other_autoencoder":  # the UNet was trained on the latents of other weights
         settings["autoencoder_path"] = str(write_autoencoder(tmp_path / "retrained.pt", seed=1))
-        expected = f"{unet_path}: diffusion UNet was trained on the latents of other autoencoder weights"
+        expected = f"{unet_path}: diffusion UNet was trained on the latents of another autoencoder's encoder"
     elif breakage == "controlnet_mismatch":  # a ControlNet that does not mirror the UNet
         settings["controlnet_def"] = _controlnet_def(channels=[16, 32, 64])
         expected = f"{unet_path}: diffusion UNet weights do not fit the configured ControlNet"

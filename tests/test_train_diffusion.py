@@ -28,8 +28,8 @@ from stage_helpers import (  # noqa: F401
     write_unet,
 )
 
-from scripts.core.checkpoints import weights_sha256
 from scripts.core.errors import BundleInputError, find_input_error
+from scripts.models.autoencoder import latent_space_sha256
 from scripts.models.diffusion import (
     RFlowPrepareBatch,
     checkpoint_prediction_type,
@@ -77,9 +77,7 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     manifest = json.loads((output / "latent_cache" / "manifest.json").read_text())
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
     assert last["scale_factor"] == pytest.approx(manifest["scale_factor"]) and last["scale_factor"] > 0
-    assert last["noise_schedule"] == "ddpm" and last["autoencoder_sha256"] == weights_sha256(
-        _load(autoencoder), "autoencoder"
-    )
+    assert last["noise_schedule"] == "ddpm" and last["latent_space_sha256"] == latent_space_sha256(_load(autoencoder))
     changed = [k for k, v in last["diffusion_unet"].items() if not torch.equal(v, ddpm_run["initial"][k])]
     # MONAI zero-initialises each residual branch's last convolution, which holds back the gradients of
     # the layers before it for the first steps: after 2 steps a good part, not all, has moved
@@ -241,7 +239,7 @@ def test_rflow_implied_clean_latent():
 
 def test_unet_of_another_prediction_type_is_refused_and_old_checkpoints_are_epsilon(autoencoder, tmp_path):
     unet = common_parser().get_parsed_content("diffusion_unet_def", instantiate=True)
-    sha = weights_sha256(_load(autoencoder), "autoencoder")
+    sha = _load(autoencoder)
     path = write_unet(tmp_path / "unet.pt", autoencoder, prediction_type="epsilon")
     with pytest.raises(
         BundleInputError,

@@ -332,6 +332,7 @@ def export_weights(
         "prediction_type",
         "latent_channel_std",
         "latent_channels",
+        "latent_space_sha256",
         "autoencoder_sha256",
         "diffusion_unet_sha256",
         "labels",

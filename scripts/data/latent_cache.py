@@ -15,9 +15,9 @@ validation case with the bundle's ``pair_preprocessing``, encodes it and writes,
 
 ``manifest.json`` lists the cases, the cache fingerprint and ``scale_factor`` = 1 / std of all
 training latents (computed once here, so every later run scales latents identically). The
-fingerprint is a SHA-256 over the autoencoder weights' identity
-(``scripts.core.checkpoints.weights_sha256``: the weights, so a re-exported copy of the same weights
-does not count as a change), the preprocessing settings and the case files (path, size,
+fingerprint is a SHA-256 over the identity of the encoder side of the autoencoder
+(``scripts.models.autoencoder.latent_space_sha256``: the weights, so a re-exported copy of the same
+weights, or a fine-tuned decoder, does not count as a change), the preprocessing settings and the case files (path, size,
 modification time): the cache is reused while it matches and rebuilt when it does not, in a
 staging folder published only when complete.
 """
@@ -82,8 +82,8 @@ class LatentCache:
         return float(self.manifest["scale_factor"])
 
     @property
-    def autoencoder_sha256(self) -> str:
-        return str(self.manifest["autoencoder_sha256"])
+    def latent_space_sha256(self) -> str:
+        return str(self.manifest["latent_space_sha256"])
 
     def items(self, section: str) -> list[dict[str, Any]]:
         """Dataset items of one section: source paths, ``cache_file`` (absolute) and ``seed`` (the case index)."""
@@ -110,7 +110,7 @@ class LatentCache:
 
 
 def cache_fingerprint(
-    autoencoder_sha256: str, settings: Mapping[str, Any], sections: Mapping[str, Sequence[Mapping[str, str]]]
+    latent_space_sha256: str, settings: Mapping[str, Any], sections: Mapping[str, Sequence[Mapping[str, str]]]
 ) -> str:
     """SHA-256 over everything that determines the cached content.
 
@@ -122,14 +122,14 @@ def cache_fingerprint(
         section: [[_file_key(item[key]) for key in ("image", "label")] for item in items]
         for section, items in sorted(sections.items())
     }
-    payload = {"format": CACHE_FORMAT, "autoencoder_sha256": autoencoder_sha256, "settings": settings, "cases": cases}
+    payload = {"format": CACHE_FORMAT, "latent_space_sha256": latent_space_sha256, "settings": settings, "cases": cases}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=_jsonable).encode()).hexdigest()
 
 
 def prepare_latent_cache(
     cache_dir: str,
     encoder: Any,
-    autoencoder_sha256: str,
+    latent_space_sha256: str,
     preprocessing: Any,
     sections: Mapping[str, Sequence[Mapping[str, str]]],
     settings: Mapping[str, Any],
@@ -144,7 +144,7 @@ def prepare_latent_cache(
         cache_dir: the cache folder; replaced as a whole when rebuilt.
         encoder: frozen autoencoder wrapper whose ``encode(image)`` returns the latent MEAN
             (``scripts.networks.tiled_autoencoder.TiledAutoencoder``), weights already loaded.
-        autoencoder_sha256: identity of those weights (``scripts.core.checkpoints.weights_sha256``).
+        latent_space_sha256: identity of the encoder side of those weights (``scripts.models.autoencoder.latent_space_sha256``).
         preprocessing: dictionary transform bringing ``{"image", "label"}`` paths onto the model grid.
         sections: section name -> datalist items (``training`` is required: it sets ``scale_factor``).
         settings: preprocessing and tiling settings that change the cached content.
@@ -155,7 +155,7 @@ def prepare_latent_cache(
     """
     if not sections.get("training"):
         raise BundleInputError(f"{cache_dir}: no training cases to cache")
-    fingerprint = cache_fingerprint(autoencoder_sha256, settings, sections)
+    fingerprint = cache_fingerprint(latent_space_sha256, settings, sections)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     cache = None
     if is_main_process:
@@ -166,7 +166,7 @@ def prepare_latent_cache(
                 fingerprint,
                 encoder,
                 autoencoder_path,
-                autoencoder_sha256,
+                latent_space_sha256,
                 preprocessing,
                 sections,
                 settings,
@@ -203,7 +203,7 @@ def _build(
     fingerprint: str,
     encoder: Any,
     autoencoder_path: str,
-    autoencoder_sha256: str,
+    latent_space_sha256: str,
     preprocessing: Any,
     sections: Mapping[str, Sequence[Mapping[str, str]]],
     settings: Mapping[str, Any],
@@ -250,7 +250,7 @@ def _build(
             "format": CACHE_FORMAT,
             "fingerprint": fingerprint,
             "autoencoder_path": os.path.abspath(autoencoder_path) if autoencoder_path else "",
-            "autoencoder_sha256": autoencoder_sha256,
+            "latent_space_sha256": latent_space_sha256,
             "settings": json.loads(json.dumps(settings, default=_jsonable)),
             "latent_shape": latent_shape,
             "num_classes": num_classes,

@@ -2,6 +2,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The trained stages and baselines: training engines, batch preparation and weight loading."""
 
-from . import controlnet, diffusion, gan_baseline, segmentation, trainers
+from . import autoencoder, controlnet, diffusion, gan_baseline, segmentation, trainers
 
-__all__ = ["controlnet", "diffusion", "gan_baseline", "segmentation", "trainers"]
+__all__ = ["autoencoder", "controlnet", "diffusion", "gan_baseline", "segmentation", "trainers"]

@@ -32,6 +32,7 @@ from monai.networks.schedulers import RFlowScheduler
 
 from scripts.core.checkpoints import load_network_weights, unwrap
 from scripts.core.errors import BundleInputError
+from scripts.models.autoencoder import check_latent_space
 
 __all__ = [
     "NOISE_SCHEDULES",
@@ -242,7 +243,7 @@ def load_diffusion_unet(
     unet: torch.nn.Module,
     path: str,
     noise_schedule: str | None,
-    autoencoder_sha256: str | None,
+    autoencoder: Mapping[str, Any] | None,
     prediction_type: str | None = None,
 ) -> dict[str, Any]:
     """Load stage-2 UNet weights strictly and check they fit this run; returns the checkpoint.
@@ -250,11 +251,10 @@ def load_diffusion_unet(
     The checkpoint must carry ``scale_factor`` (the latent scaling the UNet was trained with) and the
     same ``noise_schedule`` (``None``: any known schedule, for sampling with the checkpoint's own)
     and, for the DDPM schedule, the same ``prediction_type`` (``None``: the checkpoint's own);
-    when it records the identity of the autoencoder whose latents it was
-    trained on (``autoencoder_sha256``, see ``scripts.core.checkpoints.weights_sha256``), that must be
-    the configured one: a UNet trained on another autoencoder's latents, or with the other
-    schedule, cannot be guided or sampled correctly. ``autoencoder_sha256=None`` skips that check:
-    the starting point of fine-tuning on new latents (``init_diffusion_unet_path``).
+    the latents it was trained on must be those of the loaded stage-1 checkpoint ``autoencoder``
+    (:func:`scripts.models.autoencoder.check_latent_space`): a UNet trained on another encoder's
+    latents, or with the other schedule, cannot be guided or sampled correctly. ``autoencoder=None``
+    skips that check: the starting point of fine-tuning on new latents (``init_diffusion_unet_path``).
     """
     checkpoint = load_network_weights(
         unet,
@@ -283,13 +283,7 @@ def load_diffusion_unet(
                 f"{path}: diffusion UNet predicts {trained_type!r}, this run uses prediction_type "
                 f"{prediction_type!r}; pass --prediction_type {trained_type}"
             )
-    trained_on = checkpoint.get("autoencoder_sha256")
-    if trained_on is not None and autoencoder_sha256 is not None and trained_on != autoencoder_sha256:
-        raise BundleInputError(
-            f"{path}: diffusion UNet was trained on the latents of other autoencoder weights "
-            f"(weights sha256 {trained_on[:12]}..., --autoencoder_path holds {autoencoder_sha256[:12]}...); "
-            "pass the autoencoder it was trained with, or retrain the UNet"
-        )
+    check_latent_space(checkpoint, autoencoder, path, "diffusion UNet")
     return checkpoint
 
 
