@@ -278,6 +278,36 @@ def test_report_has_one_row_per_set_and_every_metric(report):
     assert (report / "intensity_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reconstruction_row_is_the_real_set_through_the_autoencoder(report, tiny_phantoms, weights, tmp_path):
+    """--reconstruction_row true adds the decoder's ceiling: each real volume encoded and decoded."""
+    copy = {"copy": str(report.parent / "copy")}
+    settings = dict(autoencoder_path=str(weights["autoencoder"]), fid_2_5d_network=None, fid_3d_network=None)
+    workflow = evaluate(tmp_path / "out", tiny_phantoms, copy, reconstruction_row=True, **settings)
+    rows = {row["set"]: row for row in json.loads((tmp_path / "out" / "metrics.json").read_text())["table"]}
+    assert list(rows) == ["real", "copy", "reconstruction"]
+    assert rows["reconstruction"]["volumes"] == rows["real"]["volumes"]
+    assert rows["reconstruction"]["contrast"] != pytest.approx(rows["real"]["contrast"], abs=1e-4)
+
+    real_set, row_set = (
+        workflow.parser.get_parsed_content("real_set"),
+        workflow.parser.get_parsed_content("compared_sets")[-1],
+    )
+    autoencoder = common_parser().get_parsed_content("autoencoder_def", instantiate=True).eval()
+    autoencoder.load_state_dict(torch.load(weights["autoencoder"], weights_only=True)["autoencoder"])
+    real = real_set.transform(dict(real_set.items[0]))
+    with torch.no_grad():
+        expected = autoencoder.decode(autoencoder.encode(torch.as_tensor(real["image"])[None])[0])[0].clamp(0, 1)
+    passed = row_set.transform(dict(row_set.items[0]))
+    torch.testing.assert_close(torch.as_tensor(passed["image"]), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.as_tensor(passed["label"]), torch.as_tensor(real["label"]))  # masks untouched
+
+    with pytest.raises(Exception) as caught:
+        evaluate(
+            tmp_path / "clash", tiny_phantoms, {"reconstruction": copy["copy"]}, reconstruction_row=True, **settings
+        )
+    assert "the set name 'reconstruction' is reserved for the reconstruction row" in str(find_input_error(caught.value))
+
+
 def test_existing_report_is_kept_unless_overwrite(report, tiny_phantoms, weights):
     before = (report / "metrics.json").read_text()
     with pytest.raises(Exception) as caught:

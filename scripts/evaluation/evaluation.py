@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Compose, MapTransform
+from monai.transforms import Compose, Lambdad, MapTransform
 from tqdm import tqdm
 
-from scripts.core.checkpoints import load_checkpoint
+from scripts.core.checkpoints import load_checkpoint, load_network_weights
 from scripts.core.errors import BundleInputError
 from scripts.core.outputs import markdown_table, staged_output
 from scripts.data.cases import check_case, load_datalist, read_nifti
@@ -50,6 +51,7 @@ from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
 from scripts.generation.quality_gate import HBPQualityGate
 from scripts.models.segmentation import load_segmentation_weights, select_network
+from scripts.networks.tiled_autoencoder import TiledAutoencoder
 
 __all__ = [
     "NO_SEGMENTER_NOTICE",
@@ -57,6 +59,7 @@ __all__ = [
     "image_only",
     "real_volume_set",
     "synthetic_volume_sets",
+    "reconstruction_volume_set",
     "load_segmenter",
     "ClassIntensityStats",
     "SegmentationDice",
@@ -74,6 +77,8 @@ NO_SEGMENTER_NOTICE = (
 _ALL = slice(None)
 #: Name of the real set's row in the table.
 REAL = "real"
+#: Name of the row of real volumes passed through the autoencoder (``reconstruction_row``).
+RECONSTRUCTION = "reconstruction"
 
 
 # ---------------------------------------------------------------------------------------- sets of volumes
@@ -147,6 +152,31 @@ def synthetic_volume_sets(
             VolumeSet(str(name), items, preprocessing if paired else image_only(preprocessing), str(folder), contract)
         )
     return sets
+
+
+def reconstruction_volume_set(
+    real: VolumeSet, autoencoder: TiledAutoencoder, autoencoder_path: str, synthetic: Sequence[VolumeSet]
+) -> VolumeSet:
+    """The real volumes encoded (latent mean) and decoded by the autoencoder at ``autoencoder_path``.
+
+    Every generator decodes through this decoder, so no generated set can follow the masks better
+    than this row does (Dice, contrast): it shows how much of a shortfall the decoder causes and how
+    much the diffusion stages. Decoded images are clipped to [0, 1] as generated ones are.
+    """
+    if any(volume_set.name == RECONSTRUCTION for volume_set in synthetic):
+        raise BundleInputError(
+            f"config 'synthetic': the set name {RECONSTRUCTION!r} is reserved for the reconstruction row"
+        )
+    load_network_weights(autoencoder.autoencoder, autoencoder_path, "autoencoder", "autoencoder weights")
+
+    def reconstruct(image: torch.Tensor) -> torch.Tensor:
+        decoded = autoencoder.decode(autoencoder.encode(torch.as_tensor(image)[None]))[0].clamp(0.0, 1.0).cpu()
+        return MetaTensor(decoded, meta=image.meta) if isinstance(image, MetaTensor) else decoded
+
+    transform = Compose([real.transform, Lambdad(keys="image", func=reconstruct)])
+    return VolumeSet(
+        RECONSTRUCTION, list(real.items), transform, f"{real.source} through {autoencoder_path}", real.contract
+    )
 
 
 # ---------------------------------------------------------------------------------------- mask fidelity
