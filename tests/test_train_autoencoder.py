@@ -177,6 +177,23 @@ def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monk
     assert "config 'recon_class_weights': unknown class 'vessel'" in str(find_input_error(caught.value))
 
 
+def test_without_adversarial_weight_the_discriminator_never_steps(tiny_phantoms, tmp_path, monkeypatch):
+    """--adv_weight 0 is plain reconstruction training: no discriminator passes after the warm-up either."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    settings = _overrides(
+        tiny_phantoms, tmp_path, max_epochs=2, adv_weight=0.0
+    )  # warm-up 1: epoch 2 would be adversarial
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **settings)
+    workflow.initialize()
+    initial = {k: v.clone() for k, v in workflow.parser.get_parsed_content("discriminator").state_dict().items()}
+    workflow.run()
+    workflow.finalize()
+    last = _load(tmp_path / "autoencoder" / "autoencoder_last.pt")
+    assert last["epoch"] == 2
+    assert all(torch.equal(last["discriminator"][k], v) for k, v in initial.items())
+    assert not last["d_optimizer"]["state"], "the discriminator's optimizer took a step"
+
+
 def test_fine_tuning_starts_from_the_given_weights(trained, tiny_phantoms, tmp_path, monkeypatch):
     """--init_autoencoder_path loads stage-1 weights before training; without it the start is random."""
     output, _ = trained

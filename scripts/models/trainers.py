@@ -37,7 +37,8 @@ class AutoencoderTrainer(AdversarialTrainer):
     Generator loss = reconstruction (L1) + ``kl_weight`` * KL + ``perceptual_loss``
     (already weighted; ``None`` to train without it) + ``adv_weight`` * adversarial. The
     discriminator and the adversarial term start only after ``adversarial_warmup_epochs`` epochs,
-    so the discriminator does not overpower a generator that cannot reconstruct yet.
+    so the discriminator does not overpower a generator that cannot reconstruct yet, and never with
+    ``adv_weight`` 0.
 
     ``recon_class_weights`` (a weight per label id, ``scripts.data.labels.class_weight_table``) makes the
     L1 term a weighted mean over voxels, each weighted by its class in the batch's ``label``. The
@@ -105,7 +106,8 @@ class AutoencoderTrainer(AdversarialTrainer):
             raise ValueError("Must provide batch data for current iteration.")
         images = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[0]
         state = engine.state
-        adversarial = state.epoch > engine.adversarial_warmup_epochs
+        # adv_weight 0 trains without the GAN: skip the discriminator's forward and backward passes
+        adversarial = state.epoch > engine.adversarial_warmup_epochs and engine.adv_weight > 0
 
         state.g_network.train()
         state.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
