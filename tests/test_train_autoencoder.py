@@ -248,6 +248,15 @@ def test_decoder_only_fine_tuning_keeps_every_latent(trained, tiny_phantoms, tmp
         error
     )
 
+    from_scratch = ConfigWorkflow(
+        config_file=CONFIG,
+        workflow_type="train",
+        **{**settings, "output_dir": str(tmp_path / "fresh"), "init_autoencoder_path": None},
+    )
+    with pytest.raises(RuntimeError) as err:
+        _initialize_and_run(from_scratch)
+    assert "config 'freeze_encoder': true needs --init_autoencoder_path" in str(find_input_error(err.value))
+
 
 def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, tmp_path, monkeypatch):
     output, _ = trained

@@ -42,14 +42,22 @@ def latent_space_sha256(checkpoint: Mapping[str, Any], key: str | None = "autoen
     return weights_sha256(encoder_side)
 
 
-def freeze_latent_space(autoencoder: torch.nn.Module, freeze: bool) -> torch.nn.Module:
+def freeze_latent_space(autoencoder: torch.nn.Module, freeze: bool, init_path: str | None) -> torch.nn.Module:
     """With ``freeze``, stop gradients to the weights that define the latents; returns the network.
+
+    ``init_path`` is where the kept encoder comes from (``init_autoencoder_path``): freezing a
+    randomly initialised encoder would train a decoder for latents nobody else uses, so it is refused.
 
     Call it before any ``DistributedDataParallel`` wrapping (DDP records which parameters need
     gradients when it is built) and give the optimizer only the parameters that still require them.
     The frozen part keeps its train/eval mode: AutoencoderKL uses GroupNorm and no dropout, so the
     mode does not change what the encoder computes.
     """
+    if freeze and init_path is None:
+        raise BundleInputError(
+            "config 'freeze_encoder': true needs --init_autoencoder_path, the autoencoder whose encoder "
+            "(and latents) to keep; without it the frozen encoder would stay random"
+        )
     if freeze:
         for name, module in unwrap(autoencoder).named_children():
             if name in LATENT_SPACE_MODULES:
