@@ -150,6 +150,19 @@ def test_every_command_checks_common_settings_before_any_work(task, tmp_path, mo
             "eight",
             "config 'num_samples': expected an integer >= 1, got 'eight'",
         ),
+        (
+            "generate_unconditional",
+            "label_guided_decoder",
+            True,
+            "config 'label_guided_decoder': expected one of false, got True "
+            "(unconditional samples have no label map to decode with)",
+        ),
+        (
+            "inference",
+            "label_guided_decoder",
+            "maybe",
+            "config 'label_guided_decoder': expected true/false, got 'maybe'",
+        ),
     ],
 )
 def test_task_settings_are_checked_before_any_work(task, setting, value, expected, tmp_path, monkeypatch):

@@ -24,11 +24,12 @@ from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, wr
 
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.settings import layered_config_files
-from scripts.data.labels import LABELS
+from scripts.data.labels import LABELS, LabelContract
 from scripts.data.pairs import find_pairs
 from scripts.evaluation.diversity import PairwiseMsSsim, ms_ssim_weights
 from scripts.evaluation.evaluation import NO_SEGMENTER_NOTICE, Evaluation, load_segmenter, real_volume_set
 from scripts.evaluation.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
+from scripts.models.autoencoder import load_initial_autoencoder
 from scripts.networks.feature_networks import build_feature_network
 
 CONFIG = layered_config_files("configs/evaluate.yaml")
@@ -429,4 +430,33 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     assert len(spread) == 4 and all(s > 0 for s in spread) and record["reference_latent_channel_std"] == reference
     assert record["latent_std_ratio"] == pytest.approx(
         [s / r for s, r in zip(spread, reference, strict=True)], rel=1e-3
+    )
+
+
+def test_label_guided_reconstruction_row_decodes_each_volume_with_its_own_mask(
+    report, tiny_phantoms, weights, tmp_path
+):
+    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
+    load_initial_autoencoder(guided, str(weights["autoencoder"]))
+    with torch.no_grad():
+        for name, parameter in guided.named_parameters():
+            if ".mlp_beta.conv.weight" in name:
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "lg.pt"
+    torch.save({"autoencoder": guided.state_dict()}, path)
+    settings = dict(autoencoder_path=str(path), fid_2_5d_network=None, fid_3d_network=None, label_guided_decoder=True)
+    workflow = evaluate(
+        tmp_path / "out", tiny_phantoms, {"copy": str(report.parent / "copy")}, reconstruction_row=True, **settings
+    )
+    real_set, row_set = (
+        workflow.parser.get_parsed_content("real_set"),
+        workflow.parser.get_parsed_content("compared_sets")[-1],
+    )
+    real = real_set.transform(dict(real_set.items[0]))
+    condition = LabelContract(LABELS).one_hot(torch.as_tensor(real["label"])[None].long()).float()
+    with torch.no_grad():
+        latent = guided.encode(torch.as_tensor(real["image"])[None])[0]
+        expected = guided.decode(latent, condition)[0].clamp(0, 1)
+    torch.testing.assert_close(
+        torch.as_tensor(row_set.transform(dict(row_set.items[0]))["image"]), expected, rtol=1e-4, atol=1e-4
     )

@@ -25,6 +25,7 @@ from scripts.core.settings import layered_config_files
 from scripts.data.labels import LABELS
 from scripts.generation.inference import output_seed
 from scripts.generation.sampler import conditioning_embedded_once
+from scripts.models.autoencoder import load_initial_autoencoder
 
 CONFIG = layered_config_files("configs/inference.yaml")
 
@@ -536,3 +537,40 @@ def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_it
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="no pair was generated from a mask of"):  # masks from elsewhere
         save_comparison_figure(str(out), str(tmp_path / "other.json"), str(tiny_phantoms), str(tmp_path / "x.png"))
+
+
+def _write_label_guided(path: Path, plain: str, modulation: float) -> Path:
+    """A label-guided autoencoder started from ``plain``; ``modulation`` > 0 makes the label map matter."""
+    network = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
+    load_initial_autoencoder(network, plain)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if modulation and (".mlp_gamma.conv.weight" in name or ".mlp_beta.conv.weight" in name):
+                parameter.copy_(modulation * torch.randn(parameter.shape, generator=generator))
+    torch.save({"autoencoder": network.state_dict()}, path)
+    return path
+
+
+def test_label_guided_decoder_decodes_each_latent_with_its_mask(pairs, weights, mask_dir, tmp_path):
+    plain = weights["ddpm"]["autoencoder_path"]
+    same = _write_label_guided(tmp_path / "same.pt", plain, 0.0)
+    guided = {**weights["ddpm"], "autoencoder_path": str(same)}
+    started = infer(tmp_path / "started", guided, mask_dir=str(mask_dir), label_guided_decoder=True)
+    # a fresh label-guided decoder is the plain decoder: the same pairs, so the mask reached each decode
+    for path in sorted(pairs.glob("*_image.nii.gz")):
+        first = np.asanyarray(nib.load(path).dataobj)
+        np.testing.assert_allclose(np.asanyarray(nib.load(started / path.name).dataobj), first, atol=1e-5)
+    modulated = {**weights["ddpm"], "autoencoder_path": str(_write_label_guided(tmp_path / "lg.pt", plain, 0.05))}
+    changed = infer(tmp_path / "changed", modulated, mask_dir=str(mask_dir), label_guided_decoder=True)
+    for path in sorted(pairs.glob("*_image.nii.gz")):
+        first = np.asanyarray(nib.load(path).dataobj)
+        assert not np.allclose(np.asanyarray(nib.load(changed / path.name).dataobj), first, atol=1e-3)
+
+    with pytest.raises(RuntimeError) as err:  # a label-guided file needs the setting, and the reverse
+        infer(tmp_path / "unset", modulated, mask_dir=str(mask_dir))
+    assert "a label-guided autoencoder; pass --label_guided_decoder true" in str(find_input_error(err.value))
+    with pytest.raises(RuntimeError) as err:
+        infer(tmp_path / "plain", weights["ddpm"], mask_dir=str(mask_dir), label_guided_decoder=True)
+    assert "a plain autoencoder, but --label_guided_decoder is true" in str(find_input_error(err.value))
+    assert not (tmp_path / "unset").exists() and not (tmp_path / "plain").exists()

@@ -258,6 +258,56 @@ def test_decoder_only_fine_tuning_keeps_every_latent(trained, tiny_phantoms, tmp
     assert "config 'freeze_encoder': true needs --init_autoencoder_path" in str(find_input_error(err.value))
 
 
+def test_label_guided_decoder_trains_from_the_plain_one_on_the_same_latents(
+    trained, tiny_phantoms, tmp_path, monkeypatch
+):
+    """--label_guided_decoder true: a SPADE decoder starts as the plain decoder, learns from the label map."""
+    output, _ = trained
+    plain = export_weights(str(output / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "ae.pt"), "autoencoder")
+    monkeypatch.chdir(BUNDLE_ROOT)
+    run = tmp_path / "run"
+    settings = _overrides(
+        tiny_phantoms,
+        run,
+        max_epochs=1,
+        init_autoencoder_path=str(plain),
+        freeze_encoder=True,
+        label_guided_decoder=True,
+        key_metric="val_recon_contrast",
+    )
+    workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", **settings)
+    _initialize_and_run(workflow)
+    start, last = _load(plain), _load(run / "autoencoder" / "autoencoder_best.pt")
+    assert latent_space_sha256(last) == latent_space_sha256(start)  # UNet, ControlNet and cache stay valid
+    modulation = [k for k in last["autoencoder"] if ".mlp_gamma.conv.weight" in k or ".mlp_beta.conv.weight" in k]
+    assert modulation and any(last["autoencoder"][k].any() for k in modulation), "the label map was never used"
+    assert last["best_metric_name"] == "val_recon_contrast"
+
+    # the stage-1 check config reconstructs with each case's label map
+    guided = export_weights(str(run / "autoencoder" / "autoencoder_best.pt"), str(tmp_path / "lg.pt"), "autoencoder")
+    check = ConfigWorkflow(
+        config_file=layered_config_files("configs/inference_autoencoder.yaml"),
+        workflow_type="infer",
+        autoencoder_path=guided,
+        label_guided_decoder=True,
+        **{k: v for k, v in settings.items() if k in ("dataset_dir", "spacing", "spatial_size")},
+        output_dir=str(tmp_path / "check"),
+    )
+    _initialize_and_run(check)
+    assert len(list((tmp_path / "check" / "autoencoder_reconstruction").glob("*_recon.nii.gz"))) == 1
+
+    wrong = ConfigWorkflow(
+        config_file=layered_config_files("configs/inference_autoencoder.yaml"),
+        workflow_type="infer",
+        autoencoder_path=guided,
+        **{k: v for k, v in settings.items() if k in ("dataset_dir", "spacing", "spatial_size")},
+        output_dir=str(tmp_path / "wrong"),
+    )
+    with pytest.raises(RuntimeError) as err:
+        wrong.initialize()
+    assert "--label_guided_decoder true" in str(find_input_error(err.value))
+
+
 def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, tmp_path, monkeypatch):
     output, _ = trained
     monkeypatch.chdir(BUNDLE_ROOT)

@@ -135,7 +135,7 @@ def _describe(rule: Mapping[str, Any]) -> str:
         "device": "a device (cpu, cuda, cuda:N)",
     }[rule["type"]]
     if "choices" in rule:
-        kind = "one of " + ", ".join(map(str, rule["choices"]))
+        kind = "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in rule["choices"])
     if rule["type"] == "list":
         item = {"int": "integers", "float": "numbers"}.get(rule.get("item", ""), "values")
         kind = f"a list of {rule['length']} {item}" if "length" in rule else f"a list of {item}"
@@ -154,10 +154,10 @@ def _valid(value: Any, rule: Mapping[str, Any]) -> bool:
     kind = rule["type"]
     if kind == "bool":
         try:
-            as_bool(value, "")
-            return True
+            flag = as_bool(value, "")
         except BundleInputError:
             return False
+        return "choices" not in rule or flag in rule["choices"]
     if kind in ("int", "float"):
         ok = _is_number(value, kind)
         return ok and rule.get("min", value) <= value <= rule.get("max", value)
@@ -184,8 +184,9 @@ def check_settings(checks: Mapping[str, Mapping[str, Any]]) -> bool:
     """Check each setting against its rule; the first problem is one error line naming the setting.
 
     ``checks`` maps a setting's name to ``{"value": ..., "type": int|float|bool|str|dict|list|device}``
-    with optional ``min``, ``max``, ``choices`` (str), ``length`` and ``item`` (list: int or float),
-    and ``optional`` (null allowed). Returns ``True`` for a config's ``initialize``.
+    with optional ``min``, ``max``, ``choices`` (str, bool), ``length`` and ``item`` (list: int or float),
+    ``optional`` (null allowed) and ``reason`` (said after the error, why the rule holds).
+    Returns ``True`` for a config's ``initialize``.
     """
     for name, rule in checks.items():
         value = rule["value"]
@@ -196,5 +197,6 @@ def check_settings(checks: Mapping[str, Mapping[str, Any]]) -> bool:
                 raise BundleInputError(
                     f"config {name!r}: {value!r} asked for, but this machine has no CUDA device; " "use --device cpu"
                 )
-            raise BundleInputError(f"config {name!r}: expected {_describe(rule)}, got {value!r}")
+            reason = f" ({rule['reason']})" if "reason" in rule else ""
+            raise BundleInputError(f"config {name!r}: expected {_describe(rule)}, got {value!r}{reason}")
     return True

@@ -37,10 +37,10 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Compose, Lambdad, MapTransform
+from monai.transforms import Compose, Lambda, MapTransform
 from tqdm import tqdm
 
-from scripts.core.checkpoints import load_checkpoint, load_network_weights
+from scripts.core.checkpoints import load_checkpoint
 from scripts.core.errors import BundleInputError
 from scripts.core.outputs import markdown_table, staged_output
 from scripts.data.cases import check_case, load_datalist, read_nifti
@@ -50,6 +50,7 @@ from scripts.evaluation.diversity import PairwiseMsSsim
 from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
 from scripts.generation.quality_gate import HBPQualityGate
+from scripts.models.autoencoder import load_autoencoder_weights
 from scripts.models.segmentation import load_segmentation_weights, select_network
 from scripts.networks.tiled_autoencoder import TiledAutoencoder
 
@@ -167,13 +168,19 @@ def reconstruction_volume_set(
         raise BundleInputError(
             f"config 'synthetic': the set name {RECONSTRUCTION!r} is reserved for the reconstruction row"
         )
-    load_network_weights(autoencoder.autoencoder, autoencoder_path, "autoencoder", "autoencoder weights")
+    load_autoencoder_weights(autoencoder.autoencoder, autoencoder_path)
 
-    def reconstruct(image: torch.Tensor) -> torch.Tensor:
-        decoded = autoencoder.decode(autoencoder.encode(torch.as_tensor(image)[None]))[0].clamp(0.0, 1.0).cpu()
-        return MetaTensor(decoded, meta=image.meta) if isinstance(image, MetaTensor) else decoded
+    def reconstruct(pair: dict[str, Any]) -> dict[str, Any]:
+        image = pair["image"]
+        latent = autoencoder.encode(torch.as_tensor(image)[None])
+        # a label-guided decoder reads the case's own label map, as generation reads the input mask
+        condition = (
+            real.contract.one_hot(torch.as_tensor(pair["label"])[None]).float() if autoencoder.label_guided else None
+        )
+        decoded = autoencoder.decode(latent, condition)[0].clamp(0.0, 1.0).cpu()
+        return {**pair, "image": MetaTensor(decoded, meta=image.meta) if isinstance(image, MetaTensor) else decoded}
 
-    transform = Compose([real.transform, Lambdad(keys="image", func=reconstruct)])
+    transform = Compose([real.transform, Lambda(func=reconstruct)])
     return VolumeSet(
         RECONSTRUCTION, list(real.items), transform, f"{real.source} through {autoencoder_path}", real.contract
     )

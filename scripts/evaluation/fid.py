@@ -30,8 +30,9 @@ import torch
 from monai.metrics import FIDMetric
 from monai.metrics.fid import compute_frechet_distance
 
-from scripts.core.checkpoints import file_hash, load_network_weights
+from scripts.core.checkpoints import file_hash
 from scripts.core.errors import BundleInputError
+from scripts.models.autoencoder import load_autoencoder_weights
 from scripts.networks import feature_networks
 from scripts.networks.feature_networks import canonical_network_type, load_feature_extractor
 
@@ -142,11 +143,9 @@ def build_fid_extractor(
     if str(network).lower() == AUTOENCODER:
         if autoencoder is None or not autoencoder_path:
             raise BundleInputError(f"{protocol} FID with the autoencoder extractor needs --autoencoder_path")
-        load_network_weights(
+        load_autoencoder_weights(
             autoencoder,
             autoencoder_path,
-            "autoencoder",
-            "autoencoder weights",
             hint="train them with configs/train_autoencoder.yaml and pass --autoencoder_path",
         )
         return AutoencoderFeatures(autoencoder, spatial_dims, compression).to(device)

@@ -237,9 +237,18 @@ class LatentDiffusionSampler(torch.nn.Module):
                     noise, self.unet, controlnet, condition, self.scheduler, verbose=self.progress
                 )
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images, clipped to ``intensity_range``, on the latents' device."""
-        images = self.decoder.decode(latents / self.scale_factor).to(latents.device)
+    def decode(self, latents: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents -> images, clipped to ``intensity_range``, on the latents' device.
+
+        A label-guided decoder (``decoder.label_guided``) also reads ``label`` (B, 1, *image_size),
+        one-hot encoded by the label contract as the ControlNet's conditioning is.
+        """
+        condition = None
+        if getattr(self.decoder, "label_guided", False):
+            if label is None or self.contract is None:
+                raise ValueError("a label-guided decoder needs the label map and the label contract to decode.")
+            condition = self.contract.one_hot(label.to(latents.device)).float()
+        images = self.decoder.decode(latents / self.scale_factor, condition).to(latents.device)
         return images if self.intensity_range is None else images.clamp(*self.intensity_range)
 
     def forward(
@@ -247,7 +256,7 @@ class LatentDiffusionSampler(torch.nn.Module):
     ) -> torch.Tensor:
         if seeds is None:
             seeds = range(1 if label is None else label.shape[0])
-        return self.decode(self.sample_latents(seeds, label))
+        return self.decode(self.sample_latents(seeds, label), label)
 
 
 class MaskSamplingPrepareBatch(PrepareBatch):

@@ -16,11 +16,23 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.networks.blocks.spade_norm import SPADE
+from monai.networks.nets import SPADEAutoencoderKL
 
-from scripts.core.checkpoints import unwrap, weights_sha256
+from scripts.core.checkpoints import load_checkpoint, load_network_weights, unwrap, weights_sha256
 from scripts.core.errors import BundleInputError
 
-__all__ = ["LATENT_SPACE_MODULES", "check_latent_space", "freeze_latent_space", "latent_space_sha256"]
+__all__ = [
+    "LATENT_SPACE_MODULES",
+    "build_label_guided_autoencoder",
+    "check_latent_space",
+    "freeze_latent_space",
+    "is_label_guided",
+    "latent_space_sha256",
+    "load_autoencoder_weights",
+    "load_initial_autoencoder",
+    "warm_start_label_guided",
+]
 
 # submodules of monai.networks.nets.AutoencoderKL that map an image to its latent mean and spread
 LATENT_SPACE_MODULES = ("encoder", "quant_conv_mu", "quant_conv_log_sigma")
@@ -88,3 +100,97 @@ def check_latent_space(
             f"(sha256 {recorded[:12]}..., --autoencoder_path gives {current[:12]}...); "
             "pass the autoencoder it was trained with, or retrain on these latents"
         )
+
+
+# ---------------------------------------------------------------------- label-guided decoding
+# MONAI's SPADEAutoencoderKL has the encoder and quantization convolutions of AutoencoderKL and a
+# decoder whose normalisation layers take their scale and shift from the label map (SPADE). Its
+# latents are those of the plain autoencoder with the same encoder weights, so it can replace the
+# decoder of a trained autoencoder when the label map is known, as it is in label-guided generation.
+
+
+def build_label_guided_autoencoder(**kwargs: Any) -> SPADEAutoencoderKL:
+    """MONAI's ``SPADEAutoencoderKL(**kwargs)`` with plain convolutional scale and shift heads.
+
+    MONAI builds each SPADE layer's gamma and beta heads as ``Convolution`` blocks with that class's
+    default instance normalisation, so every modulation map has zero mean and unit variance over
+    space: a constant scale and shift (what the plain decoder's GroupNorm affine is) cannot be
+    expressed and the label map always modulates at full strength. The SPADE paper's heads are plain
+    convolutions; removing the normalisation restores them. No weights change (it has none).
+    """
+    network = SPADEAutoencoderKL(**kwargs)
+    for module in network.decoder.modules():
+        if isinstance(module, SPADE):
+            for head in (module.mlp_gamma, module.mlp_beta):
+                head.adn = torch.nn.Identity()
+    return network
+
+
+def is_label_guided(autoencoder: Any) -> bool:
+    """True when ``autoencoder`` (possibly wrapped) decodes with a label map (``decode(z, seg)``)."""
+    return isinstance(unwrap(autoencoder), SPADEAutoencoderKL)
+
+
+def warm_start_label_guided(autoencoder: torch.nn.Module, plain_state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Load a plain ``AutoencoderKL`` state into a ``SPADEAutoencoderKL`` so that it decodes exactly as before.
+
+    Every weight with the same name and shape is copied. Each SPADE layer normalises without an
+    affine and then applies ``x * (1 + gamma) + beta``, gamma and beta being convolutions of the
+    label map: zero kernels with biases ``weight - 1`` and ``bias`` of the replaced GroupNorm give
+    back that GroupNorm, whatever the labels. Training then learns how the labels should change it,
+    starting from the trained decoder instead of from noise. MONAI has no such conversion.
+    """
+    net = unwrap(autoencoder)
+    state = net.state_dict()
+    copied = {name: value for name, value in plain_state.items() if name in state and state[name].shape == value.shape}
+    missing_encoder = [n for n in state if _in_latent_space(n) and n not in copied]
+    if missing_encoder:
+        raise BundleInputError(
+            f"{path}: the autoencoder does not fit the label-guided autoencoder's encoder "
+            f"({len(missing_encoder)} entries missing or of another shape, e.g. {missing_encoder[0]})"
+        )
+    for name in state:
+        if name.endswith(".mlp_gamma.conv.weight") or name.endswith(".mlp_beta.conv.weight"):
+            copied[name] = torch.zeros_like(state[name])
+        elif name.endswith(".mlp_gamma.conv.bias") or name.endswith(".mlp_beta.conv.bias"):
+            norm = name.rsplit(".", 3)[0]  # decoder.blocks.K.normN
+            affine = "weight" if ".mlp_gamma." in name else "bias"
+            source = plain_state.get(f"{norm}.{affine}")
+            if source is None or source.shape != state[name].shape:
+                raise BundleInputError(f"{path}: no GroupNorm {norm}.{affine} of the right size to start {name} from")
+            copied[name] = source - 1.0 if affine == "weight" else source.clone()
+    net.load_state_dict({**state, **copied}, strict=True)
+
+
+def load_initial_autoencoder(autoencoder: torch.nn.Module, path: str) -> dict[str, Any]:
+    """Load stage-1 weights to start training from; returns the checkpoint.
+
+    A label-guided autoencoder may start from a plain one (:func:`warm_start_label_guided`);
+    everything else loads strictly, with a one-line error on a mismatch.
+    """
+    what = "initial autoencoder weights"
+    checkpoint = load_checkpoint(path, what)
+    state = checkpoint.get("autoencoder", checkpoint)
+    if is_label_guided(autoencoder) and not any(".mlp_gamma." in name for name in state):
+        warm_start_label_guided(autoencoder, state, path)
+        return checkpoint
+    return load_network_weights(autoencoder, path, "autoencoder", what)
+
+
+def load_autoencoder_weights(autoencoder: torch.nn.Module, path: str, hint: str = "") -> dict[str, Any]:
+    """Load trained stage-1 weights strictly; returns the checkpoint.
+
+    A label-guided file for a plain network, or the reverse, is one line saying which setting to
+    change, rather than a list of mismatched weight names.
+    """
+    what = "autoencoder weights"
+    checkpoint = load_checkpoint(path, what, hint)
+    file_guided = any(".mlp_gamma." in name for name in checkpoint.get("autoencoder", checkpoint))
+    if file_guided and not is_label_guided(autoencoder):
+        raise BundleInputError(f"{path}: a label-guided autoencoder; pass --label_guided_decoder true to use it")
+    if is_label_guided(autoencoder) and not file_guided:
+        raise BundleInputError(
+            f"{path}: a plain autoencoder, but --label_guided_decoder is true; pass false, or a label-guided "
+            "autoencoder trained with configs/train_autoencoder.yaml --label_guided_decoder true"
+        )
+    return load_network_weights(autoencoder, path, "autoencoder", what, hint)

@@ -18,6 +18,9 @@ from monai.losses import PatchAdversarialLoss
 from monai.utils import AdversarialKeys
 from monai.utils import CommonKeys as Keys
 
+from scripts.data.labels import LabelContract
+from scripts.models.autoencoder import is_label_guided
+
 __all__ = ["kl_divergence", "AutoencoderTrainer"]
 
 
@@ -45,6 +48,9 @@ class AutoencoderTrainer(AdversarialTrainer):
     dark vessels and HCC fill about 1% of a volume, so with a plain mean the autoencoder learns to
     blur them into the liver; weighting them keeps the contrast a label-guided generator needs.
 
+    A label-guided autoencoder (``SPADEAutoencoderKL``) decodes with the batch's ``label``, one-hot
+    encoded by ``contract`` (the label contract).
+
     Per-iteration output keys: ``loss`` (generator total), ``recon_loss``, ``kl_loss``,
     ``perceptual_loss``, ``g_adv_loss``, ``d_loss`` (floats for logging), plus image/pred tensors.
     """
@@ -58,6 +64,7 @@ class AutoencoderTrainer(AdversarialTrainer):
         adversarial_warmup_epochs: int = 0,
         recon_class_weights: torch.Tensor | None = None,
         label_key: str = "label",
+        contract: LabelContract | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("g_loss_function", PatchAdversarialLoss(criterion="least_squares"))
@@ -71,6 +78,9 @@ class AutoencoderTrainer(AdversarialTrainer):
         uniform = recon_class_weights is None or bool(torch.all(torch.as_tensor(recon_class_weights) == 1))
         self.recon_class_weights = None if uniform else torch.as_tensor(recon_class_weights, dtype=torch.float32)
         self.label_key = label_key
+        self.contract = contract
+        if is_label_guided(self.state.g_network) and contract is None:
+            raise ValueError("a label-guided autoencoder needs the label contract for its one-hot label map")
         # AdversarialTrainer puts the network and optimizer objects into the engine's state dict,
         # which would pickle whole modules into checkpoints and break weights_only loading. The
         # checkpointer saves their state dicts itself; the engine keeps only its counters.
@@ -112,7 +122,11 @@ class AutoencoderTrainer(AdversarialTrainer):
         state.g_network.train()
         state.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with engine._autocast():
-            reconstruction, z_mu, z_sigma = state.g_network(images)
+            if is_label_guided(state.g_network):
+                seg = engine.contract.one_hot(torch.as_tensor(batchdata[engine.label_key]).to(images.device)).float()
+                reconstruction, z_mu, z_sigma = state.g_network(images, seg)
+            else:
+                reconstruction, z_mu, z_sigma = state.g_network(images)
             recon_loss = engine._reconstruction_loss(reconstruction.float(), images.float(), batchdata)
             kl_loss = kl_divergence(z_mu.float(), z_sigma.float())
             g_loss = recon_loss + engine.kl_weight * kl_loss

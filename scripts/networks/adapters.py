@@ -8,6 +8,8 @@ import torch
 from monai.networks.nets import AutoencoderKL
 
 from scripts.core.checkpoints import unwrap
+from scripts.data.labels import LabelContract
+from scripts.models.autoencoder import is_label_guided
 
 __all__ = ["AutoencoderReconstruction"]
 
@@ -17,12 +19,19 @@ class AutoencoderReconstruction(torch.nn.Module):
 
     ``AutoencoderKL.forward`` returns ``(reconstruction, z_mu, z_sigma)`` with a sampled latent;
     evaluators, metrics and ``verify_net_in_out`` want the deterministic reconstruction alone.
+    A label-guided autoencoder (``SPADEAutoencoderKL``) also takes the integer label map, which
+    evaluators pass as an extra input (``monai.engines.PrepareBatchExtraInput``).
     """
 
-    def __init__(self, autoencoder: torch.nn.Module) -> None:
+    def __init__(self, autoencoder: torch.nn.Module, contract: LabelContract | None = None) -> None:
         super().__init__()
         self.autoencoder = autoencoder
+        self.contract = contract
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         net: AutoencoderKL = unwrap(self.autoencoder)
-        return net.reconstruct(image)
+        if not is_label_guided(net):
+            return net.reconstruct(image)
+        if label is None or self.contract is None:
+            raise ValueError("a label-guided autoencoder reconstructs only with a label map and the label contract")
+        return net.reconstruct(image, self.contract.one_hot(label.to(image.device)).float())

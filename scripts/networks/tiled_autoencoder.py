@@ -11,6 +11,9 @@ with :func:`monai.inferers.sliding_window_inference`:
 * **encode** slides over the *image* with ``image_roi_size = compression * latent_roi_size`` and
   each window returns its latent mean, ``1 / compression`` of the window per axis.
 
+A label-guided autoencoder (``SPADEAutoencoderKL``) decodes with the one-hot label map, which is
+cut into the same windows as the latent.
+
 Windows are blended with Gaussian weights, and the stitched result is accumulated on ``device``
 (the CPU by default), so the accelerator only ever holds one window's activations.
 
@@ -22,11 +25,15 @@ whole volume has data, and every ``GroupNorm`` normalises with its own window's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
+from monai.networks.utils import pixelshuffle, pixelunshuffle
+
+from scripts.models.autoencoder import is_label_guided
 
 __all__ = ["TiledAutoencoder", "seam_error", "gaussian_weight_map"]
 
@@ -113,19 +120,46 @@ class TiledAutoencoder:
         return tuple(self.compression * r for r in self.latent_roi_size)
 
     # ------------------------------------------------------------------ public API
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Decode ``latent`` (B, C, *spatial) to an image ``compression`` times larger per axis, on ``device``."""
+    @property
+    def label_guided(self) -> bool:
+        """True when the decoder reads a label map (``decode(latent, condition)``)."""
+        return is_label_guided(self.autoencoder)
+
+    def decode(self, latent: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode ``latent`` (B, C, *spatial) to an image ``compression`` times larger per axis, on ``device``.
+
+        ``condition``: the one-hot label map (B, classes, *image spatial) a label-guided autoencoder
+        decodes with (required there, refused otherwise). Each window gets its own part of it: the
+        map is folded into the latent grid (``pixelunshuffle``), slid with the latent and unfolded
+        in every window, so MONAI's sliding window cuts both at the same place.
+        """
         latent_size = self._check_latent(latent)
         roi = _fit_roi(self.latent_roi_size, latent_size)
+        packed = latent
+        if self.label_guided != (condition is not None):
+            raise ValueError(
+                "a label-guided autoencoder decodes only with a label map"
+                if self.label_guided
+                else "this autoencoder is not label-guided: it decodes without a label map"
+            )
+        if condition is not None:
+            expected = (latent.shape[0], *(self.compression * s for s in latent_size))
+            if (condition.shape[0], *condition.shape[2:]) != expected:
+                raise ValueError(
+                    f"label map of shape {tuple(condition.shape)} does not fit latents of shape {tuple(latent.shape)}"
+                )
+            folded = pixelunshuffle(condition.to(latent.device, latent.dtype), len(latent_size), self.compression)
+            packed = torch.cat([latent, folded], dim=1)
+        predictor = functools.partial(self._decode_packed_window, latent_channels=latent.shape[1])
         # no_grad rather than inference_mode: callers may edit the result in place afterwards
         with torch.no_grad():
             if roi == latent_size:  # one window: no stitching or blending to pay for
-                return self._decode_window(latent.to(self.sw_device)).to(self.device)
+                return predictor(packed.to(self.sw_device)).to(self.device)
             return sliding_window_inference(
-                latent,
+                packed,
                 roi_size=roi,
                 sw_batch_size=self.sw_batch_size,
-                predictor=self._decode_window,
+                predictor=predictor,
                 overlap=self.overlap,
                 mode="gaussian",  # down-weights window edges, where zero padding distorts the output: hides seams
                 roi_weight_map=gaussian_weight_map(roi, self.sigma_scale),
@@ -162,9 +196,14 @@ class TiledAutoencoder:
             )
 
     # ------------------------------------------------------------------ windows
-    def _decode_window(self, latent: torch.Tensor) -> torch.Tensor:
+    def _decode_packed_window(self, packed: torch.Tensor, latent_channels: int) -> torch.Tensor:
+        latent, folded = packed[:, :latent_channels], packed[:, latent_channels:]
         with self._autocast():
-            image = self.autoencoder.decode(latent)
+            if folded.shape[1]:
+                condition = pixelshuffle(folded, latent.ndim - 2, self.compression)
+                image = self.autoencoder.decode(latent, condition)
+            else:
+                image = self.autoencoder.decode(latent)
         return image.float()  # blending in half precision would lose the small Gaussian weights
 
     def _encode_window(self, image: torch.Tensor) -> torch.Tensor:

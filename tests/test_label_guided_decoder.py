@@ -1,0 +1,146 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Label-guided decoding: a SPADE decoder on the plain autoencoder's latents, started from its decoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from stage_helpers import common_parser, write_autoencoder
+
+from scripts.core.errors import BundleInputError
+from scripts.data.labels import LabelContract
+from scripts.generation.sampler import LatentDiffusionSampler
+from scripts.models.autoencoder import (
+    is_label_guided,
+    latent_space_sha256,
+    load_initial_autoencoder,
+    warm_start_label_guided,
+)
+from scripts.networks.tiled_autoencoder import TiledAutoencoder
+
+LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
+
+
+@pytest.fixture()
+def plain_weights(tmp_path) -> Path:
+    """A plain autoencoder whose GroupNorm scales and shifts are far from the identity, as trained ones are."""
+    path = write_autoencoder(tmp_path / "ae.pt", seed=3)
+    checkpoint = torch.load(path, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, value in checkpoint["autoencoder"].items():
+        if name.startswith("decoder.") and ".norm" in name:
+            value.add_(0.5 * torch.randn(value.shape, generator=generator))
+    torch.save(checkpoint, path)
+    return path
+
+
+def _networks(plain_weights: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    plain = common_parser().get_parsed_content("autoencoder_def", instantiate=True).eval()
+    plain.load_state_dict(torch.load(plain_weights, weights_only=True)["autoencoder"])
+    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
+    load_initial_autoencoder(guided, str(plain_weights))
+    return plain, guided.eval()
+
+
+def _label_map(seed: int, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, len(LABELS), (1, 1, size, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+def _one_hot(label: torch.Tensor) -> torch.Tensor:
+    return LabelContract(LABELS).one_hot(label).float()
+
+
+def test_warm_start_decodes_exactly_as_the_plain_autoencoder_for_any_label_map(plain_weights):
+    plain, guided = _networks(plain_weights)
+    assert is_label_guided(guided) and not is_label_guided(plain)
+    image = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain.reconstruct(image)
+        for seed in (0, 1):
+            torch.testing.assert_close(guided.reconstruct(image, _one_hot(_label_map(seed))), expected)
+        torch.testing.assert_close(guided.encode(image)[0], plain.encode(image)[0], rtol=0, atol=0)
+    # the label map's weights start at zero, the plain GroupNorm's scale and shift in the biases
+    state = guided.state_dict()
+    gamma = [k for k in state if k.endswith("mlp_gamma.conv.weight")]
+    assert gamma and all(not state[k].any() for k in gamma)
+    checkpoint = {"autoencoder": state}
+    assert latent_space_sha256(checkpoint) == latent_space_sha256(torch.load(plain_weights, weights_only=True))
+
+
+def test_trained_modulation_makes_the_image_follow_the_label_map(plain_weights):
+    _, guided = _networks(plain_weights)
+    with torch.no_grad():
+        for name, parameter in guided.named_parameters():
+            if "mlp_gamma.conv.weight" in name or "mlp_beta.conv.weight" in name:
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+        latent = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(3))
+        first = guided.decode(latent, _one_hot(_label_map(0)))
+        second = guided.decode(latent, _one_hot(_label_map(1)))
+    assert (first - second).abs().mean() > 1e-3
+
+
+def test_scale_and_shift_heads_are_plain_convolutions(plain_weights):
+    """MONAI's heads instance-normalise gamma/beta, which would erase a constant (GroupNorm) scale and shift."""
+    _, guided = _networks(plain_weights)
+    heads = [m for name, m in guided.named_modules() if name.endswith(("mlp_gamma", "mlp_beta"))]
+    assert heads and all(isinstance(head.adn, torch.nn.Identity) for head in heads)
+
+
+def test_a_plain_checkpoint_missing_encoder_weights_is_one_line(plain_weights, tmp_path):
+    _, guided = _networks(plain_weights)
+    state = torch.load(plain_weights, weights_only=True)["autoencoder"]
+    broken = {k: v for k, v in state.items() if not k.startswith("encoder.blocks.0")}
+    with pytest.raises(BundleInputError, match="does not fit the label-guided autoencoder's encoder"):
+        warm_start_label_guided(guided, broken, "x.pt")
+
+
+def test_tiled_decoding_gives_each_window_its_own_part_of_the_label_map(plain_weights):
+    _, guided = _networks(plain_weights)
+    with torch.no_grad():
+        for name, parameter in guided.named_parameters():
+            if "mlp_gamma.conv.weight" in name:
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+        latent = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+        condition = _one_hot(_label_map(5))
+        # without overlap each voxel comes from exactly one window: the window's own decode
+        tiled = TiledAutoencoder(guided, latent_roi_size=(4, 8, 8), overlap=0.0).decode(latent, condition)
+        for half in (0, 1):
+            window = guided.decode(latent[:, :, 4 * half : 4 * half + 4], condition[:, :, 16 * half : 16 * half + 16])
+            torch.testing.assert_close(tiled[:, :, 16 * half : 16 * half + 16], window, rtol=1e-5, atol=1e-5)
+        whole = TiledAutoencoder(guided, latent_roi_size=(8, 8, 8)).decode(latent, condition)
+        torch.testing.assert_close(whole, guided.decode(latent, condition))
+    with pytest.raises(ValueError, match="decodes only with a label map"):
+        TiledAutoencoder(guided).decode(latent)
+    with pytest.raises(ValueError, match="does not fit latents"):
+        TiledAutoencoder(guided).decode(latent, condition[:, :, :16])
+    plain = common_parser().get_parsed_content("autoencoder_def", instantiate=True).eval()
+    with pytest.raises(ValueError, match="not label-guided"):
+        TiledAutoencoder(plain).decode(latent, condition)
+
+
+def test_sampler_decodes_with_the_mask_it_was_given(plain_weights):
+    _, guided = _networks(plain_weights)
+    with torch.no_grad():
+        for name, parameter in guided.named_parameters():
+            if "mlp_beta.conv.weight" in name:
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    sampler = LatentDiffusionSampler(
+        unet=torch.nn.Conv3d(4, 4, 1),  # decode() uses neither the UNet nor the scheduler
+        scheduler=None,
+        decoder=TiledAutoencoder(guided),
+        scale_factor=2.0,
+        num_inference_steps=1,
+        latent_channels=4,
+        compression=4,
+        contract=LabelContract(LABELS),
+    )
+    latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(6))
+    label = _label_map(7)
+    with torch.no_grad():
+        expected = guided.decode(latents / 2.0, _one_hot(label)).clamp(0, 1)
+    torch.testing.assert_close(sampler.decode(latents, label), expected)
+    with pytest.raises(ValueError, match="needs the label map"):
+        sampler.decode(latents)
