@@ -60,7 +60,12 @@ def weights(tmp_path_factory) -> dict[str, str]:
         labels=LABELS,
         diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"),
     )
-    return {"autoencoder_path": str(autoencoder), "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)}
+    return {
+        "autoencoder_path": str(autoencoder),
+        "diffusion_unet_path": str(unet),
+        "controlnet_path": str(controlnet),
+        "label_guided_decoder": False,  # a plain autoencoder
+    }
 
 
 def _settings(dataset: Path, output: Path, weights: dict[str, str], **extra) -> dict:

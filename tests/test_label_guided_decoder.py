@@ -13,12 +13,8 @@ from stage_helpers import common_parser, write_autoencoder
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract
 from scripts.generation.sampler import LatentDiffusionSampler
-from scripts.models.autoencoder import (
-    is_label_guided,
-    latent_space_sha256,
-    load_initial_autoencoder,
-    warm_start_label_guided,
-)
+from scripts.models.autoencoder import latent_space_sha256, load_initial_autoencoder, warm_start_label_guided
+from scripts.networks.label_guided import is_label_guided
 from scripts.networks.tiled_autoencoder import TiledAutoencoder
 
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
@@ -43,6 +39,14 @@ def _networks(plain_weights: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
     load_initial_autoencoder(guided, str(plain_weights))
     return plain, guided.eval()
+
+
+def _modulate(guided: torch.nn.Module, heads: tuple[str, ...] = ("mlp_gamma", "mlp_beta")) -> None:
+    """Give the label map a say: small random kernels in the named scale/shift heads, as after training."""
+    with torch.no_grad():
+        for name, parameter in guided.named_parameters():
+            if any(f"{head}.conv.weight" in name for head in heads):
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
 
 
 def _label_map(seed: int, size: int = 32) -> torch.Tensor:
@@ -72,10 +76,8 @@ def test_warm_start_decodes_exactly_as_the_plain_autoencoder_for_any_label_map(p
 
 def test_trained_modulation_makes_the_image_follow_the_label_map(plain_weights):
     _, guided = _networks(plain_weights)
+    _modulate(guided)
     with torch.no_grad():
-        for name, parameter in guided.named_parameters():
-            if "mlp_gamma.conv.weight" in name or "mlp_beta.conv.weight" in name:
-                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
         latent = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(3))
         first = guided.decode(latent, _one_hot(_label_map(0)))
         second = guided.decode(latent, _one_hot(_label_map(1)))
@@ -99,10 +101,8 @@ def test_a_plain_checkpoint_missing_encoder_weights_is_one_line(plain_weights, t
 
 def test_tiled_decoding_gives_each_window_its_own_part_of_the_label_map(plain_weights):
     _, guided = _networks(plain_weights)
+    _modulate(guided, ("mlp_gamma",))
     with torch.no_grad():
-        for name, parameter in guided.named_parameters():
-            if "mlp_gamma.conv.weight" in name:
-                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
         latent = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(4))
         condition = _one_hot(_label_map(5))
         # without overlap each voxel comes from exactly one window: the window's own decode
@@ -123,10 +123,7 @@ def test_tiled_decoding_gives_each_window_its_own_part_of_the_label_map(plain_we
 
 def test_sampler_decodes_with_the_mask_it_was_given(plain_weights):
     _, guided = _networks(plain_weights)
-    with torch.no_grad():
-        for name, parameter in guided.named_parameters():
-            if "mlp_beta.conv.weight" in name:
-                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    _modulate(guided, ("mlp_beta",))
     sampler = LatentDiffusionSampler(
         unet=torch.nn.Conv3d(4, 4, 1),  # decode() uses neither the UNet nor the scheduler
         scheduler=None,

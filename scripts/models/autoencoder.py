@@ -16,18 +16,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from monai.networks.blocks.spade_norm import SPADE
-from monai.networks.nets import SPADEAutoencoderKL
 
 from scripts.core.checkpoints import load_checkpoint, load_network_weights, unwrap, weights_sha256
 from scripts.core.errors import BundleInputError
+from scripts.networks.label_guided import is_label_guided
 
 __all__ = [
     "LATENT_SPACE_MODULES",
-    "build_label_guided_autoencoder",
     "check_latent_space",
     "freeze_latent_space",
-    "is_label_guided",
     "latent_space_sha256",
     "load_autoencoder_weights",
     "load_initial_autoencoder",
@@ -103,32 +100,7 @@ def check_latent_space(
 
 
 # ---------------------------------------------------------------------- label-guided decoding
-# MONAI's SPADEAutoencoderKL has the encoder and quantization convolutions of AutoencoderKL and a
-# decoder whose normalisation layers take their scale and shift from the label map (SPADE). Its
-# latents are those of the plain autoencoder with the same encoder weights, so it can replace the
-# decoder of a trained autoencoder when the label map is known, as it is in label-guided generation.
-
-
-def build_label_guided_autoencoder(**kwargs: Any) -> SPADEAutoencoderKL:
-    """MONAI's ``SPADEAutoencoderKL(**kwargs)`` with plain convolutional scale and shift heads.
-
-    MONAI builds each SPADE layer's gamma and beta heads as ``Convolution`` blocks with that class's
-    default instance normalisation, so every modulation map has zero mean and unit variance over
-    space: a constant scale and shift (what the plain decoder's GroupNorm affine is) cannot be
-    expressed and the label map always modulates at full strength. The SPADE paper's heads are plain
-    convolutions; removing the normalisation restores them. No weights change (it has none).
-    """
-    network = SPADEAutoencoderKL(**kwargs)
-    for module in network.decoder.modules():
-        if isinstance(module, SPADE):
-            for head in (module.mlp_gamma, module.mlp_beta):
-                head.adn = torch.nn.Identity()
-    return network
-
-
-def is_label_guided(autoencoder: Any) -> bool:
-    """True when ``autoencoder`` (possibly wrapped) decodes with a label map (``decode(z, seg)``)."""
-    return isinstance(unwrap(autoencoder), SPADEAutoencoderKL)
+# The network is scripts.networks.label_guided; here: starting it from a plain autoencoder, loading it.
 
 
 def warm_start_label_guided(autoencoder: torch.nn.Module, plain_state: Mapping[str, torch.Tensor], path: str) -> None:

@@ -19,7 +19,7 @@ from monai.utils import AdversarialKeys
 from monai.utils import CommonKeys as Keys
 
 from scripts.data.labels import LabelContract
-from scripts.models.autoencoder import is_label_guided
+from scripts.networks.label_guided import is_label_guided
 
 __all__ = ["kl_divergence", "AutoencoderTrainer"]
 

@@ -9,7 +9,7 @@ from monai.networks.nets import AutoencoderKL
 
 from scripts.core.checkpoints import unwrap
 from scripts.data.labels import LabelContract
-from scripts.models.autoencoder import is_label_guided
+from scripts.networks.label_guided import is_label_guided
 
 __all__ = ["AutoencoderReconstruction"]
 

@@ -33,7 +33,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 
-from scripts.models.autoencoder import is_label_guided
+from scripts.networks.label_guided import is_label_guided
 
 __all__ = ["TiledAutoencoder", "seam_error", "gaussian_weight_map"]
 
