@@ -103,6 +103,11 @@ def check_latent_space(
 # The network is scripts.networks.label_guided; here: starting it from a plain autoencoder, loading it.
 
 
+def _holds_label_guided_weights(state: Mapping[str, Any]) -> bool:
+    """True for the state dict of a label-guided autoencoder (it has label-map scale heads)."""
+    return any(".mlp_gamma." in name for name in state)
+
+
 def warm_start_label_guided(autoencoder: torch.nn.Module, plain_state: Mapping[str, torch.Tensor], path: str) -> None:
     """Load a plain ``AutoencoderKL`` state into a ``SPADEAutoencoderKL`` so that it decodes exactly as before.
 
@@ -143,7 +148,7 @@ def load_initial_autoencoder(autoencoder: torch.nn.Module, path: str) -> dict[st
     what = "initial autoencoder weights"
     checkpoint = load_checkpoint(path, what)
     state = checkpoint.get("autoencoder", checkpoint)
-    if is_label_guided(autoencoder) and not any(".mlp_gamma." in name for name in state):
+    if is_label_guided(autoencoder) and not _holds_label_guided_weights(state):
         warm_start_label_guided(autoencoder, state, path)
         return checkpoint
     return load_network_weights(autoencoder, path, "autoencoder", what)
@@ -157,7 +162,7 @@ def load_autoencoder_weights(autoencoder: torch.nn.Module, path: str, hint: str 
     """
     what = "autoencoder weights"
     checkpoint = load_checkpoint(path, what, hint)
-    file_guided = any(".mlp_gamma." in name for name in checkpoint.get("autoencoder", checkpoint))
+    file_guided = _holds_label_guided_weights(checkpoint.get("autoencoder", checkpoint))
     if file_guided and not is_label_guided(autoencoder):
         raise BundleInputError(f"{path}: a label-guided autoencoder; pass --label_guided_decoder true to use it")
     if is_label_guided(autoencoder) and not file_guided:
