@@ -72,11 +72,15 @@ def run(options: BenchOptions) -> dict[str, Any]:
             "demo inference needs trained weights"
         }
     # the shipped weights are the config's defaults; other weights are named as a user would name them
-    paths = (
-        {}
-        if Path(options.weights_dir).resolve() == MODELS.resolve()
-        else {f"{k}_path": str(v) for k, v in weights.items()}
-    )
+    paths = {}
+    if Path(options.weights_dir).resolve() != MODELS.resolve():
+        guided = weights.get("label_guided_autoencoder")
+        paths = {
+            "autoencoder_path": str(guided or weights["autoencoder"]),
+            "diffusion_unet_path": str(weights["diffusion_unet"]),
+            "controlnet_path": str(weights["controlnet"]),
+            "label_guided_decoder": str(guided is not None).lower(),  # decode as the files allow
+        }
     mask = sorted(DEMO_MASKS.glob("*.nii*"))[0]
     mask_dir = options.work_dir / "inference_mask"
     mask_dir.mkdir(parents=True, exist_ok=True)

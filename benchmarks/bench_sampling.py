@@ -69,9 +69,9 @@ from benchmarks.common import (
     trained_weights,
 )
 from benchmarks.quality import quality_report
-from scripts.core.checkpoints import load_network_weights
 from scripts.generation.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
 from scripts.generation.sampler import LatentDiffusionSampler, set_sampling_timesteps
+from scripts.models.autoencoder import load_autoencoder_weights
 from scripts.models.controlnet import load_controlnet
 from scripts.models.diffusion import freeze, load_diffusion_unet
 
@@ -249,7 +249,14 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
     left to the decode suite (``bench_decode.py``).
     """
     device = options.device
-    overrides = {"device": f"$torch.device({str(device)!r})", **grid_overrides(options, grid)}
+    trained = trained_weights(options.weights_dir) if grid == "demo" else None
+    # decode as the main job does: with the label-guided autoencoder when one is there
+    label_guided = trained is not None and "label_guided_autoencoder" in trained
+    overrides = {
+        "device": f"$torch.device({str(device)!r})",
+        "label_guided_decoder": label_guided,
+        **grid_overrides(options, grid),
+    }
     parser = parse_configs(config_files("configs/inference.yaml", grid), overrides)
     unet = freeze(seeded_network(parser, "diffusion_unet_def", seed=0).to(device))
     controlnet = freeze(seeded_network(parser, "controlnet_def", seed=1).to(device))
@@ -258,11 +265,10 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         torch.manual_seed(2)
         decoder = parser.get_parsed_content("tiled_autoencoder_def", lazy=False)
     labels = {str(k): int(v) for k, v in parser.get_parsed_content("labels").items()}
-    trained = trained_weights(options.weights_dir) if grid == "demo" else None
     scale_factor, schedule, weights = 1.0, None, RANDOM_WEIGHTS_NOTE
     if trained is not None:
-        autoencoder = load_network_weights(
-            decoder.autoencoder, str(trained["autoencoder"]), "autoencoder", "autoencoder weights"
+        autoencoder = load_autoencoder_weights(
+            decoder.autoencoder, str(trained["label_guided_autoencoder" if label_guided else "autoencoder"])
         )
         unet_checkpoint = load_diffusion_unet(unet, str(trained["diffusion_unet"]), None, autoencoder)
         load_controlnet(controlnet, str(trained["controlnet"]), unet_checkpoint, str(trained["diffusion_unet"]), labels)
@@ -270,7 +276,7 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         weights = f"trained demo weights from {options.weights_dir} (noise_schedule {schedule})"
     elif grid == "demo" and decoder is not None and (MODELS / "autoencoder.pt").is_file():
         # the demo autoencoder is shipped first: decode with it even while the later stages are untrained
-        load_network_weights(decoder.autoencoder, str(MODELS / "autoencoder.pt"), "autoencoder", "autoencoder weights")
+        load_autoencoder_weights(decoder.autoencoder, str(MODELS / "autoencoder.pt"))
         weights = f"{RANDOM_WEIGHTS_NOTE} (UNet, ControlNet); trained autoencoder from models/"
     return Pipeline(
         grid=grid,
@@ -306,7 +312,7 @@ def time_volume(
     images, decode_seconds = None, None
     if decode and sampler.decoder is not None:
         with context(), Stopwatch(device) as watch:
-            images = sampler.decode(latents)
+            images = sampler.decode(latents, label)
         decode_seconds = watch.seconds
     return {
         "step_seconds": clock.step_seconds,

@@ -291,10 +291,15 @@ def write_seeded_checkpoint(
 def trained_weights(folder: Path = MODELS) -> dict[str, Path] | None:
     """Trained demo-grid weights (autoencoder, diffusion UNet, ControlNet) when all three are in ``folder``.
 
-    ``folder`` is models/ (the shipped demo weights) unless ``--weights-dir`` names another.
+    ``folder`` is models/ (the shipped demo weights) unless ``--weights-dir`` names another. A
+    ``label_guided_autoencoder.pt`` beside them (what the main job decodes with) is added under
+    ``label_guided_autoencoder``.
     """
     paths = {name: Path(folder) / f"{name}.pt" for name in ("autoencoder", "diffusion_unet", "controlnet")}
-    return paths if all(p.is_file() for p in paths.values()) else None
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    guided = Path(folder) / "label_guided_autoencoder.pt"
+    return {**paths, "label_guided_autoencoder": guided} if guided.is_file() else paths
 
 
 # ---------------------------------------------------------------------- result files
