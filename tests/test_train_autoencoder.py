@@ -116,6 +116,25 @@ def _scalars(folder: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
+def test_training_crops_are_the_whole_volume_by_default(tiny_phantoms, monkeypatch):
+    """Stage 1 trains on what it decodes at inference: whole volumes. Its GroupNorm statistics depend
+    on the extent seen, and a decoder trained on crops decodes whole volumes darker (model card)."""
+    from monai.bundle import ConfigParser
+
+    monkeypatch.chdir(BUNDLE_ROOT)
+    parser = ConfigParser()
+    parser.read_config(CONFIG)
+    overrides = _overrides(tiny_phantoms, Path("unused"), spatial_size=[32, 48, 16])
+    del overrides["patch_size"]  # the default is what is under test
+    parser.update(overrides)
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    item = parser.get_parsed_content("train#datalist")[0]
+    for _ in range(3):  # a random crop of a smaller size would show a different shape or offset
+        case = preprocessing(dict(item))
+        assert tuple(case["image"].shape) == (1, 32, 48, 16) and tuple(case["label"].shape) == (1, 32, 48, 16)
+    assert parser.get_parsed_content("patch_size") == [32, 48, 16]
+
+
 def test_key_metric_picks_the_best_checkpoint_and_a_resume_may_switch_it(tiny_phantoms, tmp_path, monkeypatch):
     """`key_metric` decides autoencoder_best.pt; resuming under another metric starts a new best."""
     monkeypatch.chdir(BUNDLE_ROOT)
