@@ -129,9 +129,8 @@ def test_training_crops_are_the_whole_volume_by_default(tiny_phantoms, monkeypat
     parser.update(overrides)
     preprocessing = parser.get_parsed_content("train#preprocessing")
     item = parser.get_parsed_content("train#datalist")[0]
-    for _ in range(3):  # a random crop of a smaller size would show a different shape or offset
-        case = preprocessing(dict(item))
-        assert tuple(case["image"].shape) == (1, 32, 48, 16) and tuple(case["label"].shape) == (1, 32, 48, 16)
+    case = preprocessing(dict(item))  # a smaller random crop would show a smaller shape
+    assert tuple(case["image"].shape) == (1, 32, 48, 16) and tuple(case["label"].shape) == (1, 32, 48, 16)
     assert parser.get_parsed_content("patch_size") == [32, 48, 16]
 
 
