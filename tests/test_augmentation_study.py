@@ -1,8 +1,9 @@
 # Copyright (c) 3D-LLDM bundle contributors
 # SPDX-License-Identifier: Apache-2.0
 """The augmentation study driver (configs/augmentation_study.yaml): the grid runs and the table is
-written, synthetic pairs come only from the kept training masks, a held-out mask in the synthetic
-set stops the study, and a re-run skips what is finished."""
+written, synthetic pairs come only from the kept training masks (or a folder of extra masks), a
+held-out mask in the synthetic set or among the extra masks (even renamed) stops the study, and a
+re-run skips what is finished."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -178,6 +181,58 @@ def test_synthetic_pairs_come_only_from_the_kept_training_masks(study, tiny_phan
     )
 
 
+def _mask_pool(dataset: Path, folder: Path, extra: dict[str, Path] | None = None) -> Path:
+    """Label maps without images: the second training mask renamed, and the first one mirrored (new layouts)."""
+    sections = _datalist(dataset)
+    folder.mkdir(parents=True)
+    shutil.copy(dataset / sections["training"][1]["label"], folder / "extra_a.nii.gz")
+    first = nib.load(dataset / sections["training"][0]["label"])
+    mirrored = np.ascontiguousarray(np.flip(np.asarray(first.dataobj), axis=0))
+    nib.save(nib.Nifti1Image(mirrored, first.affine), folder / "extra_b.nii.gz")
+    for name, source in (extra or {}).items():
+        shutil.copy(source, folder / name)
+    return folder
+
+
+def test_synthetic_pairs_from_a_folder_of_masks_without_images(tiny_phantoms, weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    pool = _mask_pool(tiny_phantoms, tmp_path / "pool")
+    settings = _settings(tiny_phantoms, tmp_path / "out", weights, networks=["unet"], synthetic_mask_dir=str(pool))
+    settings.update(num_renderings_per_mask=1, edited_layouts={})
+    study = AugmentationStudy(
+        datalist=str(tiny_phantoms / "datalist.json"), launcher="in_process", bundle_root=str(BUNDLE_ROOT), **settings
+    )
+    assert study.generate_synthetic()["generated"]
+    manifest = json.loads((tmp_path / "out" / "synthetic" / "pairs.json").read_text())
+    # every pair is rendered from a pool mask, none from the kept training case
+    assert sorted(p["mask"] for p in manifest["pairs"]) == [str(pool / "extra_a.nii.gz"), str(pool / "extra_b.nii.gz")]
+    assert manifest["settings"]["masks"] == [str(pool / "extra_a.nii.gz"), str(pool / "extra_b.nii.gz")]
+    checked = check_synthetic_set(study.synthetic_dir, study.training, study.held_out)
+    assert checked == {"num_pairs": 2, "num_source_masks": 2, "sources_outside_training": 2}
+    # the generated label maps are the pool's, carried through preprocessing (foreground kept)
+    for record in manifest["pairs"]:
+        assert np.asarray(nib.load(study.synthetic_dir + "/" + record["label"]).dataobj).max() > 0
+    assert "label maps without images in " + str(pool) in study.markdown([], {}, [], {})
+
+
+@pytest.mark.parametrize("section", ["test", "validation"])
+def test_a_renamed_held_out_mask_among_the_extra_masks_stops_the_study_before_any_work(
+    section, tiny_phantoms, tmp_path
+):
+    held_out = tiny_phantoms / _datalist(tiny_phantoms)[section][0]["label"]
+    pool = _mask_pool(tiny_phantoms, tmp_path / "pool", {"innocent_name.nii.gz": held_out})
+    with pytest.raises(BundleInputError, match="innocent_name.nii.gz: .* holds the same label map as the held-out"):
+        AugmentationStudy(
+            datalist=str(tiny_phantoms / "datalist.json"),
+            dataset_dir=str(tiny_phantoms),
+            output_dir=str(tmp_path / "out"),
+            networks=["unet"],
+            synthetic_mask_dir=str(pool),
+            bundle_root=str(BUNDLE_ROOT),
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_rerun_skips_finished_runs_and_the_synthetic_set(study, monkeypatch):
     out, settings = study
     before = _mtimes(out, "runs/*/segmentation_*/test_metrics.json") | _mtimes(out, "synthetic/*")
@@ -251,6 +306,8 @@ def _copy_pairs(dataset: Path, folder: Path, cases: list[dict], sources: list[st
         ("validation mask", "generated from the held-out mask"),
         ("no source", "1 of 2 synthetic pairs have no source mask recorded"),
         ("no manifest", "no pairs.json recording the source mask"),
+        ("renamed test mask", "copy.nii.gz: the source mask recorded in .* holds the same label map as the held-out"),
+        ("missing source", "source mask .*gone.nii.gz .* is not among the study's training cases and not on disk"),
     ],
 )
 def test_a_held_out_mask_in_the_synthetic_set_stops_the_study(manifest, expected, tiny_phantoms, tmp_path, monkeypatch):
@@ -262,7 +319,11 @@ def test_a_held_out_mask_in_the_synthetic_set_stops_the_study(manifest, expected
         "validation mask": str(tiny_phantoms / sections["validation"][0]["label"]),
         "no source": None,
         "no manifest": None,
+        "renamed test mask": str(tmp_path / "copy.nii.gz"),
+        "missing source": str(tmp_path / "gone.nii.gz"),
     }[manifest]
+    if manifest == "renamed test mask":  # a held-out label map under another name: only its content gives it away
+        shutil.copy(tiny_phantoms / sections["test"][0]["label"], second)
     sources = None if manifest == "no manifest" else [training, second]
     folder = _copy_pairs(tiny_phantoms, tmp_path / "synthetic", sections["training"][:2], sources)
     study = AugmentationStudy(
@@ -355,6 +416,8 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
         ({"edited_layouts": {"hcc": {"hcc_diameter": 3}}}, "'edited_layouts#hcc': .*unexpected keyword"),
         ({"synthetic_ratios": [3.0], "num_renderings_per_mask": 1, "edited_layouts": {}}, "needs 6 synthetic pairs"),
         ({"num_real_cases": 5}, "'num_real_cases' is 5 but the datalist has 2 training cases"),
+        ({"synthetic_mask_dir": "/no/such/masks"}, "config 'synthetic_mask_dir': /no/such/masks: folder not found"),
+        ({"synthetic_mask_dir": ".", "synthetic_dir": "."}, "'synthetic_dir' (pairs made elsewhere) and"),
     ],
 )
 def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny_phantoms, tmp_path):

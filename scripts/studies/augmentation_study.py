@@ -7,13 +7,15 @@
 1. **real cases**: the datalist's training split, optionally cut to ``num_real_cases`` (the
    first N or N drawn with a seed: a low-data regime); validation and test stay whole. The
    chosen split is written to ``<output_dir>/datalist.json`` with absolute paths.
-2. **synthetic pairs**: ``configs/inference.yaml`` on those training masks only, once per
-   *variant*: ``render`` (plain re-renderings, several samples per mask) and each named edited
-   layout (``scripts.data.masks.MaskEditor`` options, e.g. inserted HCC nodules or an elastic
-   deformation). The variants are merged into ``<output_dir>/synthetic/`` (files prefixed with
-   the variant) with one ``pairs.json`` that records each pair's source mask and the settings.
+2. **synthetic pairs**: ``configs/inference.yaml`` on those training masks only (or on a folder of
+   extra label maps without images, ``synthetic_mask_dir``), once per *variant*: ``render``
+   (plain re-renderings, several samples per mask) and each named edited layout
+   (``scripts.data.masks.MaskEditor`` options, e.g. inserted HCC nodules or an elastic deformation).
+   The variants are merged into ``<output_dir>/synthetic/`` (files prefixed with the variant) with
+   one ``pairs.json`` that records each pair's source mask and the settings.
 3. **the guard**: before any training the synthetic set's ``pairs.json`` must name a source mask
-   for every pair and none may be a validation or test mask; otherwise the study stops.
+   for every pair and none may be a validation or test mask, by path or, for a source outside the
+   real training cases, by content (a renamed copy); otherwise the study stops.
 4. **the grid** {networks} x {real only, real + synthetic at each ratio} x {seeds}: each cell is
    ``configs/train_segmentation.yaml`` ``training`` then ``evaluating`` (as subprocesses by
    default) in ``<output_dir>/runs/<network>_<condition>_seed<k>/``.
@@ -29,6 +31,7 @@ error rather than a silent mix of two experiments.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -43,6 +46,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -54,6 +58,7 @@ from scripts.data.cases import load_datalist
 from scripts.data.labels import LABELS
 from scripts.data.masks import MaskEditor
 from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
+from scripts.generation.inference import find_masks
 from scripts.models.segmentation import check_synthetic_sources
 
 __all__ = [
@@ -61,6 +66,8 @@ __all__ = [
     "StudyRunError",
     "select_real_cases",
     "variant_seed",
+    "label_fingerprint",
+    "check_not_held_out",
     "check_synthetic_set",
     "run_bundle_command",
     "summarise",
@@ -176,6 +183,43 @@ def variant_seed(seed: int, variant: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------- the guard
+def label_fingerprint(path: str) -> str:
+    """SHA-256 of a label map's voxel grid (shape and integer values), whatever its file name or header.
+
+    Two files with the same fingerprint hold the same label map voxel for voxel; a copy that was
+    resampled or reoriented is not caught (nothing short of registration would).
+    """
+    try:
+        grid = np.asarray(nib.load(path).dataobj)
+    except Exception as e:  # nibabel raises several types for a missing, truncated or foreign file
+        raise BundleInputError(f"{path}: cannot read this label map ({type(e).__name__}: {e})") from e
+    digest = hashlib.sha256(str(grid.shape).encode())
+    digest.update(np.ascontiguousarray(np.rint(grid), dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def check_not_held_out(masks: Sequence[str], held_out: Sequence[Mapping[str, str]], what: str) -> None:
+    """Refuse ``masks`` (paths) if one is a validation or test mask, by path or by content.
+
+    The content check catches a held-out mask copied or renamed into a folder of extra masks: its
+    label map would reach training through the synthetic pair generated from it.
+    """
+    held_out_paths = {os.path.realpath(item["label"]): item["label"] for item in held_out}
+    for mask in masks:
+        if os.path.realpath(mask) in held_out_paths:
+            raise BundleInputError(
+                f"{mask}: {what} is a validation or test mask; generate synthetic pairs from other masks only"
+            )
+    held_out_content = {label_fingerprint(item["label"]): item["label"] for item in held_out}
+    for mask in masks:
+        same = held_out_content.get(label_fingerprint(mask))
+        if same is not None:
+            raise BundleInputError(
+                f"{mask}: {what} holds the same label map as the held-out mask {same} (validation or test "
+                "split); training on a pair generated from it would leak that label into the evaluation"
+            )
+
+
 def check_synthetic_set(
     synthetic_dir: str, training: Sequence[Mapping[str, str]], held_out: Sequence[Mapping[str, str]]
 ) -> dict[str, Any]:
@@ -183,7 +227,8 @@ def check_synthetic_set(
 
     Stricter than the segmentation config's own check (which takes a folder without a manifest on
     trust): the study needs the manifest and a source mask for every pair. Sources outside the
-    study's real training cases (e.g. extra unannotated-image masks) are allowed and counted.
+    study's real training cases (e.g. label maps without images) are allowed and counted once
+    their content is checked against every held-out mask (:func:`check_not_held_out`).
     Returns ``{"num_pairs", "num_source_masks", "sources_outside_training"}``.
     """
     pairs = find_pairs(synthetic_dir)
@@ -202,6 +247,13 @@ def check_synthetic_set(
     records = read_pairs_manifest(synthetic_dir, required=True)["pairs"]
     sources = {os.path.realpath(r["mask"]) for r in records if r.get("mask")}
     outside = sorted(sources - {os.path.realpath(c["label"]) for c in training})
+    missing = [m for m in outside if not os.path.isfile(m)]
+    if missing:
+        raise BundleInputError(
+            f"{manifest}: source mask {missing[0]} ({len(missing)} in all) is not among the study's training "
+            "cases and not on disk; the study cannot prove it is not a copy of a validation or test mask"
+        )
+    check_not_held_out(outside, held_out, f"the source mask recorded in {manifest}")
     if outside:
         logger.warning(
             f"{synthetic_dir}: {len(outside)} source masks are not among the study's real training cases "
@@ -344,6 +396,9 @@ class AugmentationStudy:
         real_case_selection: ``first`` (the datalist's first N) or ``random`` (N drawn with ``seed``).
         seed: seed of the case draw and of synthetic generation.
         synthetic_dir: an existing folder of pairs with ``pairs.json`` to use instead of generating.
+        synthetic_mask_dir: a folder of label maps without images to generate from instead of the kept
+            training masks (new anatomy; e.g. annotations of another modality or generated layouts).
+            None of them may be a validation or test mask, by path or by content.
         num_renderings_per_mask: plain re-renderings per training mask (0: none).
         edited_layouts: variant name -> ``scripts.data.masks.MaskEditor`` options; one sample per mask each.
         inference_configs / segmentation_configs: config files of the child commands (overlays allowed),
@@ -369,6 +424,7 @@ class AugmentationStudy:
         real_case_selection: str = "first",
         seed: int = 0,
         synthetic_dir: str | None = None,
+        synthetic_mask_dir: str | None = None,
         num_renderings_per_mask: int = 2,
         edited_layouts: Mapping[str, Mapping[str, Any]] | None = None,
         inference_configs: Sequence[str] = ("configs/inference.yaml",),
@@ -395,6 +451,7 @@ class AugmentationStudy:
         self.real_case_selection = real_case_selection
         self.seed = int(seed)
         self.given_synthetic_dir = os.path.abspath(synthetic_dir) if synthetic_dir else None
+        self.synthetic_mask_dir = os.path.abspath(synthetic_mask_dir) if synthetic_mask_dir else None
         self.num_renderings_per_mask = int(num_renderings_per_mask)
         self.edited_layouts = {str(k): dict(v or {}) for k, v in (edited_layouts or {}).items()}
         self.inference_configs = [self._config_path(c) for c in layered_config_files(*inference_configs)]
@@ -421,17 +478,25 @@ class AugmentationStudy:
                 f"{len(self.original['test'])}"
             )
         self.held_out = self.original["validation"] + self.original["test"]
+        # the masks synthetic pairs are generated from, checked now rather than after hours of generation
+        if self.synthetic_mask_dir:
+            if not os.path.isdir(self.synthetic_mask_dir):
+                raise BundleInputError(f"config 'synthetic_mask_dir': {self.synthetic_mask_dir}: folder not found")
+            self.source_masks = [m["label"] for m in find_masks(mask_dir=self.synthetic_mask_dir)]
+            check_not_held_out(self.source_masks, self.held_out, "config 'synthetic_mask_dir': this mask")
+        else:
+            self.source_masks = [c["label"] for c in self.training]
         self.conditions = ["real"] + [self.condition_name(r) for r in self.synthetic_ratios]
         self.synthetic_needed = max(
             (int(math.floor(r * len(self.training) + 0.5)) for r in self.synthetic_ratios), default=0
         )
         per_mask = sum(v["num_samples_per_mask"] for v in self.variants().values())
         generating = bool(self.synthetic_ratios) and not self.given_synthetic_dir
-        if generating and self.synthetic_needed > len(self.training) * per_mask:
+        if generating and self.synthetic_needed > len(self.source_masks) * per_mask:
             raise BundleInputError(
                 f"config 'synthetic_ratios' up to {max(self.synthetic_ratios):g} x {len(self.training)} real cases "
-                f"needs {self.synthetic_needed} synthetic pairs; {len(self.training)} masks x {per_mask} pairs each "
-                "(num_renderings_per_mask + one per edited layout) give fewer"
+                f"needs {self.synthetic_needed} synthetic pairs; {len(self.source_masks)} masks x {per_mask} pairs "
+                "each (num_renderings_per_mask + one per edited layout) give fewer"
             )
 
     # ------------------------------------------------------------------ settings
@@ -493,6 +558,11 @@ class AugmentationStudy:
                 "no synthetic pairs to generate: set num_renderings_per_mask > 0 or edited_layouts, "
                 "pass synthetic_dir, or set synthetic_ratios to [] for real only"
             )
+        if self.given_synthetic_dir and self.synthetic_mask_dir:
+            raise BundleInputError(
+                "config 'synthetic_dir' (pairs made elsewhere) and 'synthetic_mask_dir' (masks to generate "
+                "from) exclude each other; set one"
+            )
         if self.launcher not in _LAUNCHERS:
             raise BundleInputError(f"config 'launcher' must be one of {list(_LAUNCHERS)}, got {self.launcher!r}")
 
@@ -547,6 +617,7 @@ class AugmentationStudy:
             "seed": self.seed,
             "synthetic_dir": self.synthetic_dir,
             "synthetic_given": self.given_synthetic_dir is not None,
+            "synthetic_mask_dir": self.synthetic_mask_dir,
             "num_renderings_per_mask": self.num_renderings_per_mask,
             "edited_layouts": self.edited_layouts,
             "inference_configs": self.inference_configs,
@@ -575,7 +646,7 @@ class AugmentationStudy:
 
     def _synthetic_settings(self) -> dict[str, Any]:
         return {
-            "masks": [c["label"] for c in self.training],
+            "masks": list(self.source_masks),
             "variants": self.variants(),
             "seed": self.seed,
             "inference_configs": self.inference_configs,
@@ -620,13 +691,14 @@ class AugmentationStudy:
                 "output_dir": part,
                 "overwrite": True,
                 "seed": part_settings["inference_seed"],
+                **({"mask_dir": self.synthetic_mask_dir} if self.synthetic_mask_dir else {}),
                 "mask_editing": variant["mask_editing"],
                 "num_samples_per_mask": variant["num_samples_per_mask"],
                 **self.inference_overrides,
             }
             overrides_file = write_text_atomic(part + ".overrides.yaml", yaml.safe_dump(overrides, sort_keys=False))
             logger.info(
-                f"synthetic variant {index}/{len(variants)} {name}: {len(self.training)} masks x "
+                f"synthetic variant {index}/{len(variants)} {name}: {len(self.source_masks)} masks x "
                 f"{variant['num_samples_per_mask']} sample(s) into {part} (log: {part}.log)"
             )
             wall[name] = run_bundle_command(
@@ -793,11 +865,17 @@ class AugmentationStudy:
             f"{k} x{v['num_samples_per_mask']}" + (f" {v['mask_editing']}" if v["mask_editing"] else "")
             for k, v in self.variants().items()
         )
-        source = (
-            f"given folder {self.synthetic_dir}"
-            if self.given_synthetic_dir
-            else f"generated from the {len(self.training)} training masks only ({variants}) into {self.synthetic_dir}"
-        )
+        if self.given_synthetic_dir:
+            source = f"given folder {self.synthetic_dir}"
+        elif self.synthetic_mask_dir:
+            source = (
+                f"generated from the {len(self.source_masks)} label maps without images in {self.synthetic_mask_dir} "
+                f"({variants}) into {self.synthetic_dir}"
+            )
+        else:
+            source = (
+                f"generated from the {len(self.training)} training masks only ({variants}) into {self.synthetic_dir}"
+            )
         lines = [
             "# Augmentation study: real only vs real + synthetic",
             "",
