@@ -204,6 +204,8 @@ def check_not_held_out(masks: Sequence[str], held_out: Sequence[Mapping[str, str
     The content check catches a held-out mask copied or renamed into a folder of extra masks: its
     label map would reach training through the synthetic pair generated from it.
     """
+    if not masks:
+        return  # nothing to compare: the held-out masks are not read
     held_out_paths = {os.path.realpath(item["label"]): item["label"] for item in held_out}
     for mask in masks:
         if os.path.realpath(mask) in held_out_paths:
