@@ -91,6 +91,16 @@ def _settings(dataset: Path, output: Path, weights: dict[str, str], **extra) -> 
     }
 
 
+def _constructor_settings(dataset: Path, tmp_path: Path) -> dict:
+    """What every directly built AugmentationStudy of these tests needs: data, output and bundle root."""
+    return {
+        "datalist": str(dataset / "datalist.json"),
+        "dataset_dir": str(dataset),
+        "output_dir": str(tmp_path / "out"),
+        "bundle_root": str(BUNDLE_ROOT),
+    }
+
+
 def _run_in_process(**settings) -> str:
     assert Path.cwd().resolve() == BUNDLE_ROOT, "run bundle workflows from the bundle root"
     workflow = ConfigWorkflow(
@@ -219,9 +229,13 @@ def test_synthetic_pairs_from_a_folder_of_masks_without_images(tiny_phantoms, we
 def test_a_renamed_held_out_mask_among_the_extra_masks_stops_the_study_before_any_work(
     section, tiny_phantoms, tmp_path
 ):
-    held_out = tiny_phantoms / _datalist(tiny_phantoms)[section][0]["label"]
-    pool = _mask_pool(tiny_phantoms, tmp_path / "pool", {"innocent_name.nii.gz": held_out})
-    with pytest.raises(BundleInputError, match="innocent_name.nii.gz: .* holds the same label map as the held-out"):
+    pool = _mask_pool(tiny_phantoms, tmp_path / "pool")
+    # the held-out map re-saved under another name, format, data type and header: only its voxels give it away
+    held_out = nib.load(tiny_phantoms / _datalist(tiny_phantoms)[section][0]["label"])
+    affine = held_out.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.asarray(held_out.dataobj).astype(np.float32), affine), pool / "innocent_name.nii")
+    expected = r"innocent_name.nii \(in config 'synthetic_mask_dir'\) holds the same label map as the held-out"
+    with pytest.raises(BundleInputError, match=expected):
         AugmentationStudy(
             datalist=str(tiny_phantoms / "datalist.json"),
             dataset_dir=str(tiny_phantoms),
@@ -230,6 +244,29 @@ def test_a_renamed_held_out_mask_among_the_extra_masks_stops_the_study_before_an
             synthetic_mask_dir=str(pool),
             bundle_root=str(BUNDLE_ROOT),
         )
+    assert not (tmp_path / "out").exists()
+
+
+def test_extra_masks_are_counted_checked_and_never_the_datasets_own_labels(tiny_phantoms, tmp_path):
+    settings = {
+        **_constructor_settings(tiny_phantoms, tmp_path),
+        "networks": ["unet"],
+        "num_real_cases": 1,
+        "num_renderings_per_mask": 1,
+        "edited_layouts": {},
+    }
+    pool = _mask_pool(tiny_phantoms, tmp_path / "pool")
+    # 2 pairs for 1 real case: the 2 extra masks give them, the 1 kept training mask would not
+    study = AugmentationStudy(**settings, synthetic_ratios=[2.0], synthetic_mask_dir=str(pool))
+    assert study.synthetic_needed == 2 and len(study.source_masks) == 2
+    with pytest.raises(BundleInputError, match=re.escape("needs 3 synthetic pairs; 2 masks of synthetic_mask_dir x 1")):
+        AugmentationStudy(**settings, synthetic_ratios=[3.0], synthetic_mask_dir=str(pool))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleInputError, match="^config 'synthetic_mask_dir': .*empty"):
+        AugmentationStudy(**settings, synthetic_mask_dir=str(tmp_path / "empty"))
+    # the dataset's own label folder holds the validation and test masks too
+    with pytest.raises(BundleInputError, match=r"\(in config 'synthetic_mask_dir'\) is a validation or test mask"):
+        AugmentationStudy(**settings, synthetic_mask_dir=str(tiny_phantoms / "labelsTr"))
     assert not (tmp_path / "out").exists()
 
 
@@ -306,7 +343,7 @@ def _copy_pairs(dataset: Path, folder: Path, cases: list[dict], sources: list[st
         ("validation mask", "generated from the held-out mask"),
         ("no source", "1 of 2 synthetic pairs have no source mask recorded"),
         ("no manifest", "no pairs.json recording the source mask"),
-        ("renamed test mask", "copy.nii.gz: the source mask recorded in .* holds the same label map as the held-out"),
+        ("renamed test mask", r"copy.nii.gz \(a source mask recorded in .*\) holds the same label map as the held-out"),
         ("missing source", "source mask .*gone.nii.gz .* is not among the study's training cases and not on disk"),
     ],
 )
@@ -421,13 +458,7 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
     ],
 )
 def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny_phantoms, tmp_path):
-    settings = {
-        "datalist": str(tiny_phantoms / "datalist.json"),
-        "dataset_dir": str(tiny_phantoms),
-        "output_dir": str(tmp_path / "out"),
-        "bundle_root": str(BUNDLE_ROOT),
-        **change,
-    }
+    settings = {**_constructor_settings(tiny_phantoms, tmp_path), **change}
     with pytest.raises(BundleInputError, match=expected if ".*" in expected else re.escape(expected)) as err:
         AugmentationStudy(**settings)
     assert "\n" not in str(err.value)
@@ -436,10 +467,7 @@ def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny
 
 def test_equal_steps_gives_every_arm_the_real_only_arms_steps_per_epoch(tiny_phantoms, tmp_path):
     settings = {
-        "datalist": str(tiny_phantoms / "datalist.json"),
-        "dataset_dir": str(tiny_phantoms),
-        "output_dir": str(tmp_path / "out"),
-        "bundle_root": str(BUNDLE_ROOT),
+        **_constructor_settings(tiny_phantoms, tmp_path),
         "networks": ["unet"],
         "synthetic_ratios": [1.0, 2.0],
         "num_real_cases": 2,

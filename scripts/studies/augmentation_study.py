@@ -184,13 +184,14 @@ def variant_seed(seed: int, variant: str) -> int:
 
 # ---------------------------------------------------------------------------------------- the guard
 def label_fingerprint(path: str) -> str:
-    """SHA-256 of a label map's voxel grid (shape and integer values), whatever its file name or header.
+    """SHA-256 of a label map's voxel grid (shape without singleton axes, integer values), whatever
+    its file name, format, data type or header.
 
     Two files with the same fingerprint hold the same label map voxel for voxel; a copy that was
     resampled or reoriented is not caught (nothing short of registration would).
     """
     try:
-        grid = np.asarray(nib.load(path).dataobj)
+        grid = np.squeeze(np.asarray(nib.load(path).dataobj))  # X x Y x Z x 1 is the same map
     except Exception as e:  # nibabel raises several types for a missing, truncated or foreign file
         raise BundleInputError(f"{path}: cannot read this label map ({type(e).__name__}: {e})") from e
     digest = hashlib.sha256(str(grid.shape).encode())
@@ -202,7 +203,8 @@ def check_not_held_out(masks: Sequence[str], held_out: Sequence[Mapping[str, str
     """Refuse ``masks`` (paths) if one is a validation or test mask, by path or by content.
 
     The content check catches a held-out mask copied or renamed into a folder of extra masks: its
-    label map would reach training through the synthetic pair generated from it.
+    label map would reach training through the synthetic pair generated from it. ``what`` says
+    where the masks come from; the error line gives it after the mask's path.
     """
     if not masks:
         return  # nothing to compare: the held-out masks are not read
@@ -210,14 +212,14 @@ def check_not_held_out(masks: Sequence[str], held_out: Sequence[Mapping[str, str
     for mask in masks:
         if os.path.realpath(mask) in held_out_paths:
             raise BundleInputError(
-                f"{mask}: {what} is a validation or test mask; generate synthetic pairs from other masks only"
+                f"{mask} {what} is a validation or test mask; generate synthetic pairs from other masks only"
             )
     held_out_content = {label_fingerprint(item["label"]): item["label"] for item in held_out}
     for mask in masks:
         same = held_out_content.get(label_fingerprint(mask))
         if same is not None:
             raise BundleInputError(
-                f"{mask}: {what} holds the same label map as the held-out mask {same} (validation or test "
+                f"{mask} {what} holds the same label map as the held-out mask {same} (validation or test "
                 "split); training on a pair generated from it would leak that label into the evaluation"
             )
 
@@ -255,11 +257,11 @@ def check_synthetic_set(
             f"{manifest}: source mask {missing[0]} ({len(missing)} in all) is not among the study's training "
             "cases and not on disk; the study cannot prove it is not a copy of a validation or test mask"
         )
-    check_not_held_out(outside, held_out, f"the source mask recorded in {manifest}")
+    check_not_held_out(outside, held_out, f"(a source mask recorded in {manifest})")
     if outside:
-        logger.warning(
+        logger.info(
             f"{synthetic_dir}: {len(outside)} source masks are not among the study's real training cases "
-            f"(e.g. {outside[0]}); they are not validation or test masks"
+            f"(e.g. {outside[0]}); checked: none is a validation or test mask"
         )
     return {"num_pairs": len(pairs), "num_source_masks": len(sources), "sources_outside_training": len(outside)}
 
@@ -401,7 +403,7 @@ class AugmentationStudy:
         synthetic_mask_dir: a folder of label maps without images to generate from instead of the kept
             training masks (new anatomy; e.g. annotations of another modality or generated layouts).
             None of them may be a validation or test mask, by path or by content.
-        num_renderings_per_mask: plain re-renderings per training mask (0: none).
+        num_renderings_per_mask: plain re-renderings per source mask (0: none).
         edited_layouts: variant name -> ``scripts.data.masks.MaskEditor`` options; one sample per mask each.
         inference_configs / segmentation_configs: config files of the child commands (overlays allowed),
             layered on configs/common.yaml (``scripts.core.settings.layered_config_files``).
@@ -484,8 +486,11 @@ class AugmentationStudy:
         if self.synthetic_mask_dir:
             if not os.path.isdir(self.synthetic_mask_dir):
                 raise BundleInputError(f"config 'synthetic_mask_dir': {self.synthetic_mask_dir}: folder not found")
-            self.source_masks = [m["label"] for m in find_masks(mask_dir=self.synthetic_mask_dir)]
-            check_not_held_out(self.source_masks, self.held_out, "config 'synthetic_mask_dir': this mask")
+            try:
+                self.source_masks = [m["label"] for m in find_masks(mask_dir=self.synthetic_mask_dir)]
+            except BundleInputError as e:
+                raise BundleInputError(f"config 'synthetic_mask_dir': {e}") from e
+            check_not_held_out(self.source_masks, self.held_out, "(in config 'synthetic_mask_dir')")
         else:
             self.source_masks = [c["label"] for c in self.training]
         self.conditions = ["real"] + [self.condition_name(r) for r in self.synthetic_ratios]
@@ -497,7 +502,8 @@ class AugmentationStudy:
         if generating and self.synthetic_needed > len(self.source_masks) * per_mask:
             raise BundleInputError(
                 f"config 'synthetic_ratios' up to {max(self.synthetic_ratios):g} x {len(self.training)} real cases "
-                f"needs {self.synthetic_needed} synthetic pairs; {len(self.source_masks)} masks x {per_mask} pairs "
+                f"needs {self.synthetic_needed} synthetic pairs; {len(self.source_masks)} "
+                f"{'masks of synthetic_mask_dir' if self.synthetic_mask_dir else 'masks'} x {per_mask} pairs "
                 "each (num_renderings_per_mask + one per edited layout) give fewer"
             )
 
