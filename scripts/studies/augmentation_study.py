@@ -46,7 +46,6 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -54,7 +53,7 @@ from tqdm import tqdm
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import markdown_table, staged_output, write_text_atomic
 from scripts.core.settings import as_bool, layered_config_files
-from scripts.data.cases import load_datalist
+from scripts.data.cases import load_datalist, read_nifti
 from scripts.data.labels import LABELS
 from scripts.data.masks import MaskEditor
 from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
@@ -184,16 +183,13 @@ def variant_seed(seed: int, variant: str) -> int:
 
 # ---------------------------------------------------------------------------------------- the guard
 def label_fingerprint(path: str) -> str:
-    """SHA-256 of a label map's voxel grid (shape without singleton axes, integer values), whatever
-    its file name, format, data type or header.
+    """SHA-256 of a label map's voxel grid (shape and integer values, read by
+    :func:`scripts.data.cases.read_nifti`), whatever its file name, format, data type or header.
 
     Two files with the same fingerprint hold the same label map voxel for voxel; a copy that was
     resampled or reoriented is not caught (nothing short of registration would).
     """
-    try:
-        grid = np.squeeze(np.asarray(nib.load(path).dataobj))  # X x Y x Z x 1 is the same map
-    except Exception as e:  # nibabel raises several types for a missing, truncated or foreign file
-        raise BundleInputError(f"{path}: cannot read this label map ({type(e).__name__}: {e})") from e
+    grid, _ = read_nifti(path, role="label map")  # one error line for a bad file; X x Y x Z x 1 -> X x Y x Z
     digest = hashlib.sha256(str(grid.shape).encode())
     digest.update(np.ascontiguousarray(np.rint(grid), dtype=np.int32).tobytes())
     return digest.hexdigest()
