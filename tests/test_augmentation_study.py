@@ -218,6 +218,7 @@ def test_synthetic_pairs_from_a_folder_of_masks_without_images(tiny_phantoms, we
     assert sorted(p["mask"] for p in manifest["pairs"]) == [str(pool / "extra_a.nii.gz"), str(pool / "extra_b.nii.gz")]
     assert manifest["settings"]["masks"] == [str(pool / "extra_a.nii.gz"), str(pool / "extra_b.nii.gz")]
     checked = check_synthetic_set(study.synthetic_dir, study.training, study.held_out)
+    assert re.fullmatch("[0-9a-f]{64}", checked.pop("sha256"))
     assert checked == {"num_pairs": 2, "num_source_masks": 2, "sources_outside_training": 2}
     # the generated label maps are the pool's, carried through preprocessing (foreground kept)
     for record in manifest["pairs"]:
@@ -283,6 +284,31 @@ def test_rerun_skips_finished_runs_and_the_synthetic_set(study, monkeypatch):
     assert _mtimes(out, "runs/*/segmentation_*/test_metrics.json") | _mtimes(out, "synthetic/*") == before
     record = json.loads((out / "study.json").read_text())
     assert [r["skipped"] for r in record["runs"]] == [True] * 4 and all(r["status"] == "done" for r in record["runs"])
+
+
+def test_a_run_is_not_reported_beside_a_synthetic_set_it_did_not_train_on(study, monkeypatch):
+    """synthetic/ deleted and regenerated (here: one image replaced) under finished synthetic runs:
+    the study stops before any work instead of skipping them as if they had trained on the new set."""
+    out, settings = study
+    record = json.loads((out / "runs" / "unet_synthetic1_seed0" / "run.json").read_text())
+    assert record["synthetic_sha256"] == json.loads((out / "study.json").read_text())["synthetic"]["sha256"]
+    images = sorted((out / "synthetic").glob("*_image.nii.gz"))
+    original = images[0].read_bytes()
+
+    def no_command(*args, **kwargs):
+        raise AssertionError(f"a step ran: {args}")
+
+    monkeypatch.chdir(BUNDLE_ROOT)
+    monkeypatch.setattr(study_module, "run_bundle_command", no_command)
+    try:
+        shutil.copyfile(images[1], images[0])
+        with pytest.raises(Exception) as caught:
+            _run_in_process(**settings)
+        message = str(find_input_error(caught.value))
+        assert "unet_synthetic1_seed0: this run trained on another synthetic set than the one now in" in message
+    finally:
+        images[0].write_bytes(original)
+    _run_in_process(**settings)  # the same set again: every run is reused
 
 
 def test_command_resumes_an_interrupted_run_without_training_again(study, tmp_path):
@@ -383,11 +409,15 @@ def test_the_guard_accepts_pairs_from_training_masks(tiny_phantoms, tmp_path):
     training = [{"label": str(tiny_phantoms / c["label"])} for c in sections["training"]]
     held_out = [{"label": str(tiny_phantoms / c["label"])} for c in sections["validation"] + sections["test"]]
     folder = _copy_pairs(tiny_phantoms, tmp_path / "s", sections["training"], [c["label"] for c in training])
-    assert check_synthetic_set(str(folder), training, held_out) == {
-        "num_pairs": 2,
-        "num_source_masks": 2,
-        "sources_outside_training": 0,
-    }
+    checked = check_synthetic_set(str(folder), training, held_out)
+    del checked["sha256"]  # its behaviour: below
+    assert checked == {"num_pairs": 2, "num_source_masks": 2, "sources_outside_training": 0}
+    # the set's fingerprint follows its files: one label map changed, another fingerprint
+    before = check_synthetic_set(str(folder), training, held_out)["sha256"]
+    shutil.copyfile(folder / "p1_label.nii.gz", folder / "p0_label.nii.gz")
+    assert check_synthetic_set(str(folder), training, held_out)["sha256"] != before
+    shutil.copy(tiny_phantoms / sections["training"][0]["label"], folder / "p0_label.nii.gz")
+    assert check_synthetic_set(str(folder), training, held_out)["sha256"] == before  # same files, same fingerprint
     # masks outside the kept training cases (a low-data cut) are allowed and counted
     assert check_synthetic_set(str(folder), training[:1], held_out)["sources_outside_training"] == 1
 

@@ -229,7 +229,8 @@ def check_synthetic_set(
     trust): the study needs the manifest and a source mask for every pair. Sources outside the
     study's real training cases (e.g. label maps without images) are allowed and counted once
     their content is checked against every held-out mask (:func:`check_not_held_out`).
-    Returns ``{"num_pairs", "num_source_masks", "sources_outside_training"}``.
+    Returns ``{"num_pairs", "num_source_masks", "sources_outside_training", "sha256"}``, the last
+    from :func:`synthetic_set_fingerprint`.
     """
     pairs = find_pairs(synthetic_dir)
     manifest = os.path.join(synthetic_dir, PAIRS_MANIFEST)
@@ -259,7 +260,29 @@ def check_synthetic_set(
             f"{synthetic_dir}: {len(outside)} source masks are not among the study's real training cases "
             f"(e.g. {outside[0]}); checked: none is a validation or test mask"
         )
-    return {"num_pairs": len(pairs), "num_source_masks": len(sources), "sources_outside_training": len(outside)}
+    return {
+        "num_pairs": len(pairs),
+        "num_source_masks": len(sources),
+        "sources_outside_training": len(outside),
+        "sha256": synthetic_set_fingerprint(pairs),
+    }
+
+
+def synthetic_set_fingerprint(pairs: Sequence[Mapping[str, str]]) -> str:
+    """SHA-256 over the file names and bytes of every pair (:func:`scripts.data.pairs.find_pairs` order).
+
+    A synthetic run records it, so a run that trained on one set is never reported beside a set
+    generated later into the same folder (deleted and regenerated with other settings, or a
+    given folder whose files changed).
+    """
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for role in ("image", "label"):
+            digest.update(os.path.basename(pair[role]).encode() + b"\0")
+            with open(pair[role], "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- child commands
@@ -785,6 +808,29 @@ class AugmentationStudy:
             )
         return record
 
+    def check_synthetic_identity(self, run: dict[str, Any], sha256: str) -> None:
+        """Tie a synthetic run to the set it trains on: a run started on another set is an error.
+
+        Sets ``run["synthetic_sha256"]`` (recorded in run.json). Runs recorded before the field
+        existed cannot be checked: they are kept, with a warning, and stay unrecorded.
+        """
+        record_path = os.path.join(run["dir"], "run.json")
+        record = _read_json(record_path) if os.path.isfile(record_path) else {}
+        if record and "synthetic_sha256" not in record:
+            logger.warning(
+                f"{record_path}: no record of the synthetic set this run trained on; "
+                f"it is assumed to be the one now in {self.synthetic_dir}"
+            )
+            run["synthetic_sha256"] = None
+            return
+        if record and record["synthetic_sha256"] not in (None, sha256):
+            raise BundleInputError(
+                f"{run['dir']}: this run trained on another synthetic set than the one now in {self.synthetic_dir} "
+                f"(sha256 {record['synthetic_sha256'][:12]}... recorded, {sha256[:12]}... now); "
+                "choose another --output_dir or remove that folder"
+            )
+        run["synthetic_sha256"] = record["synthetic_sha256"] if record else sha256
+
     def execute(self, run: dict[str, Any]) -> dict[str, Any]:
         """Train and evaluate one cell of the grid unless already done; returns its record."""
         folder = run["dir"]
@@ -953,6 +999,9 @@ class AugmentationStudy:
                     f"{self.synthetic_dir}: {synthetic['num_pairs']} synthetic pairs, the largest "
                     f"ratio needs {self.synthetic_needed}"
                 )
+            for run in runs:  # before any training: no run is reported beside a set it did not train on
+                if run["synthetic_ratio"] > 0:
+                    self.check_synthetic_identity(run, synthetic["sha256"])
         failed = []
         progress = tqdm(runs, desc="study runs", unit="run")
         for index, run in enumerate(progress, 1):
