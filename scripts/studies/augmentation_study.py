@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from scripts.core.checkpoints import file_hash
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import markdown_table, staged_output, write_text_atomic
 from scripts.core.settings import as_bool, layered_config_files
@@ -275,14 +276,10 @@ def synthetic_set_fingerprint(pairs: Sequence[Mapping[str, str]]) -> str:
     generated later into the same folder (deleted and regenerated with other settings, or a
     given folder whose files changed).
     """
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for role in ("image", "label"):
-            digest.update(os.path.basename(pair[role]).encode() + b"\0")
-            with open(pair[role], "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    listing = "".join(
+        f"{os.path.basename(pair[role])}\0{file_hash(pair[role])}\n" for pair in pairs for role in ("image", "label")
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- child commands
@@ -815,21 +812,20 @@ class AugmentationStudy:
         existed cannot be checked: they are kept, with a warning, and stay unrecorded.
         """
         record_path = os.path.join(run["dir"], "run.json")
-        record = _read_json(record_path) if os.path.isfile(record_path) else {}
-        if record and "synthetic_sha256" not in record:
+        record = _read_json(record_path) if os.path.isfile(record_path) else {"synthetic_sha256": sha256}
+        recorded = record.get("synthetic_sha256")
+        if recorded is None:
             logger.warning(
                 f"{record_path}: no record of the synthetic set this run trained on; "
                 f"it is assumed to be the one now in {self.synthetic_dir}"
             )
-            run["synthetic_sha256"] = None
-            return
-        if record and record["synthetic_sha256"] not in (None, sha256):
+        elif recorded != sha256:
             raise BundleInputError(
                 f"{run['dir']}: this run trained on another synthetic set than the one now in {self.synthetic_dir} "
-                f"(sha256 {record['synthetic_sha256'][:12]}... recorded, {sha256[:12]}... now); "
+                f"(sha256 {recorded[:12]}... recorded, {sha256[:12]}... now); "
                 "choose another --output_dir or remove that folder"
             )
-        run["synthetic_sha256"] = record["synthetic_sha256"] if record else sha256
+        run["synthetic_sha256"] = recorded
 
     def execute(self, run: dict[str, Any]) -> dict[str, Any]:
         """Train and evaluate one cell of the grid unless already done; returns its record."""
