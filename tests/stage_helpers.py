@@ -75,8 +75,11 @@ def write_unet(
     noise_schedule: str = "ddpm",
     scale_factor: float = 1.7,
     prediction_type: str = "v_prediction",
+    latent_shift: list[float] | None = None,
 ) -> Path:
-    """Stage-2 weights as ``train_diffusion.yaml`` saves them, from a seeded random UNet."""
+    """Stage-2 weights as ``train_diffusion.yaml`` saves them, from a seeded random UNet
+    (``latent_shift``: trained on centred latents; ``None``: saved as before 0.13.0, without one)."""
+    centring = {} if latent_shift is None else {"latent_shift": list(latent_shift)}
     return write_network(
         path,
         "diffusion_unet_def",
@@ -87,6 +90,7 @@ def write_unet(
         noise_schedule=noise_schedule,
         prediction_type=prediction_type,
         latent_space_sha256=latent_space_sha256(torch.load(autoencoder, weights_only=True)),
+        **centring,
     )
 
 

@@ -154,7 +154,11 @@ def test_every_sampler_generates_several_samples_per_mask(sampler, schedule, wei
     masks = tmp_path / "masks"
     label, affine = _lps_mask()
     write_nifti(masks / "case.nii.gz", label, affine)
-    out = infer(tmp_path / "out", weights[schedule], mask_dir=str(masks), sampler=sampler, num_samples_per_mask=2)
+    # ddpm takes every training timestep: a short schedule keeps that quick
+    steps = {"num_train_timesteps": 8, "num_inference_steps": 8} if sampler == "ddpm" else {}
+    out = infer(
+        tmp_path / "out", weights[schedule], mask_dir=str(masks), sampler=sampler, num_samples_per_mask=2, **steps
+    )
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         OWNER_MARKER,
@@ -180,6 +184,17 @@ def test_sampler_that_does_not_fit_the_model_is_refused(weights, mask_dir, tmp_p
         infer(tmp_path / "out", weights["rflow"], mask_dir=str(mask_dir), sampler="ddim")
     error = find_input_error(caught.value)
     assert isinstance(error, BundleInputError) and "rflow" in str(error) and "--sampler rflow" in str(error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ddpm_sampler_with_fewer_steps_than_training_timesteps_is_refused(weights, mask_dir, tmp_path):
+    """MONAI's DDPMScheduler.step always steps t -> t - 1: skipping timesteps would decode noise."""
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", weights["ddpm"], mask_dir=str(mask_dir), sampler="ddpm", num_inference_steps=50)
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError)
+    assert "num_inference_steps" in str(error) and "all 1000 timesteps, got 50" in str(error)
+    assert "--sampler ddim" in str(error)
     assert not (tmp_path / "out").exists()
 
 
@@ -575,3 +590,26 @@ def test_label_guided_decoder_decodes_each_latent_with_its_mask(pairs, weights, 
         infer(tmp_path / "plain", weights["ddpm"], mask_dir=str(mask_dir), label_guided_decoder=True)
     assert "a plain autoencoder, but --label_guided_decoder is true" in str(find_input_error(err.value))
     assert not (tmp_path / "unset").exists() and not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/inference.yaml", "configs/generate_unconditional.yaml"])
+def test_samplers_undo_the_latent_centring_the_unet_was_trained_with(config, weights, mask_dir, tmp_path):
+    os.chdir(BUNDLE_ROOT)
+    shift = [0.5, -0.25, 0.0, 0.125]
+    unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), latent_shift=shift)
+    controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
+    settings = {**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)}
+    workflow = ConfigWorkflow(
+        config_file=layered_config_files(config),
+        workflow_type="infer",
+        output_dir=str(tmp_path / "out"),
+        mask_dir=str(mask_dir),
+        **{"device": "$torch.device('cpu')", **TINY, **settings},
+    )
+    name = "guided_sampler" if config.endswith("inference.yaml") else "unconditional_sampler"
+    sampler = workflow.parser.get_parsed_content(name)
+    torch.testing.assert_close(sampler.latent_shift, torch.tensor(shift))
+    # weights from before centring carry no shift: decoded as they were trained
+    workflow.parser["diffusion_unet_path"] = weights["ddpm"]["diffusion_unet_path"]
+    legacy = workflow.parser.get_parsed_content(name, lazy=False)
+    assert legacy.latent_shift is None

@@ -121,10 +121,9 @@ def test_tiled_decoding_gives_each_window_its_own_part_of_the_label_map(plain_we
         TiledAutoencoder(plain).decode(latent, condition)
 
 
-def test_sampler_decodes_with_the_mask_it_was_given(plain_weights):
-    _, guided = _networks(plain_weights)
-    _modulate(guided, ("mlp_beta",))
-    sampler = LatentDiffusionSampler(
+def _decoding_sampler(guided: torch.nn.Module, **extra) -> LatentDiffusionSampler:
+    """A sampler of scale 2 around ``guided``, for its ``decode`` alone."""
+    return LatentDiffusionSampler(
         unet=torch.nn.Conv3d(4, 4, 1),  # decode() uses neither the UNet nor the scheduler
         scheduler=None,
         decoder=TiledAutoencoder(guided),
@@ -133,7 +132,14 @@ def test_sampler_decodes_with_the_mask_it_was_given(plain_weights):
         latent_channels=4,
         compression=4,
         contract=LabelContract(LABELS),
+        **extra,
     )
+
+
+def test_sampler_decodes_with_the_mask_it_was_given(plain_weights):
+    _, guided = _networks(plain_weights)
+    _modulate(guided, ("mlp_beta",))
+    sampler = _decoding_sampler(guided)
     latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(6))
     label = _label_map(7)
     with torch.no_grad():
@@ -141,3 +147,18 @@ def test_sampler_decodes_with_the_mask_it_was_given(plain_weights):
     torch.testing.assert_close(sampler.decode(latents, label), expected)
     with pytest.raises(ValueError, match="needs the label map"):
         sampler.decode(latents)
+
+
+def test_sampler_adds_the_latent_shift_back_before_decoding(plain_weights):
+    """A UNet trained on centred latents: its samples are unscaled, then shifted back, then decoded."""
+    _, guided = _networks(plain_weights)
+    shift = [0.8, -0.4, 0.0, 0.3]
+    sampler = _decoding_sampler(guided, latent_shift=shift)
+    latents = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(6))
+    label = _label_map(7)
+    with torch.no_grad():
+        expected = guided.decode(latents / 2.0 + torch.tensor(shift).view(1, 4, 1, 1, 1), _one_hot(label))
+        unshifted = guided.decode(latents / 2.0, _one_hot(label))
+    decoded = sampler.decode(latents, label)
+    torch.testing.assert_close(decoded, expected.clamp(0, 1))
+    assert not torch.allclose(decoded, unshifted.clamp(0, 1), atol=1e-3)

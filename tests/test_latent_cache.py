@@ -67,6 +67,13 @@ def test_cache_holds_latent_means_and_labels_then_is_reused(tiny_phantoms, tmp_p
     assert cache.scale_factor == pytest.approx(1.0 / float(training.std(unbiased=False)), rel=1e-6)
     loaded = LoadLatentCased(scale_factor=cache.scale_factor, with_label=True)(items[0])
     torch.testing.assert_close(loaded["image"], case["latent"] * cache.scale_factor)
+    # the per-channel means centre the training latents: shifted by them, each channel averages 0
+    channel_mean = training.transpose(0, 1).flatten(1).mean(dim=1)
+    assert cache.latent_channel_mean == pytest.approx(channel_mean.tolist(), rel=1e-6, abs=1e-9)
+    centre = LoadLatentCased(scale_factor=cache.scale_factor, latent_shift=cache.latent_channel_mean)
+    centred = torch.stack([centre(i)["image"] for i in cache.items("training")]).double()
+    assert centred.transpose(0, 1).flatten(1).mean(dim=1).abs().max() < 1e-5
+    assert float(channel_mean.abs().max()) * cache.scale_factor > 1e-3  # so the check above can fail
 
     before = _mtimes(Path(cache.root))
     again, _, _ = _cache(tiny_phantoms, tmp_path / "cache", autoencoder)

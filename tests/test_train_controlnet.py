@@ -45,7 +45,8 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     """A seeded random autoencoder and a UNet checkpoint saved as stage 2 saves it, for that autoencoder."""
     folder = tmp_path_factory.mktemp("weights")
     autoencoder = write_autoencoder(folder / "autoencoder.pt")
-    return {"autoencoder": autoencoder, "unet": write_unet(folder / "diffusion_unet.pt", autoencoder)}
+    unet = write_unet(folder / "diffusion_unet.pt", autoencoder, latent_shift=LATENT_SHIFT)
+    return {"autoencoder": autoencoder, "unet": unet}
 
 
 def _settings(tiny_phantoms: Path, output: Path, weights: dict[str, Path], **extra) -> dict:
@@ -56,6 +57,9 @@ def _settings(tiny_phantoms: Path, output: Path, weights: dict[str, Path], **ext
         diffusion_unet_path=str(weights["unet"]),
         **extra,
     )
+
+
+LATENT_SHIFT = [0.3, -0.2, 0.1, 0.0]  # the UNet was trained on latents centred by these
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +74,12 @@ def controlnet_run(tiny_phantoms, weights, tmp_path_factory) -> dict:
         parse = run.parser.get_parsed_content
         unet, controlnet = parse("diffusion_unet"), parse("controlnet")
         started = {k: v.clone() for k, v in controlnet.state_dict().items()}
+        dataset = parse("train#dataset")
+        first = {"latent": dataset[0]["image"], "cached": _load(dataset.data[0]["cache_file"])["latent"]}
         run.run()
         result = {
             "output": output,
+            "first": first,
             "started": started,
             "unet_after": {k: v.clone() for k, v in unet.state_dict().items()},
             "unet_trainable": [n for n, p in unet.named_parameters() if p.requires_grad],
@@ -112,6 +119,11 @@ def test_unet_stays_frozen_and_unchanged_while_the_controlnet_trains(controlnet_
     assert any(k.startswith("controlnet_down_blocks.") for k in changed), "the zero convolutions never moved"
     # what inference needs travels with the ControlNet: the UNet's scale_factor and schedule, and identities
     assert last["scale_factor"] == _load(weights["unet"])["scale_factor"] and last["noise_schedule"] == "ddpm"
+    assert last["latent_shift"] == LATENT_SHIFT
+    # and the ControlNet trained on the latents the UNet saw: centred by its shift, then scaled
+    shift = torch.tensor(LATENT_SHIFT).view(-1, 1, 1, 1)
+    expected = (controlnet_run["first"]["cached"] - shift) * last["scale_factor"]
+    torch.testing.assert_close(torch.as_tensor(controlnet_run["first"]["latent"]), expected)
     assert last["diffusion_unet_sha256"] == weights_sha256(_load(weights["unet"]), "diffusion_unet")
     assert last["labels"] == common_parser()["labels"]
 

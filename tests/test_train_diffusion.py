@@ -77,6 +77,7 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     manifest = json.loads((output / "latent_cache" / "manifest.json").read_text())
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
     assert last["scale_factor"] == pytest.approx(manifest["scale_factor"]) and last["scale_factor"] > 0
+    assert last["latent_shift"] == pytest.approx(manifest["latent_channel_mean"])  # center_latents is the default
     assert last["noise_schedule"] == "ddpm" and last["latent_space_sha256"] == latent_space_sha256(_load(autoencoder))
     changed = [k for k, v in last["diffusion_unet"].items() if not torch.equal(v, ddpm_run["initial"][k])]
     # MONAI zero-initialises each residual branch's last convolution, which holds back the gradients of
@@ -156,7 +157,7 @@ def test_rflow_schedule_trains_and_samples(tiny_phantoms, autoencoder, tmp_path,
     assert math.isfinite(metrics["val_sample_mean"]) and metrics["val_sample_std"] > 0.0
 
 
-def test_resume_restores_scale_factor_and_refuses_another_schedule(
+def test_resume_restores_latent_scaling_and_refuses_another_schedule(
     ddpm_run, tiny_phantoms, autoencoder, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(BUNDLE_ROOT)
@@ -164,8 +165,9 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
     shutil.copytree(ddpm_run["output"], output)
     last_path = output / "diffusion_unet" / "diffusion_unet_last.pt"
     last = _load(last_path)
-    # a checkpoint trained with another scale than the cache's: resuming must keep the checkpoint's
+    # a checkpoint trained with another scale and centring than the cache's: resuming must keep the checkpoint's
     last["scale_factor"] = stored = 0.5 * last["scale_factor"]
+    last["latent_shift"] = stored_shift = [0.25 * (c + 1) for c in range(len(last["latent_shift"]))]
     torch.save(last, last_path)
 
     run = workflow(
@@ -175,11 +177,12 @@ def test_resume_restores_scale_factor_and_refuses_another_schedule(
     assert not run.parser.get_parsed_content("latent_cache").built  # the copied cache is reused
     dataset = run.parser.get_parsed_content("train#dataset")
     cached = _load(Path(dataset.data[0]["cache_file"]))["latent"]
-    torch.testing.assert_close(dataset[0]["image"], cached * stored)
+    shift = torch.tensor(stored_shift).view(-1, 1, 1, 1)
+    torch.testing.assert_close(dataset[0]["image"], (cached - shift) * stored)
     run.run()
     resumed = _load(last_path)
     assert resumed["epoch"] == 3 and resumed["trainer"]["iteration"] == 3
-    assert resumed["scale_factor"] == stored
+    assert resumed["scale_factor"] == stored and resumed["latent_shift"] == stored_shift
     # the extended run still learns: its learning rate decays over the new max_epochs, not the old
     assert any(not torch.equal(v, last["diffusion_unet"][k]) for k, v in resumed["diffusion_unet"].items())
 

@@ -328,6 +328,7 @@ def export_weights(
         "best_metric_epoch",
         "best_metric_name",
         "scale_factor",
+        "latent_shift",
         "noise_schedule",
         "prediction_type",
         "latent_channel_std",

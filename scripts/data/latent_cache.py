@@ -48,13 +48,14 @@ __all__ = [
     "cache_fingerprint",
     "prepare_latent_cache",
     "latent_channel_std",
+    "latent_shift_tensor",
     "LoadLatentCased",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the cache layout; part of the fingerprint, so a layout change rebuilds old caches.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the manifest also holds latent_channel_mean
 MANIFEST = "manifest.json"
 
 
@@ -80,6 +81,12 @@ class LatentCache:
     def scale_factor(self) -> float:
         """1 / std of all cached training latents: scaled training latents have unit standard deviation."""
         return float(self.manifest["scale_factor"])
+
+    @property
+    def latent_channel_mean(self) -> list[float]:
+        """Mean of each latent channel over the cached training latents (unscaled): the ``latent_shift``
+        that centres them."""
+        return [float(v) for v in self.manifest["latent_channel_mean"]]
 
     @property
     def latent_space_sha256(self) -> str:
@@ -213,6 +220,7 @@ def _build(
     with staged_output(cache_dir, overwrite=True) as staging:  # nothing half-written stays behind
         # float64 running sums: one pass, no need to hold every latent for the standard deviation
         count, total, total_sq = 0, 0.0, 0.0
+        channel_sums: torch.Tensor | None = None  # per latent channel, for latent_channel_mean
         manifest_sections: dict[str, list[dict[str, Any]]] = {}
         latent_shape: list[int] = []
         num_cases = sum(len(items) for items in sections.values())
@@ -227,6 +235,8 @@ def _build(
                         count += values.numel()
                         total += float(values.sum())
                         total_sq += float((values**2).sum())
+                        sums_here = values.flatten(1).sum(dim=1)
+                        channel_sums = sums_here if channel_sums is None else channel_sums + sums_here
                     latent_shape = list(case["latent"].shape)
                     name = f"{i:04d}_{_stem(item['image'])}.pt"
                     torch.save(case, os.path.join(staging, section, name))
@@ -257,6 +267,7 @@ def _build(
             "latent_mean": mean,
             "latent_std": std,
             "scale_factor": 1.0 / std,
+            "latent_channel_mean": [float(v) for v in channel_sums * channel_sums.numel() / count],
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "sections": manifest_sections,
         }
@@ -278,14 +289,21 @@ def latent_channel_std(dataset: Sequence[Mapping[str, Any]], key: str = "image")
     return [float(v) for v in latents.transpose(0, 1).flatten(1).std(dim=1)]
 
 
+def latent_shift_tensor(latent_shift: Sequence[float] | None) -> torch.Tensor | None:
+    """``latent_shift`` (one value per latent channel, or ``None``) as a float tensor."""
+    return None if latent_shift is None else torch.as_tensor([float(v) for v in latent_shift], dtype=torch.float32)
+
+
 class LoadLatentCased(Transform):
     """Dictionary transform: read a cached case (``cache_file``) into ``image`` (scaled latent) and ``label``.
 
-    MONAI's ``LoadImaged`` reads images, not ``torch.save`` files. The latent is multiplied by
-    ``scale_factor`` here, once per case, so every network sees unit-variance latents.
+    MONAI's ``LoadImaged`` reads images, not ``torch.save`` files. The latent is normalised here,
+    once per case: ``(latent - latent_shift) * scale_factor``, so every network sees centred
+    unit-variance latents (the sampler undoes both before decoding).
 
     Args:
         scale_factor: multiplies the latent mean.
+        latent_shift: per-channel value subtracted first (``None``: no shift, as before 0.13.0).
         with_latent: load the latent into ``latent_key``.
         with_label: load the image-resolution label map (uint8) into ``label_key``.
     """
@@ -293,6 +311,7 @@ class LoadLatentCased(Transform):
     def __init__(
         self,
         scale_factor: float = 1.0,
+        latent_shift: Sequence[float] | None = None,
         with_latent: bool = True,
         with_label: bool = False,
         file_key: str = "cache_file",
@@ -300,6 +319,7 @@ class LoadLatentCased(Transform):
         label_key: str = "label",
     ) -> None:
         self.scale_factor = float(scale_factor)
+        self.latent_shift = latent_shift_tensor(latent_shift)
         self.with_latent = with_latent
         self.with_label = with_label
         self.file_key = file_key
@@ -318,7 +338,10 @@ class LoadLatentCased(Transform):
         d.pop(self.latent_key, None)  # the source image path; the cached latent takes its place
         d.pop(self.label_key, None)
         if self.with_latent:
-            d[self.latent_key] = case["latent"] * self.scale_factor
+            latent = case["latent"]
+            if self.latent_shift is not None:
+                latent = latent - self.latent_shift.to(latent.dtype).view(-1, *([1] * (latent.ndim - 1)))
+            d[self.latent_key] = latent * self.scale_factor
         if self.with_label:
             d[self.label_key] = case["label"]
         return d

@@ -32,6 +32,7 @@ from monai.networks.utils import eval_mode
 
 from scripts.core.checkpoints import unwrap
 from scripts.data.labels import LabelContract
+from scripts.data.latent_cache import latent_shift_tensor
 
 __all__ = [
     "set_sampling_timesteps",
@@ -149,6 +150,8 @@ class LatentDiffusionSampler(torch.nn.Module):
         scheduler: sampling scheduler (DDIM for a DDPM-trained UNet, RFlow for rectified flow).
         decoder: frozen autoencoder wrapper with ``decode(latent)`` (``TiledAutoencoder``).
         scale_factor: latent scaling the UNet was trained with; latents are divided by it to decode.
+        latent_shift: per-channel latent centring the UNet was trained with (``None``: none); added
+            back after the division, before decoding.
         num_inference_steps: reverse steps per sample.
         latent_channels: channels of the latent.
         compression: image size / latent size per axis.
@@ -176,6 +179,7 @@ class LatentDiffusionSampler(torch.nn.Module):
         intensity_range: tuple[float, float] | None = (0.0, 1.0),
         conditioning_scale: float = 1.0,
         progress: bool = False,
+        latent_shift: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if controlnet is not None and contract is None:
@@ -185,6 +189,7 @@ class LatentDiffusionSampler(torch.nn.Module):
         self.scheduler = scheduler
         self.decoder = decoder
         self.scale_factor = float(scale_factor)
+        self.latent_shift = latent_shift_tensor(latent_shift)
         self.num_inference_steps = int(num_inference_steps)
         self.latent_channels = int(latent_channels)
         self.compression = int(compression)
@@ -248,7 +253,10 @@ class LatentDiffusionSampler(torch.nn.Module):
             if label is None or self.contract is None:
                 raise ValueError("a label-guided decoder needs the label map and the label contract to decode.")
             condition = self.contract.one_hot(label.to(latents.device)).float()
-        images = self.decoder.decode(latents / self.scale_factor, condition).to(latents.device)
+        latents = latents / self.scale_factor
+        if self.latent_shift is not None:
+            latents = latents + self.latent_shift.to(latents).view(1, -1, *([1] * (latents.ndim - 2)))
+        images = self.decoder.decode(latents, condition).to(latents.device)
         return images if self.intensity_range is None else images.clamp(*self.intensity_range)
 
     def forward(
