@@ -77,7 +77,7 @@ def test_ddpm_trains_validates_and_stores_scale_factor(ddpm_run, autoencoder):
     manifest = json.loads((output / "latent_cache" / "manifest.json").read_text())
     assert last["epoch"] == 2 and last["trainer"]["iteration"] == 2  # 2 training cases, batch 2
     assert last["scale_factor"] == pytest.approx(manifest["scale_factor"]) and last["scale_factor"] > 0
-    assert last["latent_shift"] == pytest.approx(manifest["latent_channel_mean"])  # center_latents is the default
+    assert last["latent_shift"] is None  # center_latents is off by default (the resume test turns it on)
     assert last["noise_schedule"] == "ddpm" and last["latent_space_sha256"] == latent_space_sha256(_load(autoencoder))
     changed = [k for k, v in last["diffusion_unet"].items() if not torch.equal(v, ddpm_run["initial"][k])]
     # MONAI zero-initialises each residual branch's last convolution, which holds back the gradients of
@@ -157,6 +157,24 @@ def test_rflow_schedule_trains_and_samples(tiny_phantoms, autoencoder, tmp_path,
     assert math.isfinite(metrics["val_sample_mean"]) and metrics["val_sample_std"] > 0.0
 
 
+def test_center_latents_trains_on_latents_centred_by_the_cache_channel_means(
+    ddpm_run, tiny_phantoms, autoencoder, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    output = tmp_path / "run"
+    shutil.copytree(ddpm_run["output"] / "latent_cache", output / "latent_cache")  # a new run on the same cache
+    settings = overrides(tiny_phantoms, output, max_epochs=1, num_val_samples=0, autoencoder_path=str(autoencoder))
+    run = workflow(CONFIG, center_latents=True, **settings)
+    run.initialize()
+    manifest = json.loads((output / "latent_cache" / "manifest.json").read_text())
+    shift = run.parser.get_parsed_content("latent_shift")
+    assert shift == pytest.approx(manifest["latent_channel_mean"]) and max(abs(v) for v in shift) > 1e-3
+    latents = torch.stack([torch.as_tensor(case["image"]) for case in run.parser.get_parsed_content("train#dataset")])
+    assert latents.transpose(0, 1).flatten(1).mean(dim=1).abs().max() < 1e-5  # every channel averages 0
+    run.run()
+    assert _load(output / "diffusion_unet" / "diffusion_unet_last.pt")["latent_shift"] == shift
+
+
 def test_resume_restores_latent_scaling_and_refuses_another_schedule(
     ddpm_run, tiny_phantoms, autoencoder, tmp_path, monkeypatch
 ):
@@ -167,7 +185,7 @@ def test_resume_restores_latent_scaling_and_refuses_another_schedule(
     last = _load(last_path)
     # a checkpoint trained with another scale and centring than the cache's: resuming must keep the checkpoint's
     last["scale_factor"] = stored = 0.5 * last["scale_factor"]
-    last["latent_shift"] = stored_shift = [0.25 * (c + 1) for c in range(len(last["latent_shift"]))]
+    last["latent_shift"] = stored_shift = [0.25 * (c + 1) for c in range(4)]
     torch.save(last, last_path)
 
     run = workflow(
