@@ -17,7 +17,7 @@ Two figures:
 
 The command needs ``models/diffusion_unet.pt`` and ``models/controlnet.pt``: without them the suite
 reports why it was skipped. The default sampler is the model's own (``scripts.generation.inference.check_sampler``:
-rectified flow at 30 steps for an rflow model, DDIM at 50 steps for a DDPM model).
+rectified flow at 30 steps for an rflow model, DDIM at 35 steps for a DDPM model).
 
     python benchmarks/bench_inference.py [--threads N]
 """

@@ -229,6 +229,7 @@ def report(tmp_path_factory, tiny_phantoms, weights) -> Path:
         tiny_phantoms,
         {k: str(v) for k, v in sets.items()},
         autoencoder_path=str(weights["autoencoder"]),
+        label_guided_decoder=False,
         segmentation_checkpoint=str(weights["segmentation"]),
     )
     return root / "out"
@@ -282,7 +283,12 @@ def test_report_has_one_row_per_set_and_every_metric(report):
 def test_reconstruction_row_is_the_real_set_through_the_autoencoder(report, tiny_phantoms, weights, tmp_path):
     """--reconstruction_row true adds the decoder's ceiling: each real volume encoded and decoded."""
     copy = {"copy": str(report.parent / "copy")}
-    settings = dict(autoencoder_path=str(weights["autoencoder"]), fid_2_5d_network=None, fid_3d_network=None)
+    settings = dict(
+        autoencoder_path=str(weights["autoencoder"]),
+        label_guided_decoder=False,
+        fid_2_5d_network=None,
+        fid_3d_network=None,
+    )
     workflow = evaluate(tmp_path / "out", tiny_phantoms, copy, reconstruction_row=True, **settings)
     rows = {row["set"]: row for row in json.loads((tmp_path / "out" / "metrics.json").read_text())["table"]}
     assert list(rows) == ["real", "copy", "reconstruction"]
@@ -317,6 +323,7 @@ def test_existing_report_is_kept_unless_overwrite(report, tiny_phantoms, weights
             tiny_phantoms,
             {"copy": str(report.parent / "copy")},
             autoencoder_path=str(weights["autoencoder"]),
+            label_guided_decoder=False,
             fid_2_5d_network=None,
         )
     assert "not empty" in str(find_input_error(caught.value))
@@ -460,3 +467,18 @@ def test_label_guided_reconstruction_row_decodes_each_volume_with_its_own_mask(
     torch.testing.assert_close(
         torch.as_tensor(row_set.transform(dict(row_set.items[0]))["image"]), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_reconstruction_row_decodes_with_the_main_jobs_decoder_by_default():
+    """By default the row shows the ceiling of the decoder inference uses, not of another one."""
+    os.chdir(BUNDLE_ROOT)
+    chosen = {}
+    for config in ("configs/evaluate.yaml", "configs/inference.yaml"):
+        parser = ConfigParser()
+        parser.read_config(layered_config_files(config))
+        chosen[config] = (
+            parser.get_parsed_content("autoencoder_path"),
+            parser.get_parsed_content("label_guided_decoder"),
+        )
+    assert chosen["configs/evaluate.yaml"] == chosen["configs/inference.yaml"]
+    assert chosen["configs/evaluate.yaml"][1] is True and os.path.isfile(chosen["configs/evaluate.yaml"][0])

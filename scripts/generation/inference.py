@@ -66,7 +66,9 @@ logger = logging.getLogger(__name__)
 #: Sampler name -> the noise schedule the model must have been trained with.
 SAMPLER_SCHEDULES = {"ddpm": "ddpm", "ddim": "ddpm", "rflow": "rflow"}
 #: Reverse steps per sampler when --num_inference_steps is not given.
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "rflow": 30}
+# ddim 35: on 32 fresh masks the 0.12.0 weights gave FID 3D 0.088 at 35 steps against 0.111 at 50
+# and 0.129 at 100, with the same contrast (model card, 0.13.0); and 30 % less sampling time
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 35, "rflow": 30}
 
 
 def check_sampler(sampler: str | None, noise_schedule: str, weights_path: str) -> str:
