@@ -298,12 +298,12 @@ class LoadLatentCased(Transform):
     """Dictionary transform: read a cached case (``cache_file``) into ``image`` (scaled latent) and ``label``.
 
     MONAI's ``LoadImaged`` reads images, not ``torch.save`` files. The latent is normalised here,
-    once per case: ``(latent - latent_shift) * scale_factor``, so every network sees centred
-    unit-variance latents (the sampler undoes both before decoding).
+    once per case: ``(latent - latent_shift) * scale_factor``, so every network sees unit-variance
+    latents, centred when a shift is given (the sampler undoes both before decoding).
 
     Args:
         scale_factor: multiplies the latent mean.
-        latent_shift: per-channel value subtracted first (``None``: no shift, as before 0.13.0).
+        latent_shift: per-channel value subtracted first (``None``: uncentred, the default).
         with_latent: load the latent into ``latent_key``.
         with_label: load the image-resolution label map (uint8) into ``label_key``.
     """
