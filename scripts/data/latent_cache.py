@@ -290,8 +290,11 @@ def latent_channel_std(dataset: Sequence[Mapping[str, Any]], key: str = "image")
 
 
 def latent_shift_tensor(latent_shift: Sequence[float] | None) -> torch.Tensor | None:
-    """``latent_shift`` (one value per latent channel, or ``None``) as a float tensor."""
-    return None if latent_shift is None else torch.as_tensor([float(v) for v in latent_shift], dtype=torch.float32)
+    """``latent_shift`` (one value per latent channel, or ``None``) as a float tensor of shape
+    ``(C, 1, 1, 1)``, which broadcasts over a 3D latent ``(C, X, Y, Z)`` and a batch ``(B, C, X, Y, Z)``."""
+    if latent_shift is None:
+        return None
+    return torch.as_tensor([float(v) for v in latent_shift], dtype=torch.float32).view(-1, 1, 1, 1)
 
 
 class LoadLatentCased(Transform):
@@ -340,7 +343,7 @@ class LoadLatentCased(Transform):
         if self.with_latent:
             latent = case["latent"]
             if self.latent_shift is not None:
-                latent = latent - self.latent_shift.to(latent.dtype).view(-1, *([1] * (latent.ndim - 1)))
+                latent = latent - self.latent_shift.to(latent.dtype)
             d[self.latent_key] = latent * self.scale_factor
         if self.with_label:
             d[self.label_key] = case["label"]

@@ -87,7 +87,7 @@ def check_sampler(sampler: str | None, noise_schedule: str, weights_path: str) -
     return sampler
 
 
-def num_steps(num_inference_steps: int | None, sampler: str, num_train_timesteps: int = DEFAULT_STEPS["ddpm"]) -> int:
+def num_steps(num_inference_steps: int | None, sampler: str, num_train_timesteps: int) -> int:
     """Reverse steps: the given number, else the sampler's default.
 
     The ``ddpm`` sampler must take every training timestep: MONAI's ``DDPMScheduler.step`` always

@@ -255,7 +255,7 @@ class LatentDiffusionSampler(torch.nn.Module):
             condition = self.contract.one_hot(label.to(latents.device)).float()
         latents = latents / self.scale_factor
         if self.latent_shift is not None:
-            latents = latents + self.latent_shift.to(latents).view(1, -1, *([1] * (latents.ndim - 2)))
+            latents = latents + self.latent_shift.to(latents)
         images = self.decoder.decode(latents, condition).to(latents.device)
         return images if self.intensity_range is None else images.clamp(*self.intensity_range)
 
