@@ -67,6 +67,7 @@ def weights(tmp_path_factory) -> dict[str, str]:
         "autoencoder_path": str(autoencoder),
         "diffusion_unet_path": str(unet),
         "controlnet_path": str(controlnet),
+        "autoguidance_unet_path": str(write_unet(root / "guide.pt", autoencoder, seed=1)),
         "label_guided_decoder": False,  # a plain autoencoder
     }
 

@@ -414,6 +414,7 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
         num_samples=2,
         autoencoder_path=str(autoencoder),
         diffusion_unet_path=str(unet),
+        autoguidance_unet_path=str(write_unet(tmp_path / "guide.pt", autoencoder, seed=1)),
         **TINY,
     )
     workflow.initialize()

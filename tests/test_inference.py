@@ -18,14 +18,16 @@ from conftest import BUNDLE_ROOT, run_bundle, toy_label, write_nifti
 from monai.bundle import ConfigWorkflow
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
-from scripts.core.checkpoints import weights_sha256
+from scripts.core.checkpoints import load_network_weights, weights_sha256
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import OWNER_MARKER
 from scripts.core.settings import layered_config_files
 from scripts.data.labels import LABELS
+from scripts.generation.autoguidance import AutoGuidedUNet
 from scripts.generation.inference import output_seed
 from scripts.generation.sampler import conditioning_embedded_once
 from scripts.models.autoencoder import load_initial_autoencoder
+from scripts.models.diffusion import load_diffusion_unet
 
 CONFIG = layered_config_files("configs/inference.yaml")
 
@@ -57,10 +59,12 @@ def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
     for schedule in ("ddpm", "rflow"):
         unet = write_unet(root / f"unet_{schedule}.pt", autoencoder, noise_schedule=schedule)
         controlnet = _write_controlnet(root / f"controlnet_{schedule}.pt", unet)
+        guide = write_unet(root / f"guide_{schedule}.pt", autoencoder, seed=1, noise_schedule=schedule)
         found[schedule] = {
             "autoencoder_path": str(autoencoder),
             "diffusion_unet_path": str(unet),
             "controlnet_path": str(controlnet),
+            "autoguidance_unet_path": str(guide),  # every run guides (configs/inference.yaml: weight 2)
             "label_guided_decoder": False,  # a plain autoencoder (configs/inference.yaml ships a label-guided one)
         }
     return found
@@ -500,6 +504,9 @@ def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(predic
     os.chdir(BUNDLE_ROOT)
     unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), prediction_type=prediction_type)
     controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
+    guide = write_unet(
+        tmp_path / "guide.pt", Path(weights["ddpm"]["autoencoder_path"]), 1, prediction_type=prediction_type
+    )
     for sampler in ("ddim", "ddpm"):
         workflow = ConfigWorkflow(
             config_file=CONFIG,
@@ -509,7 +516,12 @@ def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(predic
             output_dir=str(tmp_path / "out"),
             device="$torch.device('cpu')",
             **TINY,
-            **{**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)},
+            **{
+                **weights["ddpm"],
+                "diffusion_unet_path": str(unet),
+                "controlnet_path": str(controlnet),
+                "autoguidance_unet_path": str(guide),
+            },
         )
         workflow.initialize()
         assert workflow.parser.get_parsed_content("scheduler").prediction_type == prediction_type
@@ -526,6 +538,7 @@ def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(predic
         ("label_map", [1, 2], "config 'label_map': expected a dict or null, got [1, 2]"),
         ("mask_editing", "hcc", "config 'mask_editing': expected a dict or null, got 'hcc'"),
         ("sampler", "euler", "config 'sampler': expected one of ddpm, ddim, rflow or null, got 'euler'"),
+        ("autoguidance_weight", 0.5, "config 'autoguidance_weight'"),
         ("device", "cuda:7" if not torch.cuda.is_available() else "nonsense", "config 'device'"),
     ],
 )
@@ -613,3 +626,83 @@ def test_samplers_undo_the_latent_centring_the_unet_was_trained_with(config, wei
     workflow.parser["diffusion_unet_path"] = weights["ddpm"]["diffusion_unet_path"]
     legacy = workflow.parser.get_parsed_content(name, lazy=False)
     assert legacy.latent_shift is None
+
+
+def _images(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asanyarray(nib.load(p).dataobj) for p in sorted(folder.glob("*_image.nii.gz"))}
+
+
+def test_autoguidance_extrapolates_from_the_guide_to_the_unet(weights, tmp_path):
+    """guide + weight x (unet - guide), the ControlNet's residuals given to both networks."""
+    parser = common_parser()
+    unet, guide = (parser.get_parsed_content("diffusion_unet_def", lazy=False) for _ in range(2))
+    load_diffusion_unet(unet, weights["ddpm"]["diffusion_unet_path"], "ddpm", None)
+    load_diffusion_unet(guide, weights["ddpm"]["autoguidance_unet_path"], "ddpm", None)
+    controlnet = parser.get_parsed_content("controlnet_def", lazy=False)
+    load_network_weights(controlnet, weights["ddpm"]["controlnet_path"], "controlnet", "ControlNet weights")
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([500])
+    condition = torch.rand(1, len(LABELS), 32, 32, 32)
+    with torch.no_grad():
+        down, mid = controlnet(x=x, timesteps=t, controlnet_cond=condition)
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        expected = guide(x, t, **residuals) + 2.0 * (unet(x, t, **residuals) - guide(x, t, **residuals))
+        torch.testing.assert_close(AutoGuidedUNet(unet, guide, 2.0)(x, t, **residuals), expected)
+        assert torch.equal(AutoGuidedUNet(unet, guide, 1.0)(x, t, **residuals), unet(x, t, **residuals))
+        # the residuals reach the guide too: without them its share of the result changes
+        assert not torch.allclose(AutoGuidedUNet(unet, guide, 2.0)(x, t), expected)
+
+
+def test_autoguidance_changes_the_images_and_a_guide_equal_to_the_unet_changes_nothing(weights, mask_dir, tmp_path):
+    os.chdir(BUNDLE_ROOT)
+    chosen = weights["ddpm"]
+    unguided = _images(infer(tmp_path / "off", chosen, mask_dir=str(mask_dir), autoguidance_weight=1.0))
+    guided = _images(infer(tmp_path / "on", chosen, mask_dir=str(mask_dir), autoguidance_weight=2.0))
+    itself = {**chosen, "autoguidance_unet_path": chosen["diffusion_unet_path"]}
+    self_guided = _images(infer(tmp_path / "self", itself, mask_dir=str(mask_dir), autoguidance_weight=3.0))
+    assert unguided.keys() == guided.keys() == self_guided.keys() and unguided
+    for name, image in unguided.items():
+        assert not np.allclose(image, guided[name], atol=1e-3)
+        np.testing.assert_allclose(self_guided[name], image, atol=1e-5)
+    # weight 1 never loads the guide, so a missing guide file does not matter
+    missing = {**chosen, "autoguidance_unet_path": str(tmp_path / "nowhere.pt")}
+    again = _images(infer(tmp_path / "again", missing, mask_dir=str(mask_dir), autoguidance_weight=1.0))
+    assert all(np.array_equal(again[name], image) for name, image in unguided.items())
+
+
+@pytest.mark.parametrize("kind", ["missing", "other schedule", "other target", "other scale", "other encoder"])
+def test_a_guide_that_cannot_guide_the_unet_is_one_error_naming_it(kind, weights, mask_dir, tmp_path):
+    autoencoder = Path(weights["ddpm"]["autoencoder_path"])
+    guide = tmp_path / "guide.pt"
+    if kind == "missing":
+        pass
+    elif kind == "other schedule":
+        write_unet(guide, autoencoder, seed=1, noise_schedule="rflow")
+    elif kind == "other target":
+        write_unet(guide, autoencoder, seed=1, prediction_type="epsilon")
+    elif kind == "other scale":
+        write_unet(guide, autoencoder, seed=1, scale_factor=2.5)
+    else:
+        write_unet(guide, write_autoencoder(tmp_path / "other_autoencoder.pt", seed=5), seed=1)
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", {**weights["ddpm"], "autoguidance_unet_path": str(guide)}, mask_dir=str(mask_dir))
+    error = find_input_error(caught.value)
+    assert isinstance(error, BundleInputError) and str(guide) in str(error) and "\n" not in str(error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unconditional_sampling_guides_with_the_same_guide(weights, tmp_path):
+    os.chdir(BUNDLE_ROOT)
+    workflow = ConfigWorkflow(
+        config_file=layered_config_files("configs/generate_unconditional.yaml"),
+        workflow_type="infer",
+        output_dir=str(tmp_path / "out"),
+        **{"device": "$torch.device('cpu')", **TINY, **weights["ddpm"]},
+    )
+    sampler = workflow.parser.get_parsed_content("unconditional_sampler")
+    workflow.parser.get_parsed_content("autoguidance_checkpoint")
+    reference = torch.load(weights["ddpm"]["autoguidance_unet_path"], weights_only=True)["diffusion_unet"]
+    loaded = sampler.guide_unet.state_dict()
+    assert sampler.autoguidance_weight == 2.0 and all(torch.equal(loaded[k], v) for k, v in reference.items())
+    workflow.parser["autoguidance_weight"] = 1.0
+    assert workflow.parser.get_parsed_content("unconditional_sampler", lazy=False).guide_unet is None

@@ -1,7 +1,8 @@
 # Copyright (c) 3D-LLDM bundle contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Generation from trained weights: guided sampler, mask-to-image inference, unconditional sampling, previews."""
+"""Generation from trained weights: guided sampler, autoguidance, mask-to-image inference, unconditional sampling,
+previews."""
 
-from . import inference, preview, quality_gate, sample_preview, sampler, unconditional
+from . import autoguidance, inference, preview, quality_gate, sample_preview, sampler, unconditional
 
-__all__ = ["inference", "preview", "quality_gate", "sample_preview", "sampler", "unconditional"]
+__all__ = ["autoguidance", "inference", "preview", "quality_gate", "sample_preview", "sampler", "unconditional"]

@@ -12,7 +12,9 @@ this module does once for every schedule:
 * starting noise from a per-case seed, drawn on the CPU so a seed gives the same noise on every
   device (DDPM's stochastic steps draw from the global generator: seed it for repeatable DDPM);
 * the one-hot conditioning at image resolution, computed once per call, not once per step;
-* decoding the latents with the frozen autoencoder, after undoing ``scale_factor``.
+* decoding the latents with the frozen autoencoder, after undoing ``scale_factor``;
+* optionally, autoguidance by a weaker UNet (:mod:`scripts.generation.autoguidance`), wrapped so
+  the inferers still see one network.
 
 The training configs use it to validate; inference can use it as is.
 """
@@ -33,6 +35,7 @@ from monai.networks.utils import eval_mode
 from scripts.core.checkpoints import unwrap
 from scripts.data.labels import LabelContract
 from scripts.data.latent_cache import latent_shift_tensor
+from scripts.generation.autoguidance import AutoGuidedUNet, guidance_enabled
 
 __all__ = [
     "set_sampling_timesteps",
@@ -162,6 +165,9 @@ class LatentDiffusionSampler(torch.nn.Module):
         conditioning_scale: multiplies the ControlNet's residuals (1: as trained; below 1 the mask
             guides less, above 1 more).
         progress: show a progress bar over the reverse steps of each call.
+        guide_unet: optional weaker UNet for autoguidance (:mod:`scripts.generation.autoguidance`),
+            used when ``autoguidance_weight`` is not 1.
+        autoguidance_weight: each step's prediction is ``guide + weight * (unet - guide)``.
     """
 
     def __init__(
@@ -180,10 +186,14 @@ class LatentDiffusionSampler(torch.nn.Module):
         conditioning_scale: float = 1.0,
         progress: bool = False,
         latent_shift: Sequence[float] | None = None,
+        guide_unet: torch.nn.Module | None = None,
+        autoguidance_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if controlnet is not None and contract is None:
             raise ValueError("a ControlNet sampler needs the label contract for its one-hot conditioning.")
+        if guidance_enabled(autoguidance_weight) and guide_unet is None:
+            raise ValueError(f"autoguidance_weight {autoguidance_weight} needs a guide UNet.")
         self.unet = unwrap(unet)
         self.controlnet = None if controlnet is None else unwrap(controlnet)
         self.scheduler = scheduler
@@ -198,6 +208,8 @@ class LatentDiffusionSampler(torch.nn.Module):
         self.intensity_range = intensity_range
         self.conditioning_scale = float(conditioning_scale)
         self.progress = bool(progress)
+        self.autoguidance_weight = float(autoguidance_weight)
+        self.guide_unet = unwrap(guide_unet) if guidance_enabled(autoguidance_weight) else None
 
     def train(self, mode: bool = True) -> LatentDiffusionSampler:
         self.training = mode  # not recursive, see the class docstring
@@ -230,16 +242,19 @@ class LatentDiffusionSampler(torch.nn.Module):
             raise ValueError("an unconditional sampler needs latent_size.")
         noise = self.noise(seeds, latent_size, device)
         set_sampling_timesteps(self.scheduler, self.num_inference_steps, latent_size)
-        networks = [n for n in (self.unet, self.controlnet) if n is not None]
+        networks = [n for n in (self.unet, self.guide_unet, self.controlnet) if n is not None]
+        unet = self.unet
+        if self.guide_unet is not None:
+            unet = AutoGuidedUNet(self.unet, self.guide_unet, self.autoguidance_weight)
         with eval_mode(*networks), torch.no_grad(), onednn_conv3d(*networks):
             if self.controlnet is None:
-                return DiffusionInferer(self.scheduler).sample(noise, self.unet, self.scheduler, verbose=self.progress)
+                return DiffusionInferer(self.scheduler).sample(noise, unet, self.scheduler, verbose=self.progress)
             controlnet = self.controlnet
             if self.conditioning_scale != 1.0:
                 controlnet = _ScaledControlNet(controlnet, self.conditioning_scale)
             with conditioning_embedded_once(self.controlnet, condition):
                 return ControlNetDiffusionInferer(self.scheduler).sample(
-                    noise, self.unet, controlnet, condition, self.scheduler, verbose=self.progress
+                    noise, unet, controlnet, condition, self.scheduler, verbose=self.progress
                 )
 
     def decode(self, latents: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
