@@ -670,7 +670,9 @@ def test_autoguidance_changes_the_images_and_a_guide_equal_to_the_unet_changes_n
     assert all(np.array_equal(again[name], image) for name, image in unguided.items())
 
 
-@pytest.mark.parametrize("kind", ["missing", "other schedule", "other target", "other scale", "other encoder"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "other schedule", "other target", "other scale", "other shift", "other encoder"]
+)
 def test_a_guide_that_cannot_guide_the_unet_is_one_error_naming_it(kind, weights, mask_dir, tmp_path):
     autoencoder = Path(weights["ddpm"]["autoencoder_path"])
     guide = tmp_path / "guide.pt"
@@ -682,6 +684,8 @@ def test_a_guide_that_cannot_guide_the_unet_is_one_error_naming_it(kind, weights
         write_unet(guide, autoencoder, seed=1, prediction_type="epsilon")
     elif kind == "other scale":
         write_unet(guide, autoencoder, seed=1, scale_factor=2.5)
+    elif kind == "other shift":  # trained on centred latents, the UNet on uncentred ones
+        write_unet(guide, autoencoder, seed=1, latent_shift=[0.5, 0.0, 0.0, 0.0])
     else:
         write_unet(guide, write_autoencoder(tmp_path / "other_autoencoder.pt", seed=5), seed=1)
     with pytest.raises(Exception) as caught:
