@@ -22,8 +22,8 @@ step does not depend on which step it is. With trained weights (``models/diffusi
 
 The ``speedups`` block measures, before/after, the choices that matter for speed: the
 conditioning embedding computed once per volume rather than per step, ``torch.inference_mode``,
-1 vs 2 CPU threads, several masks per batch, and (``--cuda-experimental``, CUDA only, untested
-here) channels-last-3d memory and ``torch.compile``.
+1 vs 2 CPU threads, several masks per batch, the cost of autoguidance's second UNet, and
+(``--cuda-experimental``, CUDA only, untested here) channels-last-3d memory and ``torch.compile``.
 
     python benchmarks/bench_sampling.py [--quick] [--no-hires] [--threads N]
 """
@@ -69,6 +69,7 @@ from benchmarks.common import (
     trained_weights,
 )
 from benchmarks.quality import quality_report
+from scripts.generation.autoguidance import load_guide_unet
 from scripts.generation.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
 from scripts.generation.sampler import LatentDiffusionSampler, set_sampling_timesteps
 from scripts.models.autoencoder import load_autoencoder_weights
@@ -198,6 +199,7 @@ class Pipeline:
     parser: Any
     unet: torch.nn.Module
     controlnet: torch.nn.Module
+    guide_unet: torch.nn.Module  # autoguidance UNet: timed in the speed-ups block only
     decoder: Any  # scripts.networks.tiled_autoencoder.TiledAutoencoder, or None: decoding not timed here
     contract: Any
     labels: dict[str, int]
@@ -207,8 +209,10 @@ class Pipeline:
     weights: str
     trained_schedule: str | None  # noise schedule of trained weights; None for random ones
 
-    def sampler(self, setting: SamplerSetting, unet: torch.nn.Module | None = None) -> LatentDiffusionSampler:
-        """A fresh guided sampler (its own scheduler) for ``setting``."""
+    def sampler(
+        self, setting: SamplerSetting, unet: torch.nn.Module | None = None, autoguidance_weight: float = 1.0
+    ) -> LatentDiffusionSampler:
+        """A fresh guided sampler (its own scheduler) for ``setting``; autoguidance off unless a weight is given."""
         scheduler = self.parser.get_parsed_content(f"{setting.sampler}_scheduler_def", lazy=False)
         return LatentDiffusionSampler(
             unet=self.unet if unet is None else unet,
@@ -220,6 +224,8 @@ class Pipeline:
             compression=int(self.parser.get_parsed_content("autoencoder_compression")),
             controlnet=self.controlnet,
             contract=self.contract,
+            guide_unet=self.guide_unet,
+            autoguidance_weight=autoguidance_weight,
         )
 
     def masks(self, count: int) -> list[tuple[str, torch.Tensor, int]]:
@@ -260,6 +266,7 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
     parser = parse_configs(config_files("configs/inference.yaml", grid), overrides)
     unet = freeze(seeded_network(parser, "diffusion_unet_def", seed=0).to(device))
     controlnet = freeze(seeded_network(parser, "controlnet_def", seed=1).to(device))
+    guide_unet = freeze(seeded_network(parser, "diffusion_unet_def", seed=3).to(device))
     decoder = None
     if grid == "demo" or device.type == "cuda":
         torch.manual_seed(2)
@@ -272,6 +279,8 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         )
         unet_checkpoint = load_diffusion_unet(unet, str(trained["diffusion_unet"]), None, autoencoder)
         load_controlnet(controlnet, str(trained["controlnet"]), unet_checkpoint, str(trained["diffusion_unet"]), labels)
+        if "diffusion_unet_guide" in trained:
+            load_guide_unet(guide_unet, str(trained["diffusion_unet_guide"]), unet_checkpoint, autoencoder)
         scale_factor, schedule = float(unet_checkpoint["scale_factor"]), str(unet_checkpoint["noise_schedule"])
         weights = f"trained demo weights from {options.weights_dir} (noise_schedule {schedule})"
     elif grid == "demo" and decoder is not None and (MODELS / "autoencoder.pt").is_file():
@@ -284,6 +293,7 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         parser=parser,
         unet=unet,
         controlnet=controlnet,
+        guide_unet=guide_unet,
         decoder=decoder,
         contract=parser.get_parsed_content("label_contract"),
         labels=labels,
@@ -464,7 +474,7 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
     sampler = pipe.sampler(setting)
     _, label, seed = masks[0]
     out: dict[str, Any] = {"measured_steps": steps, "repeats": repeats, "setting": setting.name}
-    bar = tqdm(total=6, desc="speed-ups", unit="study", disable=not options.progress)
+    bar = tqdm(total=7, desc="speed-ups", unit="study", disable=not options.progress)
 
     def guided(context: Callable[[], Any] = contextlib.nullcontext, decode: bool = False) -> Callable[[], dict]:
         return lambda: time_volume(sampler, label, [seed], max_steps=steps, decode=decode, context=context)
@@ -481,6 +491,15 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
         guided(torch.inference_mode),
         repeats,
         "torch.inference_mode around sampling (the sampler itself uses torch.no_grad)",
+    )
+    bar.update()
+    autoguided = pipe.sampler(setting, autoguidance_weight=4.0)
+    out["autoguidance"] = _before_after(
+        guided(),
+        lambda: time_volume(autoguided, label, [seed], max_steps=steps, decode=False),
+        repeats,
+        "autoguidance: the guide UNet evaluated beside the UNet at every step (scripts/generation/autoguidance.py, "
+        "on by default): a cost, not a speed-up",
     )
     bar.update()
     if options.device.type == "cpu":
@@ -711,7 +730,7 @@ def markdown(result: dict[str, Any]) -> str:
         if "speedups" in r:
             sp = r["speedups"]
             rows = []
-            for key in ("conditioning_embedded_once", "inference_mode", "onednn_conv3d"):
+            for key in ("conditioning_embedded_once", "inference_mode", "onednn_conv3d", "autoguidance"):
                 v = sp[key]
                 if "skipped" in v:
                     continue

@@ -293,13 +293,16 @@ def trained_weights(folder: Path = MODELS) -> dict[str, Path] | None:
 
     ``folder`` is models/ (the shipped demo weights) unless ``--weights-dir`` names another. A
     ``label_guided_autoencoder.pt`` beside them (what the main job decodes with) is added under
-    ``label_guided_autoencoder``.
+    ``label_guided_autoencoder``, and a ``diffusion_unet_guide.pt`` (the main job's autoguidance
+    UNet) under ``diffusion_unet_guide``.
     """
     paths = {name: Path(folder) / f"{name}.pt" for name in ("autoencoder", "diffusion_unet", "controlnet")}
     if not all(p.is_file() for p in paths.values()):
         return None
-    guided = Path(folder) / "label_guided_autoencoder.pt"
-    return {**paths, "label_guided_autoencoder": guided} if guided.is_file() else paths
+    for optional in ("label_guided_autoencoder", "diffusion_unet_guide"):
+        if (Path(folder) / f"{optional}.pt").is_file():
+            paths[optional] = Path(folder) / f"{optional}.pt"
+    return paths
 
 
 # ---------------------------------------------------------------------- result files

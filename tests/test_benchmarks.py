@@ -75,7 +75,10 @@ def test_quick_run_writes_json_and_summary(tmp_path: Path, tiny_phantoms: Path) 
     assert demo["settings"]["ddpm_1000"]["extrapolated"] is True  # quick mode times the first DDPM steps only
     assert demo["settings"]["rflow_30"]["extrapolated"] is False
     assert "rflow_30_vs_ddpm_1000_per_volume" in demo["ratios"]
-    assert {"conditioning_embedded_once", "inference_mode", "cpu_threads", "batch_sampling"} <= set(demo["speedups"])
+    assert {"conditioning_embedded_once", "inference_mode", "cpu_threads", "batch_sampling", "autoguidance"} <= set(
+        demo["speedups"]
+    )
+    assert demo["speedups"]["autoguidance"]["seconds_per_step_after"] > 0
 
     case = payloads["decode"]["grids"]["demo"]["cases"][0]
     assert case["latent_size"] == [4, 8, 8, 8]
