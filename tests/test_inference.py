@@ -64,7 +64,7 @@ def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
             "autoencoder_path": str(autoencoder),
             "diffusion_unet_path": str(unet),
             "controlnet_path": str(controlnet),
-            "autoguidance_unet_path": str(guide),  # every run guides (configs/inference.yaml: weight 3)
+            "autoguidance_unet_path": str(guide),  # every run guides (configs/inference.yaml: weight 2)
             "label_guided_decoder": False,  # a plain autoencoder (configs/inference.yaml ships a label-guided one)
         }
     return found
