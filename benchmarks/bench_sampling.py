@@ -493,7 +493,7 @@ def speedups(pipe: Pipeline, options: BenchOptions, masks: Sequence[tuple[str, t
         "torch.inference_mode around sampling (the sampler itself uses torch.no_grad)",
     )
     bar.update()
-    autoguided = pipe.sampler(setting, autoguidance_weight=4.0)
+    autoguided = pipe.sampler(setting, autoguidance_weight=float(pipe.parser.get_parsed_content("autoguidance_weight")))
     out["autoguidance"] = _before_after(
         guided(),
         lambda: time_volume(autoguided, label, [seed], max_steps=steps, decode=False),

@@ -37,7 +37,7 @@ class AutoGuidedUNet(torch.nn.Module):
 
     Both networks get the same inputs, ControlNet residuals included: the guide was trained as
     the UNet's own earlier self, so the ControlNet's residuals fit it too (and guiding without
-    them measured worse, docs/README.md, Autoguidance).
+    them measured worse: docs/README.md, Evaluation, "0.14.0: autoguidance and new weights").
 
     Args:
         unet: the UNet whose samples are wanted.

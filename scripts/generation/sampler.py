@@ -105,7 +105,8 @@ def onednn_conv3d(*networks: torch.nn.Module) -> Iterator[None]:
     measured ~7x slower on a 32-channel 16^3 latent: every layer of the demo UNet and ControlNet
     falls below the threshold, and sampling a volume took twice as long (benchmarks/). Only these
     networks' layers are switched (an instance attribute over ``Conv3d._conv_forward``), and only
-    for the duration of the block; the results agree with the default kernel to ~1e-6.
+    for the duration of the block; the results agree with the default kernel to ~1e-6. A layer
+    reached twice (the same network passed twice, or shared by two) is switched once.
     """
     patched = []
     if torch.backends.mkldnn.is_available():
@@ -115,6 +116,7 @@ def onednn_conv3d(*networks: torch.nn.Module) -> Iterator[None]:
                     type(module) is torch.nn.Conv3d
                     and module.padding_mode == "zeros"
                     and not isinstance(module.padding, str)
+                    and "_conv_forward" not in vars(module)
                 ):
                     module._conv_forward = functools.partial(_onednn_conv_forward, module)
                     patched.append(module)
