@@ -59,6 +59,16 @@ def write_dataset(root: Path, n: int = 3, affine: np.ndarray | None = None) -> P
     return datalist
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run where CUDA is present and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_acceptance.py measures the rest)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def common_config() -> ConfigParser:
     parser = ConfigParser()

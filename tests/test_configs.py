@@ -18,8 +18,8 @@ CONFIGS = sorted(p for p in (BUNDLE_ROOT / "configs").glob("*") if p.suffix in (
 
 def _layers(path: Path) -> list[str]:
     """The files a config is meant to be used with: common.yaml under it, an overlay on its base config."""
-    if path.name.startswith("multi_gpu_"):
-        return layered_config_files(str(path.with_name(path.name[len("multi_gpu_") :])), str(path))
+    if path.name == "multi_gpu.yaml":
+        return layered_config_files(str(path.with_name("train_controlnet.yaml")), str(path))
     if path.name == "hires.yaml":
         return layered_config_files(str(path.with_name("inference.yaml")), str(path))
     return layered_config_files(str(path))

@@ -411,7 +411,7 @@ def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, tmp_path):
         "run",
         *_cli(tiny_phantoms, tmp_path, 1),
     ]
-    cmd[cmd.index(str(CONFIG))] = str([*CONFIG, "configs/multi_gpu_train_autoencoder.yaml"])
+    cmd[cmd.index(str(CONFIG))] = str([*CONFIG, "configs/multi_gpu.yaml"])
     result = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     last = _load(tmp_path / "autoencoder" / "autoencoder_last.pt")

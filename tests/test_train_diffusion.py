@@ -310,7 +310,7 @@ def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
 
 
 def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, autoencoder, tmp_path):
-    configs = [CONFIG, "configs/multi_gpu_train_diffusion.yaml"]
+    configs = [CONFIG, "configs/multi_gpu.yaml"]
     args = cli(configs, tiny_phantoms, tmp_path, max_epochs=1, num_val_samples=1, autoencoder_path=autoencoder)
     cmd = [
         sys.executable,
