@@ -263,6 +263,11 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         "label_guided_decoder": label_guided,
         **grid_overrides(options, grid),
     }
+    if trained is None:
+        # seeded random networks have no checkpoint for inference.yaml to read the schedule from: sample with
+        # the schedule and prediction type that configs/common.yaml trains with
+        common = parse_configs(config_files("configs/common.yaml", grid), overrides)
+        overrides.update({key: str(common.get_parsed_content(key)) for key in ("noise_schedule", "prediction_type")})
     parser = parse_configs(config_files("configs/inference.yaml", grid), overrides)
     unet = freeze(seeded_network(parser, "diffusion_unet_def", seed=0).to(device))
     controlnet = freeze(seeded_network(parser, "controlnet_def", seed=1).to(device))

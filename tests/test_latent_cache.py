@@ -107,3 +107,20 @@ def test_cache_is_rebuilt_when_weights_or_settings_change(tiny_phantoms, tmp_pat
     manifest_files = {c["file"] for s in rescaled.manifest["sections"].values() for c in s}
     assert {str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*.pt")} == manifest_files
     assert np.isfinite(rescaled.scale_factor)
+
+
+def test_cache_pointed_at_a_dataset_never_replaces_it(tiny_phantoms, tmp_path):
+    """A cache folder that is a dataset the bundle wrote (or holds the cases) is refused, not rebuilt over it."""
+    import shutil
+
+    from scripts.core.errors import BundleInputError
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_phantoms, dataset)
+    before = _mtimes(dataset)
+    autoencoder = write_autoencoder(tmp_path / "ae.pt", seed=0)
+    with pytest.raises(BundleInputError, match="holds an input of this command"):
+        _cache(dataset, dataset, autoencoder)
+    with pytest.raises(BundleInputError, match="not a latent cache"):
+        _cache(tiny_phantoms, dataset, autoencoder)  # the cases elsewhere: the kind still protects it
+    assert _mtimes(dataset) == before

@@ -128,3 +128,45 @@ def test_sigterm_removes_the_staging_folder_and_prints_one_line(tmp_path):
         "ERROR: interrupted (signal SIGTERM); nothing half-written was published"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_published_as_another_kind_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    staging = Path(staging_dir(str(out), kind="phantom dataset"))
+    (staging / "datalist.json").write_text("{}")
+    publish(str(staging), str(out), kind="phantom dataset")
+    with pytest.raises(BundleInputError, match="holds a phantom dataset this bundle wrote, not a latent cache"):
+        staging_dir(str(out), overwrite=True, kind="latent cache")
+    assert (out / "datalist.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("when", ["before the run", "while the run works"])
+def test_files_added_after_publishing_are_never_deleted(when, tmp_path):
+    out = _write(tmp_path / "out", text="first")
+    if when == "before the run":
+        (out / "model_last.pt").write_bytes(b"weights")
+        with pytest.raises(BundleInputError, match=r"holds files the bundle did not publish there \(model_last.pt\)"):
+            staging_dir(str(out), overwrite=True)
+    else:
+        staging = Path(staging_dir(str(out), overwrite=True))
+        (staging / "result.txt").write_text("second")
+        (out / "model_last.pt").write_bytes(b"weights")  # written into the old folder meanwhile
+        with pytest.raises(BundleInputError, match="did not publish"):
+            publish(str(staging), str(out), overwrite=True)
+        assert not staging.exists()
+    assert (out / "model_last.pt").read_bytes() == b"weights" and (out / "result.txt").read_text() == "first"
+
+
+def test_a_marker_that_lists_nothing_is_not_trusted(tmp_path):
+    out = _write(tmp_path / "out")
+    (out / OWNER_MARKER).write_text("{}")  # an older bundle's marker, or an edited one
+    with pytest.raises(BundleInputError, match="does not list what was published"):
+        staging_dir(str(out), overwrite=True)
+    assert (out / "result.txt").is_file()
+
+
+def test_a_tilde_destination_is_refused_not_made_into_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BundleInputError, match="'~' is not expanded"):
+        staging_dir("~/generated")
+    assert list(tmp_path.iterdir()) == []

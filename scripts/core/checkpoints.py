@@ -10,16 +10,19 @@ atomically. Loading for resume reuses MONAI's ``CheckpointLoader`` (``weights_on
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
+import math
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from monai.handlers import CheckpointLoader
 
-from scripts.core.errors import BundleInputError
+from scripts.core.errors import BundleInputError, EngineErrorsAsOneLine
 from scripts.core.outputs import BUNDLE_ROOT, atomic_path
 
 __all__ = [
@@ -29,6 +32,8 @@ __all__ = [
     "listed_sha256",
     "load_checkpoint",
     "load_network_weights",
+    "training_folder",
+    "TrainingLock",
     "StageCheckpointer",
     "split_key_metric",
     "export_weights",
@@ -100,7 +105,12 @@ def load_checkpoint(path: str, what: str = "checkpoint", hint: str = "") -> dict
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and unpickling-policy errors all mean "not a usable checkpoint"
+    except pickle.UnpicklingError as e:  # torch's advice to load it with weights_only=False is not taken here
+        raise BundleInputError(
+            f"{path}: {what} holds Python objects besides tensors and plain values; the bundle refuses to "
+            "unpickle such a file (unpickling can run code)"
+        ) from e
+    except Exception as e:  # zip and format errors mean "not a usable checkpoint"
         raise BundleInputError(f"{path}: cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if not isinstance(checkpoint, dict):
         raise BundleInputError(f"{path}: {what} is not a dict of state dicts")
@@ -171,6 +181,75 @@ def _reapply_lambda(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
+def training_folder(save_dir: str) -> str:
+    """``save_dir`` made ready for a training's checkpoints; one line when it cannot be one."""
+    if str(save_dir).startswith("~"):
+        raise BundleInputError(
+            f"{save_dir}: '~' is not expanded here and would become a folder named '~'; give the full --output_dir"
+        )
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise BundleInputError(f"{save_dir}: exists and is not a folder; pass another --output_dir")
+    os.makedirs(save_dir, exist_ok=True)
+    return save_dir
+
+
+class TrainingLock:
+    """One training per checkpoint folder: ``.training.lock`` in it holds the writing process's id.
+
+    A second process that would write the same checkpoints is refused with one line; a lock whose
+    process has ended (killed, power loss) is taken over, and so is one of this very process (the
+    training configs take it first in ``initialize``, before any cache is built, and the
+    checkpointer takes it again; runs started one after another in one Python session).
+    """
+
+    def __init__(self, save_dir: str) -> None:
+        training_folder(save_dir)
+        self.path = os.path.join(save_dir, ".training.lock")
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder != os.getpid() and _pid_alive(holder):
+                    raise BundleInputError(
+                        f"{save_dir}: another training (process {holder}) is writing checkpoints here now; "
+                        "wait for it to end or pass another --output_dir"
+                    ) from None
+                self._remove()  # left by an ended run, or by this process
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return
+
+    def _holder(self) -> int | None:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or -1)
+        except (OSError, ValueError):
+            return None
+
+    def _remove(self) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self, *_: Any) -> None:
+        """Remove the lock if this process still holds it."""
+        if self._holder() == os.getpid():
+            self._remove()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class StageCheckpointer:
     """Ignite handler keeping ``<stage>_last.pt`` (every epoch) and ``<stage>_best.pt`` (on improvement).
 
@@ -180,6 +259,15 @@ class StageCheckpointer:
     command line extends a finished run. ``evaluator`` (optional) supplies the key metric. A kill
     mid-epoch loses at most that epoch: attach this handler after the validation handler so
     ``last`` holds the epoch's validation result too.
+
+    As the one owner of a training's output folder it also refuses what would lose or mix up
+    checkpoints, each with one line before training starts: a folder that is a file or spelled
+    with ``~``, a second training writing the same checkpoints at once (:class:`TrainingLock`), a
+    file in the checkpoint slot that is not this stage's checkpoint or does not fit the configured
+    networks; it removes temporary files of saves that were killed midway. While training it stops
+    at the first non-finite loss (nothing of that epoch is saved, so no NaN weights become ``last``
+    or ``best``), and a failure inside the engines is reported as one line, without the engine's
+    traceback.
 
     Args:
         save_dir: folder of the checkpoints.
@@ -204,7 +292,7 @@ class StageCheckpointer:
         is_main_process: bool = True,
         must_match: Sequence[str] = (),
     ) -> None:
-        self.save_dir = save_dir
+        self.save_dir = training_folder(save_dir)
         self.stage = stage
         self.save_dict = dict(save_dict)
         self.evaluator = evaluator
@@ -212,12 +300,43 @@ class StageCheckpointer:
         self.is_main_process = is_main_process
         self.last_path = os.path.join(save_dir, f"{stage}_last.pt")
         self.best_path = os.path.join(save_dir, f"{stage}_best.pt")
-        # read a leftover checkpoint now, so a damaged one stops the command before training starts
+        self.lock = TrainingLock(save_dir) if is_main_process else None
+        if is_main_process:  # saves killed midway (atomic_path's temporaries); no other writer holds them now
+            for path in (self.last_path, self.best_path):
+                pattern = os.path.join(glob.escape(save_dir), f".{glob.escape(os.path.basename(path))}.*.tmp")
+                for leftover in glob.glob(pattern):
+                    os.remove(leftover)
+                    logger.warning(f"removed {leftover}, left by a checkpoint save that was killed")
+        # read a leftover checkpoint now, so a damaged or foreign one stops the command before training starts
         self._resume_from = (
             load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
         )
         if self._resume_from is not None:
+            self._check_holds_this_stage()
             self._check_resumable(must_match)
+
+    def _check_holds_this_stage(self) -> None:
+        """The checkpoint being resumed has an entry for every saved object, and the networks' weights fit."""
+        restart = "move it away or pass another --output_dir to start afresh"
+        missing = [name for name in self.save_dict if name not in self._resume_from]
+        if missing:
+            raise BundleInputError(
+                f"{self.last_path}: not a checkpoint of this {self.stage} configuration (no {missing[0]!r} entry); "
+                + restart
+            )
+        for name, obj in self.save_dict.items():
+            if not isinstance(obj, torch.nn.Module):
+                continue
+            expected = {k: tuple(v.shape) for k, v in unwrap(obj).state_dict().items()}
+            saved = self._resume_from[name]
+            found = {k: tuple(v.shape) for k, v in saved.items()} if isinstance(saved, Mapping) else {}
+            if found != expected:
+                differ = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+                raise BundleInputError(
+                    f"{self.last_path}: cannot resume, its {name} weights do not fit the configured network "
+                    f"(other sizes or kind, e.g. label_guided_decoder changed; first difference: {differ[0]}); "
+                    + restart
+                )
 
     def _check_resumable(self, must_match: Sequence[str]) -> None:
         for key in must_match:
@@ -234,10 +353,31 @@ class StageCheckpointer:
         from ignite.engine import Events
 
         self.save_dict["trainer"] = engine
+        for watched in (engine, self.evaluator):
+            if watched is not None:  # before the loggers attach theirs
+                EngineErrorsAsOneLine().attach(watched)
         engine.add_event_handler(Events.STARTED, self.resume)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.check_finite_loss)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
+        if self.lock is not None:
+            engine.add_event_handler(Events.COMPLETED, self.lock.release)
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.COMPLETED, lambda _: self.save_best(engine))
+
+    def check_finite_loss(self, engine: Any) -> None:
+        """Stop at the first non-finite training loss, before the epoch ends and anything is saved."""
+        output = engine.state.output
+        output = output[0] if isinstance(output, Sequence) and output and isinstance(output[0], Mapping) else output
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if loss is None:
+            return
+        value = float(torch.as_tensor(loss).detach().float().sum())
+        if not math.isfinite(value):
+            kept = f"{self.last_path} keeps the previous epoch" if os.path.isfile(self.last_path) else "nothing saved"
+            raise BundleInputError(
+                f"{self.stage} training: the loss became {value} at epoch {engine.state.epoch}, iteration "
+                f"{engine.state.iteration} ({kept}); lower the learning rate (--lr) or check the data"
+            )
 
     def _payload(self, engine: Any) -> dict[str, Any]:
         # bare weights, loadable without DDP
@@ -258,7 +398,13 @@ class StageCheckpointer:
         max_epochs = engine.state.max_epochs
         loadable = {k: unwrap(v) for k, v in self.save_dict.items()}
         # MONAI's loader restores every object, trainer counters included, with weights_only=True.
-        CheckpointLoader(load_path=self.last_path, load_dict=loadable, map_location="cpu")(engine)
+        try:
+            CheckpointLoader(load_path=self.last_path, load_dict=loadable, map_location="cpu")(engine)
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. an optimizer state of other parameter groups
+            detail = " ".join(str(e).split())[:200]
+            raise BundleInputError(
+                f"{self.last_path}: cannot resume from it ({detail}); move it away or pass another --output_dir"
+            ) from e
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         for obj in loadable.values():
             if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):

@@ -14,12 +14,21 @@ permission) is such an error too, named by the folder being written
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
 from types import FrameType, TracebackType
+from typing import Any
 
-__all__ = ["BundleInputError", "install_error_hook", "find_input_error", "error_line"]
+__all__ = [
+    "BundleInputError",
+    "install_error_hook",
+    "find_input_error",
+    "error_line",
+    "require_finite",
+    "EngineErrorsAsOneLine",
+]
 
 
 class BundleInputError(ValueError):
@@ -44,6 +53,17 @@ def find_input_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+def _in_chain(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s cause/context chain, or ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _write_error(exc: BaseException) -> str | None:
     try:  # imported here: scripts.core.outputs imports this module
         from scripts.core.outputs import explain_write_error
@@ -55,8 +75,9 @@ def _write_error(exc: BaseException) -> str | None:
 def error_line(exc: BaseException) -> str | None:
     """The one ``ERROR: ...`` line for ``exc``, or ``None`` when it is not the user's to fix (a bug:
     the traceback is shown then)."""
-    if isinstance(exc, KeyboardInterrupt):
-        return f"ERROR: interrupted ({exc or 'Ctrl-C'}); nothing half-written was published"
+    interrupt = _in_chain(exc, KeyboardInterrupt)  # also when it broke a write that then failed in turn
+    if interrupt is not None:
+        return f"ERROR: interrupted ({interrupt or 'Ctrl-C'}); nothing half-written was published"
     user_error = find_input_error(exc)
     if not isinstance(user_error, BundleInputError):  # a bare OSError may be a failed write: name its folder
         message = _write_error(exc)
@@ -93,3 +114,45 @@ def install_error_hook() -> bool:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     return True
+
+
+def require_finite(values: Any, what: str, hint: str) -> Any:
+    """``values`` (a tensor or array) unchanged, or one error line when they hold NaN or Inf: no command
+    publishes a non-finite volume. ``what`` names the result, ``hint`` says what to check."""
+    import torch
+
+    if not bool(torch.isfinite(torch.as_tensor(values)).all()):
+        raise BundleInputError(f"{what} holds NaN or Inf: the weights produce non-finite values ({hint})")
+    return values
+
+
+class _EngineErrorLineFilter(logging.Filter):
+    """Drops ignite's "run is terminating due to exception" line: the error hook reports the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is terminating due to exception" not in str(record.msg)
+
+
+def _reraise(_engine: Any, error: BaseException) -> None:
+    raise error
+
+
+class EngineErrorsAsOneLine:
+    """Ignite handler: a failure inside the engine (a bad file, SIGTERM, a full disk) reaches the error
+    hook untouched, so it ends as one ``ERROR:`` line (a bug still shows its traceback there).
+
+    Ignite runs ``EXCEPTION_RAISED`` handlers in order and stops at the first that raises; this one
+    puts itself first, so MONAI's ``StatsHandler`` no longer logs the traceback beside the line.
+    Ignite's own "terminating due to exception" log line is filtered out.
+    """
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(_reraise, Events.EXCEPTION_RAISED):
+            engine.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
+            # first in firing order even on an engine whose loggers attached theirs already (an evaluator
+            # built before its trainer): ignite keeps (handler, args, kwargs) in this list, in order
+            handlers = engine._event_handlers[Events.EXCEPTION_RAISED]
+            handlers.insert(0, handlers.pop())
+            engine.logger.addFilter(_EngineErrorLineFilter())

@@ -11,9 +11,12 @@ system). An interrupted run leaves at most a hidden ``.<name>.staging-<pid>-*`` 
 the next run for the same destination removes those whose process has ended.
 
 Replacing a non-empty folder needs ``overwrite`` and is allowed only for a folder the bundle
-published itself (it holds :data:`OWNER_MARKER`), never for one that holds an input of the command,
-the bundle, the working directory, the home folder or ``/``. A second run that finishes writing
-into the same destination after another published there is refused instead of replacing it.
+published itself as the same kind of output (its :data:`OWNER_MARKER` names the kind: a latent
+cache never replaces a dataset) and that holds nothing but the files published there (a checkpoint
+written into it later is the user's); never for one that holds an input of the command, the
+bundle, the working directory, the home folder or ``/``. A second run that finishes writing into the
+same destination after another published there is refused instead of replacing it. A destination
+given as ``~/...`` is refused: nothing here expands ``~``, so it would become a folder named ``~``.
 
 A write that fails because the disk is full, the file system read-only, the quota used up or
 writing not permitted ends the command with one ``ERROR:`` line naming the destination and the
@@ -117,7 +120,49 @@ def _contains(folder: str, path: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _check_replaceable(final_dir: str, inputs: Sequence[str]) -> None:
+def _published_files(folder: str) -> list[str]:
+    """Every file under ``folder`` (relative paths, sorted), the ownership marker aside."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), folder)
+            if relative != OWNER_MARKER:
+                found.append(relative)
+    return sorted(found)
+
+
+def _check_owned(final_dir: str, kind: str) -> None:
+    """Raise unless ``final_dir`` is a ``kind`` output the bundle published and holds only what it published."""
+    marker = os.path.join(final_dir, OWNER_MARKER)
+    if not os.path.isfile(marker):
+        raise BundleInputError(
+            f"{final_dir}: not a folder this bundle wrote (no {OWNER_MARKER}); it is not replaced "
+            "even with --overwrite true: remove it yourself or choose another folder"
+        )
+    try:
+        with open(marker) as f:
+            record = json.load(f)
+        published, written_as = set(record["files"]), record["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BundleInputError(
+            f"{final_dir}: its {OWNER_MARKER} does not list what was published there (an older bundle version "
+            "or an edited file); it is not replaced: remove the folder yourself or choose another one"
+        ) from None
+    if written_as != kind:
+        raise BundleInputError(
+            f"{final_dir}: holds a {written_as} this bundle wrote, not a {kind}; it is not replaced "
+            "even with --overwrite true: choose another folder"
+        )
+    added = [path for path in _published_files(final_dir) if path not in published]
+    if added:
+        raise BundleInputError(
+            f"{final_dir}: holds files the bundle did not publish there ({added[0]}"
+            f"{f' and {len(added) - 1} more' if len(added) > 1 else ''}); it is not replaced even with "
+            "--overwrite true: move them or choose another folder"
+        )
+
+
+def _check_replaceable(final_dir: str, inputs: Sequence[str], kind: str) -> None:
     """Raise unless the non-empty ``final_dir`` is a folder the bundle published and holds nothing precious."""
     protected = {
         "/": os.sep,
@@ -131,11 +176,16 @@ def _check_replaceable(final_dir: str, inputs: Sequence[str]) -> None:
     held = [path for path in inputs if _contains(final_dir, path)]
     if held:
         raise BundleInputError(f"{final_dir}: holds an input of this command ({held[0]}); choose another output folder")
-    if not os.path.isfile(os.path.join(final_dir, OWNER_MARKER)):
+    _check_owned(final_dir, kind)
+
+
+def _destination(final_dir: str) -> str:
+    """``final_dir`` as an absolute path; ``~`` is refused rather than made into a folder of that name."""
+    if str(final_dir).startswith("~"):
         raise BundleInputError(
-            f"{final_dir}: not a folder this bundle wrote (no {OWNER_MARKER}); it is not replaced "
-            "even with --overwrite true: remove it yourself or choose another folder"
+            f"{final_dir}: '~' is not expanded here and would become a folder named '~'; give the full path"
         )
+    return os.path.abspath(final_dir)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,15 +209,16 @@ def _remove_leftovers(final_dir: str) -> None:
             logger.warning(f"removed {path}, left by an interrupted run")
 
 
-def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> str:
+def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] = (), kind: str = "output") -> str:
     """Create and return a staging folder for ``final_dir``.
 
     Raises ``BundleInputError`` up front when ``final_dir`` holds files and ``overwrite`` is off,
     when it could not be replaced even with ``overwrite`` (see the module docstring; ``inputs``:
-    the files the command reads), or when its parent cannot be written.
+    the files the command reads; ``kind``: what the command publishes, e.g. ``"latent cache"``),
+    or when its parent cannot be written.
     """
     overwrite = as_bool(overwrite, "overwrite")
-    final_dir = os.path.abspath(final_dir)
+    final_dir = _destination(final_dir)
     if os.path.isfile(final_dir):
         raise BundleInputError(f"{final_dir}: exists and is a file; choose another output folder")
     if os.path.isdir(final_dir) and os.listdir(final_dir):
@@ -175,7 +226,7 @@ def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] =
             raise BundleInputError(
                 f"{final_dir}: exists and is not empty; pass --overwrite true or choose another folder"
             )
-        _check_replaceable(final_dir, inputs)
+        _check_replaceable(final_dir, inputs, kind)
     parent = os.path.dirname(final_dir)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -188,25 +239,34 @@ def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] =
     return staging
 
 
-def publish(staging: str, final_dir: str, overwrite: bool = False) -> str:
+def publish(staging: str, final_dir: str, overwrite: bool = False, kind: str = "output") -> str:
     """Rename the finished ``staging`` folder onto ``final_dir``, replacing an old one the bundle wrote
     when ``overwrite`` allows it (as :func:`staging_dir` checked when the run started).
 
-    A destination that another run filled while this one was working is not replaced: one error
-    line, and this run's staging folder is removed.
+    The marker written into it records ``kind`` and every file published, which is what a later
+    ``overwrite`` may replace. A destination that another run filled while this one was working is
+    not replaced: one error line, and this run's staging folder is removed.
     """
-    final_dir = os.path.abspath(final_dir)
+    final_dir = _destination(final_dir)
+    record = {
+        "written_by": "3D-LLDM bundle",
+        "kind": kind,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pid": os.getpid(),
+        "files": _published_files(staging),
+    }
     with open(os.path.join(staging, OWNER_MARKER), "w") as f:
-        json.dump({"written_by": "3D-LLDM bundle", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}, f)
+        json.dump(record, f)
     old = None
     try:
         if os.path.isdir(final_dir):
             if os.listdir(final_dir):
-                if not as_bool(overwrite, "overwrite") or not os.path.isfile(os.path.join(final_dir, OWNER_MARKER)):
+                if not as_bool(overwrite, "overwrite"):
                     raise BundleInputError(
                         f"{final_dir}: another run wrote this folder while this one was working; "
                         "its content is kept and this run's output discarded"
                     )
+                _check_owned(final_dir, kind)  # as it is now, not as it was when this run started
                 old = tempfile.mkdtemp(
                     prefix=f".{os.path.basename(final_dir)}.old-{os.getpid()}-", dir=os.path.dirname(final_dir)
                 )
@@ -228,16 +288,18 @@ def publish(staging: str, final_dir: str, overwrite: bool = False) -> str:
 
 
 @contextmanager
-def staged_output(final_dir: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
+def staged_output(
+    final_dir: str, overwrite: bool = False, inputs: Sequence[str] = (), kind: str = "output"
+) -> Iterator[str]:
     """The one transaction of every output folder: a :func:`staging_dir` for the block to fill,
     published onto ``final_dir`` (:func:`publish`) when the block ends without error, removed otherwise."""
-    staging = staging_dir(final_dir, overwrite, inputs=inputs)
+    staging = staging_dir(final_dir, overwrite, inputs=inputs, kind=kind)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    publish(staging, final_dir, overwrite)
+    publish(staging, final_dir, overwrite, kind=kind)
 
 
 def _inside(path: str, folder: str) -> bool:

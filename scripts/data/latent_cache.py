@@ -217,7 +217,10 @@ def _build(
     num_classes: int,
     progress: bool,
 ) -> LatentCache:
-    with staged_output(cache_dir, overwrite=True) as staging:  # nothing half-written stays behind
+    # a stale cache is replaced by itself, but only a latent cache holding nothing else, never a folder
+    # that holds the cases it encodes (a dataset, an inference output) or anything the user put there
+    inputs = [path for items in sections.values() for item in items for path in item.values() if isinstance(path, str)]
+    with staged_output(cache_dir, overwrite=True, inputs=inputs, kind="latent cache") as staging:
         # float64 running sums: one pass, no need to hold every latent for the standard deviation
         count, total, total_sq = 0, 0.0, 0.0
         channel_sums: torch.Tensor | None = None  # per latent channel, for latent_channel_mean

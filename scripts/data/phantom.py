@@ -1178,7 +1178,7 @@ def write_phantom_dataset(
         raise BundleInputError(f"config val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
     num_cases = int(num_cases)
     dataset_dir = os.path.abspath(os.path.expanduser(str(dataset_dir)))
-    with staged_output(dataset_dir, overwrite) as tmp:
+    with staged_output(dataset_dir, overwrite, kind="phantom dataset") as tmp:
         os.makedirs(os.path.join(tmp, "imagesTr"))
         os.makedirs(os.path.join(tmp, "labelsTr"))
         items = []

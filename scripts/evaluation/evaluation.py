@@ -506,7 +506,7 @@ class Evaluation:
             for path in item.values()
             if isinstance(path, str)
         ]
-        with staged_output(output_dir, overwrite, inputs=inputs) as staging:
+        with staged_output(output_dir, overwrite, inputs=inputs, kind="evaluation") as staging:
             for volume_set in (self.real, *self.synthetic):
                 volume_set.check()
             real = self.measure(self.real)

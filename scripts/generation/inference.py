@@ -38,7 +38,7 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
 from tqdm import tqdm
 
-from scripts.core.errors import BundleInputError
+from scripts.core.errors import BundleInputError, require_finite
 from scripts.core.outputs import staged_output
 from scripts.core.settings import as_bool
 from scripts.data.cases import NIFTI_SUFFIXES, load_datalist, load_nifti_header, read_nifti
@@ -428,11 +428,9 @@ class MaskToImage:
         # the sampler seeds its starting noise; DDPM's stochastic steps draw from the global generator
         torch.manual_seed(seed)
         generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
-        if not torch.isfinite(generated).all():
-            raise BundleInputError(
-                "the generated image holds NaN or Inf: the weights produce non-finite values "
-                "(check --autoencoder_path, --diffusion_unet_path and --controlnet_path)"
-            )
+        require_finite(
+            generated, "the generated image", "check --autoencoder_path, --diffusion_unet_path and --controlnet_path"
+        )
         image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
         image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
         if self.output_range is not None:
@@ -496,7 +494,9 @@ def generate_pairs(
         raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
     save_preview = as_bool(save_preview, "save_preview")
     check_masks(masks, generator)
-    with staged_output(output_dir, overwrite, inputs=[item["label"] for item in masks]) as staging:
+    with staged_output(
+        output_dir, overwrite, inputs=[item["label"] for item in masks], kind="set of generated pairs"
+    ) as staging:
         records = []
         jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
         for item, k in tqdm(jobs, desc="generating", unit="volume"):

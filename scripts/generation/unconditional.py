@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from scripts.core.errors import BundleInputError
+from scripts.core.errors import BundleInputError, require_finite
 from scripts.core.outputs import staged_output
 from scripts.data.pairs import pair_file_name
 from scripts.generation.inference import output_seed
@@ -55,7 +55,7 @@ def generate_unconditional(
     """
     if int(num_samples) < 1:
         raise BundleInputError(f"config 'num_samples' must be at least 1, got {num_samples}")
-    with staged_output(output_dir, overwrite) as staging:
+    with staged_output(output_dir, overwrite, kind="set of unconditional samples") as staging:
         records, latents = [], []
         for k in tqdm(range(int(num_samples)), desc="sampling", unit="volume"):
             name = f"{prefix}_{k:04d}"
@@ -64,6 +64,7 @@ def generate_unconditional(
             with torch.no_grad():
                 latent = sampler.sample_latents([case_seed])
                 image = sampler.decode(latent)[0, 0].float().cpu().numpy()
+            require_finite(image, f"unconditional sample {name}", "check --autoencoder_path and --diffusion_unet_path")
             latents.append(latent[0].float().cpu())
             affine = model_grid_affine(spacing, image.shape)
             nifti = nib.Nifti1Image(image.astype(np.float32), affine)

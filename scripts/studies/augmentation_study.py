@@ -735,7 +735,7 @@ class AugmentationStudy:
 
     def _merge(self, parts_root: str, settings: Mapping[str, Any], wall: Mapping[str, float]) -> None:
         """Copy every variant's pairs into one folder as ``<variant>_<name>``, with one manifest."""
-        with staged_output(self.synthetic_dir, overwrite=False) as staging:
+        with staged_output(self.synthetic_dir, overwrite=False, kind="set of generated pairs") as staging:
             records = []
             for name in self.variants():
                 part = os.path.join(parts_root, name)

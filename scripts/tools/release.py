@@ -219,6 +219,16 @@ def write_release(bundle_root: str = ".", output_dir: str = "dist", overwrite: b
     """
     bundle_root = os.path.abspath(bundle_root)
     name, version = _read_metadata(bundle_root)
+    if str(output_dir).startswith("~"):
+        raise BundleInputError(f"--output_dir {output_dir}: '~' is not expanded here; give the full path")
+    destination = os.path.realpath(output_dir)
+    for shipped in SHIPPED_DIRS:
+        folder = os.path.realpath(os.path.join(bundle_root, shipped))
+        if destination == folder or destination.startswith(folder + os.sep):
+            # the zip would ship inside the next release (and a rebuilt one would hold the previous one)
+            raise BundleInputError(
+                f"--output_dir {output_dir}: inside {shipped}/, which the release ships; choose a folder outside it"
+            )
     zip_path = os.path.join(os.path.abspath(output_dir), f"{name}_v{version}.zip")
     refuse = f"{zip_path}: exists; pass --overwrite true or choose another --output_dir"
     if os.path.exists(zip_path) and not overwrite:
@@ -251,10 +261,17 @@ def _flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are the bundle's one ``ERROR:`` line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BundleInputError(f"python -m scripts.tools.release: {message} (see --help)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: write the release zip and print its path, size and sha256; errors are one ``ERROR:`` line."""
     install_error_hook()
-    p = argparse.ArgumentParser(description="Package the bundle as a deterministic model-zoo style zip.")
+    p = _ArgumentParser(description="Package the bundle as a deterministic model-zoo style zip.")
     p.add_argument("--bundle_root", default=".", help="the bundle folder (default: the current one)")
     p.add_argument("--output_dir", default="dist", help="where <name>_v<version>.zip goes (default: dist)")
     p.add_argument(
