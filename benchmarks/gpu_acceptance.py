@@ -336,7 +336,10 @@ def run(options: BenchOptions, checks: Sequence[str]) -> list[dict[str, Any]]:
         try:
             rows += RUNNERS[check](options)
         except Exception as error:  # one broken path must not hide the others' figures
-            rows.append(_row(check, "", f"failed: {type(error).__name__}: {str(error)[:300]}"))
+            while error.__cause__ is not None:  # MONAI wraps what a config expression raised: report that
+                error = error.__cause__
+            message = " ".join(str(error).split())[:300]
+            rows.append(_row(check, "", f"failed: {type(error).__name__}: {message}"))
         print(f"{check}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return rows
 

@@ -481,7 +481,7 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
         ({"segmentation_overrides": {"synthetic_ratio": 2}}, "['synthetic_ratio'] are set by the study itself"),
         ({"edited_layouts": {"new_hcc": {"insert_hcc_diameters_mm": [10]}}}, "names ['new_hcc'] must be letters"),
         ({"edited_layouts": {"same": {}}}, "'edited_layouts#same': no editing step enabled"),
-        ({"edited_layouts": {"hcc": {"hcc_diameter": 3}}}, "'edited_layouts#hcc': .*unexpected keyword"),
+        ({"edited_layouts": {"hcc": {"hcc_diameter": 3}}}, "'edited_layouts#hcc': unknown edit 'hcc_diameter'"),
         ({"synthetic_ratios": [3.0], "num_renderings_per_mask": 1, "edited_layouts": {}}, "needs 6 synthetic pairs"),
         ({"num_real_cases": 5}, "'num_real_cases' is 5 but the datalist has 2 training cases"),
         ({"synthetic_mask_dir": "/no/such/masks"}, "config 'synthetic_mask_dir': /no/such/masks: folder not found"),

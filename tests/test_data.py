@@ -32,6 +32,11 @@ def test_datalist_paths_resolve_against_dataset_dir(tmp_path):
         ("[1, 2]", "expected a JSON object"),
         ('{"training": [{"image": "a.nii.gz"}]}', "lacks ['label']"),
         ('{"training": {"image": 1}}', "must be a list"),
+        (
+            '{"training": [{"image": 3, "label": "l.nii.gz"}]}',
+            "entry 0 of 'training' has image 3; expected a file path",
+        ),
+        ('{"training": [{"image": "i.nii.gz", "label": ["l"]}]}', "has label ['l']; expected a file path"),
     ],
 )
 def test_datalist_errors(tmp_path, content, expected):
@@ -158,3 +163,12 @@ def test_common_config_chains_instantiate(common_config, tmp_path):
     assert tuple(out["image"].shape[1:]) == tuple(common_config["spatial_size"])
     mask = common_config.get_parsed_content("mask_preprocessing", instantiate=True)({"label": item["label"]})
     assert tuple(mask["label"].shape[1:]) == tuple(common_config["spatial_size"])
+
+
+def test_a_patch_size_of_the_wrong_length_says_so():
+    from scripts.data.cases import check_patch_size
+
+    with pytest.raises(BundleInputError, match=r"expected 3 sizes, one per axis"):
+        check_patch_size([32, 32], [64, 64, 64])
+    with pytest.raises(BundleInputError, match="does not fit"):
+        check_patch_size([96, 32, 32], [64, 64, 64])

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import toy_label, write_nifti
+from conftest import BUNDLE_ROOT, toy_label, write_nifti
 from stage_helpers import one_thread  # noqa: F401
 from test_inference import build_weights, infer
 
@@ -354,3 +354,43 @@ def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights,
         infer(tmp_path / "out", broken, mask_dir=str(tmp_path / "masks"))
     assert _one_line_error(caught).startswith("the generated image holds NaN or Inf")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
+
+    # the same weights through the other commands that publish volumes: unconditional sampling and
+    # stage-1 reconstruction of a dataset
+    from monai.bundle import ConfigWorkflow
+    from stage_helpers import TINY
+
+    from scripts.core.settings import layered_config_files
+    from scripts.data.phantom import write_phantom_dataset
+
+    dataset = tmp_path / "dataset"
+    write_phantom_dataset(str(dataset), num_cases=3, seed=5, shape=(40, 40, 32))
+    for config, settings, what in (
+        ("configs/generate_unconditional.yaml", {"num_samples": 1, "num_inference_steps": 2}, "unconditional sample"),
+        ("configs/inference_autoencoder.yaml", {"dataset_dir": str(dataset)}, "the reconstruction"),
+    ):
+        output = tmp_path / Path(config).stem
+        workflow = ConfigWorkflow(
+            config_file=layered_config_files(config),
+            workflow_type="infer",
+            output_dir=str(output),
+            **{"device": "$torch.device('cpu')", **TINY, **broken, **settings},
+        )
+        workflow.initialize()
+        with pytest.raises(Exception) as caught:
+            workflow.run()
+        assert _one_line_error(caught).startswith(what) and "NaN or Inf" in str(find_input_error(caught.value))
+        published = list(output.rglob("*.nii.gz")) if output.exists() else []
+        assert published == [], f"{config} published {published}"
+
+
+def test_a_missing_autoguidance_unet_names_its_own_setting(weights, tmp_path):
+    os.chdir(BUNDLE_ROOT)
+    _good_mask(tmp_path / "masks")
+    settings = {**weights["ddpm"], "autoguidance_unet_path": str(tmp_path / "no_guide.pt"), "autoguidance_weight": 2.0}
+    with pytest.raises(Exception) as caught:
+        infer(tmp_path / "out", settings, mask_dir=str(tmp_path / "masks"))
+    message = _one_line_error(caught)
+    assert message.startswith(f"{tmp_path / 'no_guide.pt'}: autoguidance UNet weights not found")
+    assert "--autoguidance_unet_path" in message and "--diffusion_unet_path" not in message
+    assert not (tmp_path / "out").exists()

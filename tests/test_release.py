@@ -215,3 +215,22 @@ def test_unpacked_release_runs_a_bundle_command(unpacked, tiny_phantoms, tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(out.rglob("*.nii.gz")), f"{command} wrote no NIfTI under {out}"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--output_dir", "configs"], "ERROR: --output_dir configs: inside configs/, which the release ships"),
+        (["--output_dir", "models/releases"], "ERROR: --output_dir models/releases: inside models/"),
+        (["--overwrite", "perhaps"], "ERROR: python -m scripts.tools.release: argument --overwrite"),
+        (["--output-dir", "dist"], "ERROR: python -m scripts.tools.release: unrecognized arguments: --output-dir"),
+    ],
+)
+def test_bad_release_arguments_are_one_line_and_write_nothing(args, expected):
+    before = sorted(p.name for p in (BUNDLE_ROOT / "configs").iterdir())
+    result = _python("-m", "scripts.tools.release", *args, cwd=BUNDLE_ROOT)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert sorted(p.name for p in (BUNDLE_ROOT / "configs").iterdir()) == before
+    assert not (BUNDLE_ROOT / "models" / "releases").exists()

@@ -355,3 +355,20 @@ def test_fine_tuning_starts_from_given_controlnet_weights(tiny_phantoms, weights
     unet = torch.load(weights["unet"], weights_only=True)["diffusion_unet"]
     shared = [k for k in unet if k in copied]
     assert shared and all(torch.equal(copied[k], unet[k]) for k in shared)
+
+
+def test_the_shipped_controlnet_accepts_its_unet_in_another_precision_only():
+    """The shipped float16 UNet converted to float32 is the same weights; changed values are not."""
+    from scripts.models.controlnet import load_controlnet
+
+    parser = ConfigParser()
+    parser.read_config(str(COMMON))
+    parser["device"] = "$torch.device('cpu')"
+    controlnet = parser.get_parsed_content("controlnet_def", instantiate=True)
+    shipped = torch.load(BUNDLE_ROOT / "models" / "diffusion_unet.pt", weights_only=True)
+    labels = parser.get_parsed_content("labels")
+    as_float32 = {**shipped, "diffusion_unet": {k: v.float() for k, v in shipped["diffusion_unet"].items()}}
+    load_controlnet(controlnet, str(BUNDLE_ROOT / "models" / "controlnet.pt"), as_float32, "unet32.pt", labels)
+    changed = {**as_float32, "diffusion_unet": {k: v + 1e-3 for k, v in as_float32["diffusion_unet"].items()}}
+    with pytest.raises(ValueError, match="ControlNet was trained beside other diffusion UNet weights than changed.pt"):
+        load_controlnet(controlnet, str(BUNDLE_ROOT / "models" / "controlnet.pt"), changed, "changed.pt", labels)

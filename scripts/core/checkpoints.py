@@ -30,6 +30,7 @@ __all__ = [
     "save_atomic",
     "file_hash",
     "listed_sha256",
+    "weights_match",
     "load_checkpoint",
     "load_network_weights",
     "training_folder",
@@ -150,6 +151,19 @@ def weights_sha256(checkpoint: Mapping[str, Any], key: str | None = None) -> str
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_match(recorded_sha256: str, checkpoint: Mapping[str, Any], key: str | None = None) -> bool:
+    """Whether ``checkpoint[key]`` are the weights ``recorded_sha256`` identifies, in their precision or
+    cast to float16 or float32: the shipped float16 files converted to float32 are still the same weights."""
+    if weights_sha256(checkpoint, key) == recorded_sha256:
+        return True
+    state = checkpoint.get(key, checkpoint) if key is not None else checkpoint
+    for dtype in (torch.float16, torch.float32):
+        cast = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+        if weights_sha256(cast) == recorded_sha256:
+            return True
+    return False
 
 
 def resume_value(path: str, key: str, default: Any) -> Any:

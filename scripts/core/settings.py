@@ -113,15 +113,46 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     parser = ConfigParser()
     parser.read_config(files)
     declared = [key for key in parser.get() if not key.startswith("_")]
+    task = files[-1] if isinstance(files, list) else files  # the task config, layered on configs/common.yaml
     for name in options:
         key = name.split("#")[0]
-        if name in RUN_ARGUMENTS or key in declared:
+        if name in RUN_ARGUMENTS:
+            continue
+        if key in declared:
+            _check_key_path(parser.get(key), name)
             continue
         close = difflib.get_close_matches(key, declared, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
-        task = files[-1] if isinstance(files, list) else files  # the task config, layered on configs/common.yaml
         raise BundleInputError(f"--{name}: not a setting of {task}{hint}")
     return True
+
+
+def _check_key_path(value: Any, name: str) -> None:
+    """Refuse ``--a#b#c`` when ``b`` (or ``c``) is not inside the declared ``a``, with close matches.
+
+    An empty dict (a map the user fills, e.g. class weights) takes any key; a value given as an
+    expression or reference cannot be looked into and is left to its own checks.
+    """
+    parts = name.split("#")
+    for depth, part in enumerate(parts[1:], start=1):
+        prefix = "#".join(parts[:depth])
+        if isinstance(value, str) and value.startswith(("$", "@", "%")):
+            return
+        if isinstance(value, Mapping):
+            if not value:
+                return
+            if part in value:
+                value = value[part]
+                continue
+            close = difflib.get_close_matches(part, [str(k) for k in value], n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(f'--{prefix}#{c}' for c in close)}?" if close else ""
+            raise BundleInputError(f"--{name}: {prefix} has no {part!r}{hint}")
+        if isinstance(value, (list, tuple)):
+            if part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+                continue
+            raise BundleInputError(f"--{name}: {prefix} is a list of {len(value)}; {part!r} is not an index of it")
+        raise BundleInputError(f"--{name}: {prefix} is a single value ({value!r}); it has no {part!r}")
 
 
 def _describe(rule: Mapping[str, Any]) -> str:
@@ -138,6 +169,10 @@ def _describe(rule: Mapping[str, Any]) -> str:
         kind = "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in rule["choices"])
     if rule["type"] == "list":
         item = {"int": "integers", "float": "numbers"}.get(rule.get("item", ""), "values")
+        if "item_choices" in rule:
+            item = "names from " + ", ".join(str(c) for c in rule["item_choices"])
+        if "item_min" in rule or "item_max" in rule:
+            item += f" from {rule.get('item_min', '-inf')} to {rule.get('item_max', 'inf')}"
         kind = f"a list of {rule['length']} {item}" if "length" in rule else f"a list of {item}"
     bounds = [f">= {rule['min']}" if "min" in rule else "", f"<= {rule['max']}" if "max" in rule else ""]
     bounds = " and ".join(b for b in bounds if b)
@@ -168,6 +203,10 @@ def _valid(value: Any, rule: Mapping[str, Any]) -> bool:
     if kind == "list":
         if not isinstance(value, (list, tuple)) or ("length" in rule and len(value) != rule["length"]):
             return False
+        if "item_choices" in rule and any(v not in rule["item_choices"] for v in value):
+            return False
+        if any(not rule.get("item_min", v) <= v <= rule.get("item_max", v) for v in value if _is_number(v, "float")):
+            return False
         return "item" not in rule or all(_is_number(v, rule["item"]) for v in value)
     if kind == "device":
         import torch
@@ -184,7 +223,8 @@ def check_settings(checks: Mapping[str, Mapping[str, Any]]) -> bool:
     """Check each setting against its rule; the first problem is one error line naming the setting.
 
     ``checks`` maps a setting's name to ``{"value": ..., "type": int|float|bool|str|dict|list|device}``
-    with optional ``min``, ``max``, ``choices`` (str, bool), ``length`` and ``item`` (list: int or float),
+    with optional ``min``, ``max``, ``choices`` (str, bool), ``length``, ``item`` (list: int or float),
+    ``item_min``/``item_max`` and ``item_choices`` (list: bounds or allowed values of every item),
     ``optional`` (null allowed) and ``reason`` (said after the error, why the rule holds).
     Returns ``True`` for a config's ``initialize``.
     """

@@ -89,6 +89,12 @@ def load_datalist(
         missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
         if missing:
             raise BundleInputError(f"{datalist}: entry {i} of {section!r} lacks {missing}")
+        for key in keys:
+            if not isinstance(entry[key], str) or not entry[key].strip():
+                raise BundleInputError(
+                    f"{datalist}: entry {i} of {section!r} has {key} {entry[key]!r}; expected a file path "
+                    f'relative to the dataset folder, e.g. "imagesTr/case_001.nii.gz"'
+                )
     if not entries:
         return []
     # MONAI's reader resolves every path against base_dir, the MSD convention.
@@ -260,7 +266,12 @@ def preprocessing_transforms(
 
 def check_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int]) -> bool:
     """Every preprocessed volume has ``spatial_size``; a larger training patch cannot be cut from it."""
-    if len(patch_size) != len(spatial_size) or any(p > s for p, s in zip(patch_size, spatial_size, strict=True)):
+    if len(patch_size) != len(spatial_size):
+        raise BundleInputError(
+            f"config 'patch_size' {list(patch_size)}: expected {len(spatial_size)} sizes, one per axis of "
+            f"'spatial_size' {list(spatial_size)}"
+        )
+    if any(p > s for p, s in zip(patch_size, spatial_size, strict=True)):
         raise BundleInputError(
             f"config 'patch_size' {list(patch_size)} does not fit in the preprocessed volume size "
             f"'spatial_size' {list(spatial_size)}: lower --patch_size or raise --spatial_size"

@@ -50,6 +50,15 @@ def _listed(values: Sequence[Any]) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > _MAX_LISTED else "")
 
 
+def _integer(value: Any) -> bool:
+    """An int, or text of one (a label map typed on the command line may arrive with text keys)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return value.strip().lstrip("-").isdigit()
+    return isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+
+
 class LabelContract:
     """Label ids of the bundle plus an optional remapping of a dataset's own ids.
 
@@ -69,7 +78,14 @@ class LabelContract:
                 f"config 'labels': ids must be 0..N-1 with 0 = background and N >= 2, got {dict(labels)}"
             )
         self.labels = {str(k): int(v) for k, v in labels.items()}
-        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
+        self.label_map = {}
+        for source, target in (label_map or {}).items():
+            if not (_integer(source) and _integer(target)):
+                raise BundleInputError(
+                    f"config 'label_map': expected dataset id -> bundle id as integers, e.g. {{7: 1}}, "
+                    f"got {source!r}: {target!r}"
+                )
+            self.label_map[int(source)] = int(target)
         bad_targets = sorted({v for v in self.label_map.values() if v not in ids})
         if bad_targets:
             raise BundleInputError(f"config 'label_map': targets {_listed(bad_targets)} are not bundle label ids {ids}")

@@ -23,6 +23,8 @@ stays valid for :meth:`scripts.data.labels.LabelContract.check`.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import math
 import warnings
@@ -43,7 +45,7 @@ from scipy import ndimage
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import source_of
 
-__all__ = ["MaskEditor", "MaskEditord"]
+__all__ = ["MaskEditor", "MaskEditord", "mask_editor"]
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +391,22 @@ class MaskEditor:
         phases = rng.uniform(0.0, 2.0 * math.pi, size=_IRREGULAR_LOBES)
         lobes = sum(np.cos(np.tensordot(w, directions, axes=1) + p) for w, p in zip(waves, phases, strict=True))
         return lobes / _IRREGULAR_LOBES
+
+
+def mask_editor(
+    labels: Mapping[str, int], settings: Mapping[str, Any] | None, setting: str = "mask_editing"
+) -> MaskEditor | None:
+    """The ``--mask_editing`` setting (or another, named by ``setting``) as a :class:`MaskEditor`,
+    ``None`` when empty; an unknown key is one error line with the close matches, not a ``TypeError``."""
+    if not settings:
+        return None
+    known = [name for name in inspect.signature(MaskEditor.__init__).parameters if name not in ("self", "labels")]
+    for name in settings:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(known)}"
+            raise BundleInputError(f"config {setting!r}: unknown edit {name!r}; {hint}")
+    return MaskEditor(labels=labels, **settings)
 
 
 class MaskEditord(MapTransform):

@@ -20,6 +20,8 @@ Label ids: 0 background, 1 liver parenchyma, 2 portal vein, 3 hepatic vein, 4 HC
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import json
 import math
@@ -1177,6 +1179,12 @@ def write_phantom_dataset(
     if val_fraction + test_fraction >= 1.0:
         raise BundleInputError(f"config val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
     num_cases = int(num_cases)
+    accepted = [name for name in inspect.signature(generate_phantom).parameters if name != "seed"]
+    for name in phantom_kwargs:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(accepted)}"
+            raise BundleInputError(f"config 'phantom': unknown setting {name!r}{hint}")
     dataset_dir = os.path.abspath(os.path.expanduser(str(dataset_dir)))
     with staged_output(dataset_dir, overwrite, kind="phantom dataset") as tmp:
         os.makedirs(os.path.join(tmp, "imagesTr"))
@@ -1184,6 +1192,11 @@ def write_phantom_dataset(
         items = []
         for i in tqdm(range(num_cases), desc="phantoms", unit="case"):
             case = generate_phantom(case_seed(seed, i), **phantom_kwargs)
+            if not np.any(case.label == LABELS["liver"]):  # e.g. a field of view or spacing that misses the liver
+                raise BundleInputError(
+                    f"config 'phantom': case {i} has no liver in its label map with {dict(phantom_kwargs)}; "
+                    "widen field_of_view_mm or reduce spacing_range"
+                )
             name = f"phantom_{i:03d}.nii.gz"
             _save_nifti(case.image, case.affine, os.path.join(tmp, "imagesTr", name), np.float32)
             _save_nifti(case.label, case.affine, os.path.join(tmp, "labelsTr", name), np.uint8)

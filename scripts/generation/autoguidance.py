@@ -67,7 +67,13 @@ def load_guide_unet(
     units and extrapolating between them is meaningless. Each mismatch is one error naming ``path``.
     """
     checkpoint = load_diffusion_unet(
-        guide, path, unet_checkpoint["noise_schedule"], autoencoder, checkpoint_prediction_type(unet_checkpoint)
+        guide,
+        path,
+        unet_checkpoint["noise_schedule"],
+        autoencoder,
+        checkpoint_prediction_type(unet_checkpoint),
+        setting="autoguidance_unet_path",
+        what="autoguidance UNet",
     )
     if not math.isclose(float(checkpoint["scale_factor"]), float(unet_checkpoint["scale_factor"]), rel_tol=1e-6):
         raise BundleInputError(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from monai.engines import DiffusionPrepareBatch, PrepareBatch
 from monai.inferers import ControlNetDiffusionInferer
 
-from scripts.core.checkpoints import load_network_weights, unwrap, weights_sha256
+from scripts.core.checkpoints import load_network_weights, unwrap, weights_match
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract
 
@@ -94,8 +94,8 @@ def load_controlnet(
         "ControlNet weights",
         hint="train them with configs/train_controlnet.yaml and pass --controlnet_path outputs/controlnet/controlnet_best.pt",
     )
-    unet_sha = weights_sha256(unet_checkpoint, "diffusion_unet")
-    if checkpoint.get("diffusion_unet_sha256") not in (None, unet_sha):
+    recorded = checkpoint.get("diffusion_unet_sha256")
+    if recorded is not None and not weights_match(recorded, unet_checkpoint, "diffusion_unet"):
         raise BundleInputError(
             f"{path}: ControlNet was trained beside other diffusion UNet weights than {unet_path}; "
             "pass the UNet it was trained with (--diffusion_unet_path)"

@@ -245,8 +245,13 @@ def load_diffusion_unet(
     noise_schedule: str | None,
     autoencoder: Mapping[str, Any] | None,
     prediction_type: str | None = None,
+    setting: str = "diffusion_unet_path",
+    what: str = "diffusion UNet",
 ) -> dict[str, Any]:
     """Load stage-2 UNet weights strictly and check they fit this run; returns the checkpoint.
+
+    ``setting`` and ``what`` name the file's setting and role in error lines (the autoguidance UNet is
+    a stage-2 UNet too).
 
     The checkpoint must carry ``scale_factor`` (the latent scaling the UNet was trained with) and the
     same ``noise_schedule`` (``None``: any known schedule, for sampling with the checkpoint's own)
@@ -260,30 +265,28 @@ def load_diffusion_unet(
         unet,
         path,
         "diffusion_unet",
-        "diffusion UNet weights",
-        hint="train them with configs/train_diffusion.yaml and pass --diffusion_unet_path "
+        f"{what} weights",
+        hint=f"train them with configs/train_diffusion.yaml and pass --{setting} "
         "outputs/diffusion_unet/diffusion_unet_best.pt",
     )
     missing = [k for k in ("scale_factor", "noise_schedule") if k not in checkpoint]
     if missing:
-        raise BundleInputError(
-            f"{path}: diffusion UNet checkpoint lacks {missing}; save it with configs/train_diffusion.yaml"
-        )
+        raise BundleInputError(f"{path}: {what} checkpoint lacks {missing}; save it with configs/train_diffusion.yaml")
     if noise_schedule is None:
         check_noise_schedule(checkpoint["noise_schedule"])
     elif checkpoint["noise_schedule"] != noise_schedule:
         raise BundleInputError(
-            f"{path}: diffusion UNet was trained with noise_schedule {checkpoint['noise_schedule']!r}, "
+            f"{path}: {what} was trained with noise_schedule {checkpoint['noise_schedule']!r}, "
             f"this run uses {noise_schedule!r}; pass --noise_schedule {checkpoint['noise_schedule']}"
         )
     if prediction_type is not None and checkpoint["noise_schedule"] == "ddpm":
         trained_type = checkpoint_prediction_type(checkpoint)
         if trained_type != prediction_type:
             raise BundleInputError(
-                f"{path}: diffusion UNet predicts {trained_type!r}, this run uses prediction_type "
+                f"{path}: {what} predicts {trained_type!r}, this run uses prediction_type "
                 f"{prediction_type!r}; pass --prediction_type {trained_type}"
             )
-    check_latent_space(checkpoint, autoencoder, path, "diffusion UNet")
+    check_latent_space(checkpoint, autoencoder, path, what)
     return checkpoint
 
 

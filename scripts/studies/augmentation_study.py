@@ -56,7 +56,7 @@ from scripts.core.outputs import markdown_table, staged_output, write_text_atomi
 from scripts.core.settings import as_bool, layered_config_files
 from scripts.data.cases import load_datalist, read_nifti
 from scripts.data.labels import LABELS
-from scripts.data.masks import MaskEditor
+from scripts.data.masks import mask_editor
 from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
 from scripts.generation.inference import find_masks
 from scripts.models.segmentation import check_synthetic_sources
@@ -568,11 +568,8 @@ class AugmentationStudy:
         if self.edited_layouts:
             # options checked now, not after hours of generation
             for name, options in self.edited_layouts.items():
-                try:
-                    editor = MaskEditor(labels=self.labels or LABELS, **options)
-                except TypeError as e:
-                    raise BundleInputError(f"config 'edited_layouts#{name}': {e}") from e
-                if not editor.enabled:
+                editor = mask_editor(self.labels or LABELS, options, f"edited_layouts#{name}")
+                if editor is None or not editor.enabled:
                     raise BundleInputError(
                         f"config 'edited_layouts#{name}': no editing step enabled; "
                         "that would only repeat the re-renderings"
