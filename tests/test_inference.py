@@ -298,9 +298,15 @@ def test_existing_output_is_kept_unless_overwrite(weights, mask_dir, tmp_path):
     assert "not a folder this bundle wrote" in str(find_input_error(caught.value))
     assert (out / "mine.txt").read_text() == "keep me"
     ours = infer(tmp_path / "ours", weights["ddpm"], mask_dir=str(mask_dir))
-    (ours / "stale.txt").write_text("from the old run")
+    (ours / "added.txt").write_text("written into the published folder later")
+    with pytest.raises(Exception) as caught:  # a file the bundle did not publish there is never deleted
+        infer(ours, weights["ddpm"], mask_dir=str(mask_dir), overwrite=True)
+    assert "holds files the bundle did not publish there (added.txt)" in str(find_input_error(caught.value))
+    assert (ours / "added.txt").exists()
+    (ours / "added.txt").unlink()
+    (ours / "pairs.json").write_text("{}")  # a published file, changed: still the bundle's to replace
     infer(ours, weights["ddpm"], mask_dir=str(mask_dir), overwrite=True)
-    assert not (ours / "stale.txt").exists() and (ours / "pairs.json").exists()
+    assert (ours / "pairs.json").read_text() != "{}"
     # the mask folder itself (or its parent) as output: the inputs are never deleted
     masks = tmp_path / "masks"
     shutil.copytree(mask_dir, masks)

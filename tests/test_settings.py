@@ -61,7 +61,6 @@ def test_label_map_with_non_integer_ids_is_one_line(label_map):
     [
         ("train_segmentation", "flip_axes", [0, 3], "config 'flip_axes': expected a list of integers from 0 to 2"),
         ("train_segmentation", "report_first", ["hcc", "tumour"], "config 'report_first': expected a list of names"),
-        ("inference", "contrast_dark_labels", ["vessels"], "config 'contrast_dark_labels': expected a list of names"),
     ],
 )
 def test_list_settings_check_every_item_before_any_work(config, setting, value, expected, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ atomically. Loading for resume reuses MONAI's ``CheckpointLoader`` (``weights_on
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import logging
@@ -233,6 +234,7 @@ class TrainingLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
+            atexit.register(self.release)  # also when the command fails: the next run need not check the pid
             return
 
     def _holder(self) -> int | None:
@@ -326,8 +328,8 @@ class StageCheckpointer:
             load_checkpoint(self.last_path, f"{stage} checkpoint") if os.path.isfile(self.last_path) else None
         )
         if self._resume_from is not None:
-            self._check_holds_this_stage()
             self._check_resumable(must_match)
+            self._check_holds_this_stage()
 
     def _check_holds_this_stage(self) -> None:
         """The checkpoint being resumed has an entry for every saved object, and the networks' weights fit."""
