@@ -170,3 +170,12 @@ def test_a_tilde_destination_is_refused_not_made_into_a_folder(tmp_path, monkeyp
     with pytest.raises(BundleInputError, match="'~' is not expanded"):
         staging_dir("~/generated")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["the folder", "a folder above it"])
+def test_a_destination_through_a_file_is_named_as_such(where, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    target = tmp_path / "taken" if where == "the folder" else tmp_path / "taken" / "out"
+    with pytest.raises(BundleInputError, match="is a file, not a folder") as raised:
+        staging_dir(str(target))
+    assert "File exists" not in str(raised.value) and (tmp_path / "taken").read_text() == "a file"

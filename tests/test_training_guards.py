@@ -75,7 +75,7 @@ def test_a_pickled_object_in_the_slot_is_refused_as_such(tmp_path):
 
 def test_an_output_folder_that_is_a_file_or_spelled_with_tilde_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("a file")
-    with pytest.raises(BundleInputError, match="exists and is not a folder"):
+    with pytest.raises(BundleInputError, match="is a file, not a folder"):
         _checkpointer(tmp_path / "taken")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BundleInputError, match="'~' is not expanded"):

@@ -24,7 +24,7 @@ import torch
 from monai.handlers import CheckpointLoader
 
 from scripts.core.errors import BundleInputError, EngineErrorsAsOneLine
-from scripts.core.outputs import BUNDLE_ROOT, atomic_path
+from scripts.core.outputs import BUNDLE_ROOT, atomic_path, check_folder_path
 
 __all__ = [
     "unwrap",
@@ -202,8 +202,7 @@ def training_folder(save_dir: str) -> str:
         raise BundleInputError(
             f"{save_dir}: '~' is not expanded here and would become a folder named '~'; give the full --output_dir"
         )
-    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        raise BundleInputError(f"{save_dir}: exists and is not a folder; pass another --output_dir")
+    check_folder_path(save_dir)  # the folder, or one above it, being a file is one line
     os.makedirs(save_dir, exist_ok=True)
     return save_dir
 

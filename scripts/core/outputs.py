@@ -50,6 +50,7 @@ __all__ = [
     "staging_dir",
     "publish",
     "staged_output",
+    "check_folder_path",
     "explain_write_error",
 ]
 
@@ -180,12 +181,28 @@ def _check_replaceable(final_dir: str, inputs: Sequence[str], kind: str) -> None
 
 
 def _destination(final_dir: str) -> str:
-    """``final_dir`` as an absolute path; ``~`` is refused rather than made into a folder of that name."""
+    """``final_dir`` as an absolute path; ``~`` is refused rather than made into a folder of that name,
+    and a path through a file is named as such (not ``File exists`` from ``makedirs``)."""
     if str(final_dir).startswith("~"):
         raise BundleInputError(
             f"{final_dir}: '~' is not expanded here and would become a folder named '~'; give the full path"
         )
-    return os.path.abspath(final_dir)
+    final_dir = os.path.abspath(final_dir)
+    check_folder_path(final_dir)
+    return final_dir
+
+
+def check_folder_path(folder: str) -> None:
+    """One error line when ``folder`` or a folder above it exists as something other than a folder."""
+    path = os.path.abspath(folder)
+    while True:
+        if os.path.exists(path) and not os.path.isdir(path):
+            what = "is" if path == os.path.abspath(folder) else f"lies inside {path}, which is"
+            raise BundleInputError(f"{folder}: {what} a file, not a folder; choose another folder")
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
 
 
 def _pid_alive(pid: int) -> bool:
@@ -219,8 +236,6 @@ def staging_dir(final_dir: str, overwrite: bool = False, inputs: Sequence[str] =
     """
     overwrite = as_bool(overwrite, "overwrite")
     final_dir = _destination(final_dir)
-    if os.path.isfile(final_dir):
-        raise BundleInputError(f"{final_dir}: exists and is a file; choose another output folder")
     if os.path.isdir(final_dir) and os.listdir(final_dir):
         if not overwrite:
             raise BundleInputError(
