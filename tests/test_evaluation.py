@@ -275,8 +275,18 @@ def test_report_has_one_row_per_set_and_every_metric(report):
     assert (
         metrics["protocol"]["fid_3d"]["offline_surrogate"] is True and metrics["protocol"]["fid_3d"]["weights_sha256"]
     )
+    # realism: a copy of the real images has their texture exactly, added noise adds high frequencies; the
+    # classifier test runs for every set with its folds grouped by mask
+    for name in ("liver_grain", "body_detail", "structure_edges", "high_frequency_share"):
+        assert rows["copy"][f"{name}_vs_real"] == pytest.approx(1.0) and rows["real"][f"{name}_vs_real"] == 1.0
+    assert rows["noisy"]["high_frequency_share_vs_real"] > 1.2  # noise is power at high frequencies
+    assert rows["images_only"]["liver_grain_vs_real"] is None  # no label map: no per-class measures
+    for name in ("copy", "noisy", "images_only", "inverted"):
+        classifier = metrics["sets"][name]["realism"]["classifier_vs_real"]
+        assert 0 <= rows[name]["c2st_auc"] <= 1 and classifier["volumes"] == [4, 4] and classifier["folds"] >= 2
+    assert rows["real"]["c2st_auc"] is None  # halves of 4 volumes: too few to train on
     table = (report / "metrics.md").read_text()
-    assert all(f"| {name} |" in table for name in rows) and "fid_2.5d" in table
+    assert all(f"| {name} |" in table for name in rows) and "fid_2.5d" in table and "c2st_auc" in table
     assert (report / "intensity_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -43,12 +44,14 @@ from tqdm import tqdm
 from scripts.core.checkpoints import load_checkpoint
 from scripts.core.errors import BundleInputError
 from scripts.core.outputs import markdown_table, staged_output
+from scripts.core.settings import as_bool
 from scripts.data.cases import check_case, load_datalist, read_nifti
 from scripts.data.labels import LabelContract, class_intensity_sums, class_means
 from scripts.data.pairs import find_pairs
 from scripts.evaluation.diversity import PairwiseMsSsim
 from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
+from scripts.evaluation.realism import classifier_two_sample_test, paired_measures
 from scripts.generation.quality_gate import HBPQualityGate
 from scripts.models.autoencoder import load_autoencoder_weights
 from scripts.models.segmentation import load_segmentation_weights, select_network
@@ -78,6 +81,8 @@ NO_SEGMENTER_NOTICE = (
 _ALL = slice(None)
 #: Name of the real set's row in the table.
 REAL = "real"
+#: Realism measures shown in the table, as the set's mean over the real set's.
+REALISM_COLUMNS = ("liver_grain", "body_detail", "structure_edges", "high_frequency_share")
 #: Name of the row of real volumes passed through the autoencoder (``reconstruction_row``).
 RECONSTRUCTION = "reconstruction"
 
@@ -346,6 +351,27 @@ class _SetMeasurement:
     ms_ssim: PairwiseMsSsim
     intensity: ClassIntensityStats
     dice: SegmentationDice | None
+    texture: list[dict[str, float]] = field(default_factory=list)  # realism.paired_measures per volume
+    volumes: list[np.ndarray] = field(default_factory=list)  # kept for the classifier two-sample test
+    masks: list[str] = field(default_factory=list)  # the mask each volume was made from (test folds)
+
+
+def mask_key(item: Mapping[str, str]) -> str:
+    """The mask a volume belongs to, from its file names: ``labelsTr/case_7.nii.gz`` (real) and
+    ``case_7_label.nii.gz`` / ``case_7_s1_image.nii.gz`` (generated from it) share ``case_7``, so the
+    classifier test never trains on one image of a mask and tests on the other."""
+    name = os.path.basename(item.get("label") or item["image"])
+    name = re.sub(r"\.nii(\.gz)?$", "", name)
+    return re.sub(r"(_s\d+)?(_image|_label)$", "", name)
+
+
+def _texture_summary(texture: Sequence[Mapping[str, float]]) -> dict[str, float | None]:
+    """Mean of each realism measure over the volumes where it is defined."""
+    out: dict[str, float | None] = {}
+    for name in texture[0] if texture else []:
+        values = [t[name] for t in texture if np.isfinite(t[name])]
+        out[name] = float(np.mean(values)) if values else None
+    return out
 
 
 class Evaluation:
@@ -362,6 +388,10 @@ class Evaluation:
         ms_ssim_kernel_size / ms_ssim_levels / ms_ssim_max_pairs: see :class:`scripts.evaluation.diversity.PairwiseMsSsim`.
         contrast_bright / contrast_dark: class names of the intensity contrast.
         histogram_bins: bins over [0, 1] of the intensity histograms.
+        texture_measures: per-set means of :func:`scripts.evaluation.realism.paired_measures` (sets with
+            label maps), reported as ratios to the real set's.
+        classifier_test: settings of :func:`scripts.evaluation.realism.classifier_two_sample_test` (each
+            set against the real set, and the real set's halves against each other); ``None``: off.
         seed: order in which volumes are paired (MS-SSIM) and the real set is halved (real-vs-real FID).
         info: settings recorded under ``protocol`` in ``metrics.json``.
     """
@@ -383,6 +413,8 @@ class Evaluation:
         contrast_bright: Sequence[str] = ("liver",),
         contrast_dark: Sequence[str] = ("portal_vein", "hepatic_vein", "hcc"),
         histogram_bins: int = 50,
+        texture_measures: bool = True,
+        classifier_test: Mapping[str, Any] | None = None,
         seed: int = 0,
         info: Mapping[str, Any] | None = None,
     ) -> None:
@@ -408,18 +440,22 @@ class Evaluation:
             else None
         )
         self.histogram_bins = histogram_bins
+        self.texture_measures = as_bool(texture_measures, "texture_measures")
+        self.classifier_test = None if classifier_test is None else dict(classifier_test)
+        if self.classifier_test is not None:  # cubes no larger than the grid
+            self.classifier_test["crop"] = min(int(self.classifier_test.get("crop", 32)), *self.spatial_size)
         self.seed = int(seed)
         self.info = dict(info or {})
 
     # ------------------------------------------------------------------ one pass over a set
-    def _volumes(self, volume_set: VolumeSet) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _volumes(self, volume_set: VolumeSet) -> Iterator[tuple[dict[str, str], torch.Tensor, torch.Tensor | None]]:
         order = list(volume_set.items)
         random.Random(self.seed).shuffle(order)
         for item in tqdm(order, desc=f"evaluating {volume_set.name}", unit="volume"):
             data = volume_set.transform(dict(item))
             self._check_grid(data["image"], item["image"], volume_set)
             label = _plain(data["label"]) if "label" in data else None
-            yield _plain(data["image"]), label
+            yield item, _plain(data["image"]), label
 
     def _check_grid(self, image: Any, path: str, volume_set: VolumeSet) -> None:
         shape = tuple(image.shape[1:])
@@ -448,7 +484,7 @@ class Evaluation:
             ),
             dice,
         )
-        for image, label in self._volumes(volume_set):
+        for item, image, label in self._volumes(volume_set):
             if not torch.isfinite(image).all():
                 raise BundleInputError(f"set {volume_set.name!r}: a preprocessed image holds NaN or Inf values")
             result.num_volumes += 1
@@ -460,7 +496,47 @@ class Evaluation:
             result.intensity.update(image, label if volume_set.has_labels else None)
             if dice is not None:
                 dice.update(image, label)
+            if self.texture_measures and volume_set.has_labels:
+                result.texture.append(paired_measures(image[0].numpy(), label[0].numpy(), self.contract.labels))
+            if self.classifier_test is not None:
+                result.volumes.append(image[0].numpy().astype(np.float32))
+                result.masks.append(mask_key(item))
         return result
+
+    def _classifier(
+        self, measured: _SetMeasurement, real: _SetMeasurement, part: slice = _ALL, other: slice = _ALL
+    ) -> dict[str, Any] | None:
+        """The classifier two-sample test of the ``part`` volumes of ``measured`` against the ``other``
+        volumes of ``real`` (``None``: off, or too few masks for its folds)."""
+        if self.classifier_test is None:
+            return None
+        try:
+            return classifier_two_sample_test(
+                real.volumes[other],
+                measured.volumes[part],
+                groups=[*real.masks[other], *measured.masks[part]],
+                seed=self.seed,
+                **self.classifier_test,
+            )
+        except ValueError as e:
+            logger.warning(str(e))
+            return None
+
+    def _real_halves_classifier(self, real: _SetMeasurement) -> dict[str, Any] | None:
+        """The classifier test between the two halves of the real set: what "indistinguishable" reads as
+        with this many volumes (alternate volumes of the shuffled order, as the real-vs-real FID)."""
+        if real.num_volumes < 8:
+            return None
+        return self._classifier(real, real, slice(0, None, 2), slice(1, None, 2))
+
+    def _realism(self, measured: _SetMeasurement, real: _SetMeasurement, classifier: Any) -> dict[str, Any]:
+        texture = _texture_summary(measured.texture)
+        reference = _texture_summary(real.texture)
+        ratios = {
+            name: (value / reference[name] if value is not None and reference.get(name) else None)
+            for name, value in texture.items()
+        }
+        return {"texture": texture, "texture_vs_real": ratios, "classifier_vs_real": classifier}
 
     # ------------------------------------------------------------------ metrics of a set
     def _fid(
@@ -511,12 +587,14 @@ class Evaluation:
                 volume_set.check()
             real = self.measure(self.real)
             sets = {REAL: self._summary(REAL, self.real.source, real, self._real_vs_real(real))}
+            sets[REAL]["realism"] = self._realism(real, real, self._real_halves_classifier(real))
             histograms = {REAL: real.intensity.histograms}
             for volume_set in self.synthetic:
                 measured = self.measure(volume_set)
                 sets[volume_set.name] = self._summary(
                     volume_set.name, volume_set.source, measured, self._fid(measured, real)
                 )
+                sets[volume_set.name]["realism"] = self._realism(measured, real, self._classifier(measured, real))
                 histograms[volume_set.name] = measured.intensity.histograms
             self.write(staging, sets, histograms)
         return os.path.abspath(output_dir)
@@ -531,6 +609,10 @@ class Evaluation:
             columns.append("fid_3d")
         columns.append("ms_ssim")
         columns += [f"dice_{name}" for name in self.contract.names[1:]] + ["dice_mean", "contrast", "hbp_order"]
+        if self.classifier_test is not None:
+            columns += ["c2st_auc", "c2st_accuracy"]
+        if self.texture_measures:
+            columns += [f"{name}_vs_real" for name in REALISM_COLUMNS]
         return columns
 
     def row(self, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -553,6 +635,12 @@ class Evaluation:
         }
         for name in self.contract.names[1:]:
             values[f"dice_{name}"] = (fidelity.get("dice") or {}).get(name)
+        realism = summary.get("realism") or {}
+        classifier = realism.get("classifier_vs_real") or {}
+        values["c2st_auc"] = classifier.get("auc")
+        values["c2st_accuracy"] = classifier.get("accuracy")
+        for name in REALISM_COLUMNS:
+            values[f"{name}_vs_real"] = (realism.get("texture_vs_real") or {}).get(name)
         return {column: values.get(column) for column in self.columns()}
 
     def write(
@@ -601,7 +689,10 @@ class Evaluation:
                 "MS-SSIM: mean over pairs within the set, lower is more diverse. Dice: a segmentation network "
                 "trained on real data, run on the images, against their label maps. Contrast: mean(bright classes) "
                 "- mean(dark classes). HBP order: fraction of volumes whose liver is brighter than each of their "
-                "vessels and HCC (classes of at least 20 voxels). n/a: not measured (null in metrics.json).",
+                "vessels and HCC (classes of at least 20 voxels). c2st: a small 3D CNN trained to tell the set "
+                "from the real set, k-fold with folds grouped by mask (AUC 0.5: indistinguishable; row `real`: "
+                "its two halves). `*_vs_real`: the set's mean texture and sharpness measure over the real set's "
+                "(1: as real; blur and missing grain give less). n/a: not measured (null in metrics.json).",
                 "",
                 table_of(rows, self.columns()),
                 "",
