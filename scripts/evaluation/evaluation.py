@@ -468,7 +468,8 @@ class Evaluation:
             )
 
     def measure(self, volume_set: VolumeSet) -> _SetMeasurement:
-        """Features and statistics of one set, one volume in memory at a time."""
+        """Features and statistics of one set, one volume in memory at a time (the classifier test keeps
+        the set's preprocessed volumes: 1 MiB each on the demo grid, 32 MiB on the hires grid)."""
         dice = None
         if self.segmenter is not None and volume_set.has_labels:
             dice = SegmentationDice(self.segmenter, self.segmentation_inferer, self.contract)
