@@ -31,6 +31,7 @@ import torch
 from monai.metrics import compute_roc_auc
 from monai.networks.nets import Classifier
 from scipy import ndimage
+from tqdm import tqdm
 
 __all__ = ["scale_by_percentiles", "paired_measures", "spectral_measures", "classifier_two_sample_test"]
 
@@ -130,6 +131,7 @@ def classifier_two_sample_test(
     crops_per_volume: int = 4,
     channels: Sequence[int] = (8, 16, 32),
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train a small 3D CNN to tell ``other`` from ``real``; accuracy and AUC per fold and their spread.
 
@@ -146,7 +148,7 @@ def classifier_two_sample_test(
     order = [unique[i] for i in rng.permutation(len(unique))]
     folds = max(2, min(folds, len(unique)))
     accuracies, aucs = [], []
-    for fold in range(folds):
+    for fold in tqdm(range(folds), desc="classifier two-sample test", unit="fold", disable=not progress):
         held_out = set(order[fold::folds])
         test = [i for i, g in enumerate(groups) if g in held_out]
         train = [i for i, g in enumerate(groups) if g not in held_out]
