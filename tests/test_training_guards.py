@@ -139,3 +139,16 @@ def test_concurrent_training_is_refused_and_sigterm_is_one_line(tiny_phantoms, t
     printed = stdout + stderr  # MONAI's loggers print to stdout
     assert "Traceback" not in printed and "terminating due to exception" not in printed, printed[-3000:]
     assert torch.load(ckpt, weights_only=True)["epoch"] >= 1
+
+
+def test_a_lock_taken_before_a_failure_leaves_no_folder_behind(tmp_path):
+    from scripts.core.checkpoints import TrainingLock
+
+    lock = TrainingLock(str(tmp_path / "runs" / "stage"))
+    assert (tmp_path / "runs" / "stage" / ".training.lock").read_text() == str(os.getpid())
+    lock.release()  # what happens at exit when the command failed before writing anything
+    assert not (tmp_path / "runs" / "stage").exists()
+    kept = TrainingLock(str(tmp_path / "kept"))
+    (tmp_path / "kept" / "stage_last.pt").write_bytes(b"checkpoint")
+    kept.release()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["stage_last.pt"]

@@ -217,6 +217,7 @@ class TrainingLock:
     """
 
     def __init__(self, save_dir: str) -> None:
+        self.created = not os.path.isdir(save_dir)  # removed again at release if nothing was written into it
         training_folder(save_dir)
         self.path = os.path.join(save_dir, ".training.lock")
         while True:
@@ -250,9 +251,12 @@ class TrainingLock:
             pass
 
     def release(self, *_: Any) -> None:
-        """Remove the lock if this process still holds it."""
+        """Remove the lock if this process still holds it, and the folder if the lock made it and it stayed empty."""
         if self._holder() == os.getpid():
             self._remove()
+            folder = os.path.dirname(self.path)
+            if self.created and os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def _pid_alive(pid: int) -> bool:
