@@ -15,8 +15,9 @@ vessel and HCC boundaries), plus the share of spectral power above 0.25 cycles/v
 the radially averaged power spectrum. MONAI has no texture statistics of this kind (its metrics
 compare images voxel by voxel or by learned features), hence the numpy/scipy code.
 
-The classifier two-sample test (:func:`classifier_two_sample_test`) trains MONAI's ``Classifier``
-to tell two sets apart, k-fold with the folds grouped by mask (so a mask's two images are never
+The classifier two-sample test (:func:`classifier_two_sample_test`) trains a small MONAI ``ResNet``
+(fully convolutional with global pooling: trained on cubes, scored on whole volumes) to tell two
+sets apart, k-fold with the folds grouped by mask (so a mask's two images are never
 split between training and testing), and reports accuracy and ROC AUC (MONAI's
 ``compute_roc_auc``) with their spread over folds: 0.5 means the sets cannot be told apart.
 """
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
-from monai.networks.nets import Classifier
+from monai.networks.nets import ResNet
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -112,13 +113,33 @@ def paired_measures(image: np.ndarray, label: np.ndarray, labels: Mapping[str, i
 
 
 def _crops(volume: torch.Tensor, size: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random cubes of side ``size`` from a ``(1, *spatial)`` volume."""
+    """``count`` random cubes of side ``size`` (at most the volume's) from a ``(1, *spatial)`` volume."""
     spatial = volume.shape[1:]
+    sides = [min(size, s) for s in spatial]
     out = []
     for _ in range(count):
-        start = [int(torch.randint(0, s - size + 1, (1,), generator=generator)) for s in spatial]
-        out.append(volume[:, start[0] : start[0] + size, start[1] : start[1] + size, start[2] : start[2] + size])
+        start = [
+            int(torch.randint(0, s - c + 1, (1,), generator=generator)) for s, c in zip(spatial, sides, strict=True)
+        ]
+        window = tuple(slice(b, b + c) for b, c in zip(start, sides, strict=True))
+        out.append(volume[(slice(None), *window)])
     return torch.stack(out)
+
+
+def _small_resnet(channels: Sequence[int]) -> torch.nn.Module:
+    """A 3D ResNet with one basic block on each of its four levels (``channels``: four widths), no stem
+    pooling, global pooling and one logit."""
+    return ResNet(
+        block="basic",
+        layers=[1] * len(channels),
+        block_inplanes=list(channels),
+        spatial_dims=3,
+        n_input_channels=1,
+        conv1_t_size=3,
+        conv1_t_stride=1,
+        no_max_pool=True,
+        num_classes=1,
+    )
 
 
 def classifier_two_sample_test(
@@ -127,9 +148,9 @@ def classifier_two_sample_test(
     groups: Sequence[Any] | None = None,
     folds: int = 5,
     epochs: int = 20,
-    crop: int = 32,
-    crops_per_volume: int = 4,
-    channels: Sequence[int] = (8, 16, 32),
+    crop: int = 48,
+    batch_size: int = 4,
+    channels: Sequence[int] = (8, 16, 32, 32),
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -137,46 +158,41 @@ def classifier_two_sample_test(
 
     ``groups`` (one per volume of ``real`` then ``other``; default: the i-th volumes of both sets share a
     group, as two images of one mask do) keep a group's volumes in one fold. Each volume is scaled by
-    its own percentiles; the network sees random ``crop``^3 cubes in training and is scored on the mean
-    logit of ``crops_per_volume`` fixed cubes per test volume.
+    its own percentiles; the network trains on random ``crop``^3 cubes, ``batch_size`` volumes a step,
+    and scores whole test volumes.
     """
     volumes = [torch.as_tensor(scale_by_percentiles(v), dtype=torch.float32)[None] for v in (*real, *other)]
     targets = torch.tensor([0.0] * len(real) + [1.0] * len(other))
     groups = list(groups) if groups is not None else [*range(len(real)), *range(len(other))]
     unique = sorted(set(groups), key=str)
     rng = np.random.default_rng(seed)
-    order = [unique[i] for i in rng.permutation(len(unique))]
+    fold_order = [unique[i] for i in rng.permutation(len(unique))]
     folds = max(2, min(folds, len(unique)))
     accuracies, aucs = [], []
     for fold in tqdm(range(folds), desc="classifier two-sample test", unit="fold", disable=not progress):
-        held_out = set(order[fold::folds])
+        held_out = set(fold_order[fold::folds])
         test = [i for i, g in enumerate(groups) if g in held_out]
         train = [i for i, g in enumerate(groups) if g not in held_out]
         if len({float(targets[i]) for i in test}) < 2 or len({float(targets[i]) for i in train}) < 2:
             continue
         torch.manual_seed(seed + fold)
         generator = torch.Generator().manual_seed(seed + fold)
-        network = Classifier(in_shape=(1, crop, crop, crop), classes=1, channels=channels, strides=(2,) * len(channels))
+        network = _small_resnet(channels)
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
         loss_function = torch.nn.BCEWithLogitsLoss()
         network.train()
         for _ in range(epochs):
-            for i in torch.randperm(len(train), generator=generator).tolist():
-                batch = _crops(volumes[train[i]], crop, 2, generator)
+            shuffled = torch.randperm(len(train), generator=generator).tolist()
+            for start in range(0, len(shuffled), batch_size):
+                chosen = [train[i] for i in shuffled[start : start + batch_size]]
+                batch = torch.cat([_crops(volumes[i], crop, 1, generator) for i in chosen])
                 optimizer.zero_grad()
-                loss = loss_function(network(batch).flatten(), targets[train[i]].repeat(len(batch)))
+                loss = loss_function(network(batch).flatten(), targets[chosen])
                 loss.backward()
                 optimizer.step()
         network.eval()
-        with torch.no_grad():  # the same cubes of every test volume: only the content differs between sets
-            scores = torch.stack(
-                [
-                    network(_crops(volumes[i], crop, crops_per_volume, torch.Generator().manual_seed(seed)))
-                    .flatten()
-                    .mean()
-                    for i in test
-                ]
-            )
+        with torch.no_grad():  # whole volumes: global pooling takes any size
+            scores = torch.stack([network(volumes[i][None]).flatten()[0] for i in test])
         truth = targets[test]
         accuracies.append(float(((scores > 0).float() == truth).float().mean()))
         aucs.append(float(compute_roc_auc(torch.sigmoid(scores), truth)))
