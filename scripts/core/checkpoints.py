@@ -24,7 +24,7 @@ import torch
 from monai.handlers import CheckpointLoader
 
 from scripts.core.errors import BundleInputError, EngineErrorsAsOneLine
-from scripts.core.outputs import BUNDLE_ROOT, atomic_path, check_folder_path
+from scripts.core.outputs import BUNDLE_ROOT, atomic_path, check_folder_path, pid_alive
 
 __all__ = [
     "unwrap",
@@ -225,7 +225,7 @@ class TrainingLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and holder != os.getpid() and _pid_alive(holder):
+                if holder is not None and holder != os.getpid() and pid_alive(holder):
                     raise BundleInputError(
                         f"{save_dir}: another training (process {holder}) is writing checkpoints here now; "
                         "wait for it to end or pass another --output_dir"
@@ -257,16 +257,6 @@ class TrainingLock:
             folder = os.path.dirname(self.path)
             if self.created and os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class StageCheckpointer:

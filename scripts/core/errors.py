@@ -44,16 +44,12 @@ _USER_FACING = (BundleInputError, FileExistsError, FileNotFoundError, Permission
 
 def find_input_error(exc: BaseException | None) -> BaseException | None:
     """Return the first user-facing error in ``exc``'s cause/context chain, or ``None``."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, _USER_FACING):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return _in_chain(exc, _USER_FACING)
 
 
-def _in_chain(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+def _in_chain(
+    exc: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
     """The first exception of type ``kind`` in ``exc``'s cause/context chain, or ``None``."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:

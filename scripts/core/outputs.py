@@ -51,6 +51,7 @@ __all__ = [
     "publish",
     "staged_output",
     "check_folder_path",
+    "pid_alive",
     "explain_write_error",
 ]
 
@@ -205,7 +206,8 @@ def check_folder_path(folder: str) -> None:
         path = parent
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -221,7 +223,7 @@ def _remove_leftovers(final_dir: str) -> None:
     pattern = re.compile(rf"^\.{re.escape(name)}\.(staging|old)-(\d+)-")
     for path in glob.glob(os.path.join(glob.escape(os.path.dirname(final_dir)), f".{glob.escape(name)}.*-*")):
         match = pattern.match(os.path.basename(path))
-        if match and os.path.isdir(path) and not _pid_alive(int(match.group(2))):
+        if match and os.path.isdir(path) and not pid_alive(int(match.group(2))):
             shutil.rmtree(path, ignore_errors=True)
             logger.warning(f"removed {path}, left by an interrupted run")
 
