@@ -246,8 +246,9 @@ def check_training(options: BenchOptions, grid: str) -> list[dict[str, Any]]:
             # no validation, checkpoints or logs inside the timed epochs; stage 1 with its adversarial term on
             extra = {"train#handlers": [], **({"adversarial_warmup_epochs": 0} if stage == "autoencoder" else {})}
             parser = parse_configs(config_files(f"configs/{task}.yaml", grid), {**base, **extra})
+            # what stages 2 and 3 prepare in their initialize before training (stage 1 loads no frozen autoencoder)
             for key in ("load_autoencoder", "latent_cache", "unet_checkpoint", "init_controlnet"):
-                if parser.get(key) is not None:  # what the stage's initialize prepares before training
+                if stage != "autoencoder" and parser.get(key) is not None:
                     parser.get_parsed_content(key)
             trainer = parser.get_parsed_content("train#trainer")
             with PeakMemory(options.device) as memory:

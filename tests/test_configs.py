@@ -20,6 +20,8 @@ def _layers(path: Path) -> list[str]:
     """The files a config is meant to be used with: common.yaml under it, an overlay on its base config."""
     if path.name == "multi_gpu.yaml":
         return layered_config_files(str(path.with_name("train_controlnet.yaml")), str(path))
+    if path.name == "train_base.yaml":  # the skeleton the training configs fill in
+        return layered_config_files(str(path.with_name("train_autoencoder.yaml")))
     if path.name == "hires.yaml":
         return layered_config_files(str(path.with_name("inference.yaml")), str(path))
     return layered_config_files(str(path))

@@ -28,7 +28,7 @@ from scripts.data.labels import LABELS, LabelContract
 from scripts.data.pairs import find_pairs
 from scripts.evaluation.diversity import PairwiseMsSsim, ms_ssim_weights
 from scripts.evaluation.evaluation import NO_SEGMENTER_NOTICE, Evaluation, load_segmenter, real_volume_set
-from scripts.evaluation.fid import Fid3D, Fid25D, build_fid_extractor, frechet_distance
+from scripts.evaluation.fid import Fid3D, Fid25D, SegmentationFeatures, build_fid_extractor, frechet_distance
 from scripts.models.autoencoder import load_initial_autoencoder
 from scripts.networks.feature_networks import build_feature_network
 
@@ -149,12 +149,49 @@ def test_weights_of_another_architecture_are_one_clear_error(network, file, dims
 
 
 def test_networks_of_the_other_dimensionality_and_missing_weights_are_refused(weights, tmp_path):
-    with pytest.raises(BundleInputError, match="not supported; use one of autoencoder, medicalnet"):
+    with pytest.raises(BundleInputError, match="not supported; use one of segmentation, autoencoder, medicalnet"):
         build_fid_extractor("radimagenet_resnet50", str(weights["radimagenet"]), 3)
     with pytest.raises(BundleInputError, match="needs a local weights file: pass --fid_3d_weights"):
         build_fid_extractor("medicalnet_resnet10", None, 3, setting="fid_3d_weights")
     with pytest.raises(BundleInputError, match="FID weights file not found"):
         build_fid_extractor("medicalnet_resnet10", str(tmp_path / "absent.pth"), 3)
+
+
+@pytest.mark.parametrize("name", ["unet", "segresnet", "attention_unet", "dynunet", "vnet"])
+def test_segmentation_features_come_from_the_encoder_of_any_study_network(name):
+    """The default extractor pools the encoder's levels: changing the output layer leaves them as they were."""
+    parser = ConfigParser()
+    parser.read_config(layered_config_files(str(BUNDLE_ROOT / "configs" / "train_segmentation.yaml")))
+    network = parser.get_parsed_content(f"networks#{name}", lazy=False)()
+    order = []
+    handles = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in network.modules()]
+    with torch.no_grad():
+        network.eval()(torch.rand(1, 1, 32, 32, 32))
+    for handle in handles:
+        handle.remove()
+    convolutions = [m for m in order if isinstance(m, torch.nn.Conv3d)]
+    volume, slices = torch.rand(2, 1, 32, 32, 32), torch.rand(3, 1, 32, 32)
+    features = {dims: SegmentationFeatures(network, dims) for dims in (2, 3)}
+    with torch.no_grad():
+        before = features[3].pooled(volume), features[2].pooled(slices)
+        convolutions[-1].weight.add_(1.0)  # the output layer
+        after = features[3].pooled(volume), features[2].pooled(slices)
+        convolutions[0].weight.add_(1.0)  # the first encoder layer
+        changed = features[3].pooled(volume)
+    assert before[0].shape[0] == 2 and before[1].shape[0] == 3 and before[0].shape[1] == before[1].shape[1] >= 3
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert not torch.allclose(before[0], changed)
+
+
+def test_default_fid_extractor_is_the_real_trained_segmenter():
+    network = ConfigParser.load_config_files(layered_config_files(str(BUNDLE_ROOT / "configs" / "evaluate.yaml")))
+    assert network["fid_2_5d_network"] == network["fid_3d_network"] == "segmentation"
+    with pytest.raises(BundleInputError, match="pass --segmentation_checkpoint, or --fid_3d_network autoencoder"):
+        build_fid_extractor("segmentation", None, 3, setting="fid_3d_weights")
+    segmenter = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, stride=2, padding=1), torch.nn.Conv3d(4, 2, 1))
+    extractor = build_fid_extractor("segmentation", None, 2, segmenter=segmenter)
+    assert isinstance(extractor, SegmentationFeatures) and extractor.spatial_dims == 2
+    assert extractor.pooled(torch.rand(5, 1, 16, 16)).shape == (5, 2)  # both layers at half resolution: the last
 
 
 # ---------------------------------------------------------------------------------------- diversity
@@ -335,6 +372,7 @@ def test_existing_report_is_kept_unless_overwrite(report, tiny_phantoms, weights
             autoencoder_path=str(weights["autoencoder"]),
             label_guided_decoder=False,
             fid_2_5d_network=None,
+            fid_3d_network=None,
         )
     assert "not empty" in str(find_input_error(caught.value))
     assert (report / "metrics.json").read_text() == before

@@ -24,7 +24,9 @@ def test_dry_run_resolves_every_config_of_every_check(tmp_path, capsys):
     assert {r["check"] for r in rows} == set(gpu_acceptance.CHECKS)
     assert all(r["status"] == "configs ok" for r in rows)
     layered = {r["what"] for r in rows if r["check"] == "multi_gpu"}
-    assert layered == {f"common.yaml + {task}.yaml + multi_gpu.yaml" for task in gpu_acceptance.STAGES.values()}
+    assert layered == {
+        f"common.yaml + train_base.yaml + {task}.yaml + multi_gpu.yaml" for task in gpu_acceptance.STAGES.values()
+    }
     assert "| check | what | status |" in capsys.readouterr().out
 
 

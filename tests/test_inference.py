@@ -621,6 +621,7 @@ def test_samplers_undo_the_latent_centring_the_unet_was_trained_with(config, wei
     unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), latent_shift=shift)
     controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
     settings = {**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)}
+    settings["autoguidance_weight"] = 1  # the guide of `weights` has no shift: it cannot guide this UNet
     workflow = ConfigWorkflow(
         config_file=layered_config_files(config),
         workflow_type="infer",
@@ -713,7 +714,7 @@ def test_unconditional_sampling_guides_with_the_same_guide(weights, tmp_path):
         **{"device": "$torch.device('cpu')", **TINY, **weights["ddpm"]},
     )
     sampler = workflow.parser.get_parsed_content("unconditional_sampler")
-    workflow.parser.get_parsed_content("autoguidance_checkpoint")
+    workflow.parser.get_parsed_content("weights")
     reference = torch.load(weights["ddpm"]["autoguidance_unet_path"], weights_only=True)["diffusion_unet"]
     loaded = sampler.guide_unet.state_dict()
     assert sampler.autoguidance_weight == float(workflow.parser["autoguidance_weight"]) > 1.0

@@ -156,3 +156,12 @@ def test_model_zoo_files_are_present():
 
             path = BUNDLE_ROOT / entry["path"]
             assert path.is_file() and check_hash(str(path), entry["hash_val"], entry["hash_type"]), entry["path"]
+
+
+def test_model_card_is_short_enough_to_read_and_keeps_its_history_apart():
+    card = (BUNDLE_ROOT / "docs" / "README.md").read_text().splitlines()
+    assert (
+        len(card) <= 500
+    ), f"docs/README.md has {len(card)} lines: move history to docs/CHANGELOG.md or docs/experiments.md"
+    changelog = (BUNDLE_ROOT / "docs" / "CHANGELOG.md").read_text()
+    assert f"## {_metadata()['version']}" in changelog  # the current release has its entry

@@ -162,7 +162,7 @@ def test_synthetic_cases_join_training_only_when_asked(tiny_phantoms, synthetic_
     synthetic = labels(parser, "train#synthetic_datalist")
     assert len(synthetic) == 2 and all(Path(p).parent == synthetic_dir for p in synthetic)
     assert len({Path(p).name.split("_s")[0] for p in synthetic}) == 2
-    assert labels(parser, "train#datalist") == real["training"] + synthetic
+    assert labels(parser, "train#datalist") == real["training"]  # the real cases; synthetic ones join in train#dataset
     assert len(parser.get_parsed_content("train#dataset")) == 4
     assert labels(parser, "validate#datalist") == real["validation"]
     assert labels(parser, "test#datalist") == real["test"]

@@ -2,6 +2,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Plumbing every package uses: input errors, setting checks, owned output folders, checkpoints."""
 
-from . import checkpoints, distributed, errors, outputs, settings
+from . import checkpoints, distributed, errors, outputs, settings, workflow
 
-__all__ = ["checkpoints", "distributed", "errors", "outputs", "settings"]
+__all__ = ["checkpoints", "distributed", "errors", "outputs", "settings", "workflow"]

@@ -32,10 +32,23 @@ from typing import Any
 
 from scripts.core.errors import BundleInputError
 
-__all__ = ["TRUE_WORDS", "FALSE_WORDS", "as_bool", "check_cli_overrides", "check_settings", "layered_config_files"]
+__all__ = [
+    "SETTING_RULES",
+    "TRUE_WORDS",
+    "FALSE_WORDS",
+    "as_bool",
+    "check_cli_overrides",
+    "check_settings",
+    "layered_config_files",
+]
 
 #: Task configs that are overlays on another task (besides configs/common.yaml, under every task).
 BASE_TASKS = {
+    "train_autoencoder": ("train_base",),  # the shared training skeleton
+    "train_diffusion": ("train_base",),
+    "train_controlnet": ("train_base",),
+    "train_gan_baseline": ("train_base",),
+    "train_segmentation": ("train_base",),
     "evaluate": ("train_segmentation",),  # the segmentation networks and sliding-window inferer
     "generate_unconditional": ("inference",),  # the weights, sampler and decoder of inference
     "inference_gan_baseline": ("inference",),  # inputs, outputs and checks of inference, another generator
@@ -46,6 +59,124 @@ RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "l
 
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
+
+
+#: The type and range of every user-facing setting, by name: one declaration for the whole bundle (a name
+#: means the same in every workflow). A config lists the settings it reads in ``setting_checks`` (name ->
+#: value); an entry may narrow the rule here with ``{value: ..., <rule keys>}`` (e.g. ``optional: true``).
+SETTING_RULES: dict[str, dict[str, Any]] = {
+    "adv_weight": dict(type="float", min=0.0),
+    "adversarial_warmup_epochs": dict(type="int", min=0),
+    "amp": dict(type="bool"),
+    "autoguidance_weight": dict(type="float", min=1.0),
+    "batch_size": dict(type="int", min=1),
+    "cache_rate": dict(type="float", min=0.0, max=1.0),
+    "center_latents": dict(type="bool"),
+    "class_loss_weights": dict(type="dict"),
+    "classifier_test": dict(type="dict", optional=True),
+    "conditioning_scale": dict(type="float", min=0.0),
+    "crop_neg": dict(type="float", min=0.0),
+    "crop_pos": dict(type="float", min=0.0),
+    "d_lr": dict(type="float", min=0.0),
+    "datalist": dict(type="str", optional=True),
+    "device": dict(type="device"),
+    "distributed": dict(type="bool"),
+    "edited_layouts": dict(type="dict"),
+    "ema_decay": dict(type="float", min=0.001, max=0.99999),
+    "ema_warmup_iterations": dict(type="int", min=1),
+    "epoch_length": dict(type="int", min=1, optional=True),
+    "equal_steps": dict(type="bool"),
+    "eval_split": dict(type="str", choices=["training", "validation", "test"]),
+    "fid_batch_size": dict(type="int", min=1),
+    "fid_center_slices_ratio": dict(type="float", min=0.0, max=1.0),
+    "flip_axes": dict(type="list", item="int", item_min=0, item_max=2),
+    "flip_prob": dict(type="float", min=0.0, max=1.0),
+    "freeze_encoder": dict(type="bool"),
+    "high_noise_timestep": dict(type="int", min=0),
+    "histogram_bins": dict(type="int", min=2),
+    "inference_overrides": dict(type="dict"),
+    "keep_going": dict(type="bool"),
+    "key_metric": dict(type="str", choices=["val_psnr", "val_ssim", "val_recon_contrast"]),
+    "kl_weight": dict(type="float", min=0.0),
+    "l1_weight": dict(type="float", min=0.0),
+    "label_guided_decoder": dict(type="bool"),
+    "label_map": dict(type="dict", optional=True),
+    "launcher": dict(type="str", choices=["subprocess", "in_process"]),
+    "lr": dict(type="float", min=0.0),
+    "lr_decay_power": dict(type="float", min=0.0),
+    "mask_dir": dict(type="str", optional=True),
+    "mask_editing": dict(type="dict", optional=True),
+    "max_epochs": dict(type="int", min=1),
+    "memory_check": dict(type="bool"),
+    "ms_ssim_kernel_size": dict(type="int", min=1),
+    "ms_ssim_levels": dict(type="int", min=1, optional=True),
+    "ms_ssim_max_pairs": dict(type="int", min=1),
+    "network": dict(type="str"),
+    "networks": dict(type="list"),
+    "num_cases": dict(type="int", min=1),
+    "num_crops": dict(type="int", min=1),
+    "num_inference_steps": dict(type="int", min=1),
+    "num_real_cases": dict(type="int", min=1, optional=True),
+    "num_renderings_per_mask": dict(type="int", min=0),
+    "num_samples": dict(type="int", min=1),
+    "num_samples_per_mask": dict(type="int", min=1),
+    "num_val_samples": dict(type="int", min=0),
+    "num_workers": dict(type="int", min=0),
+    "output_dir": dict(type="str"),
+    "output_intensity_range": dict(type="list", length=2, item="float", optional=True),
+    "overwrite": dict(type="bool"),
+    "patch_size": dict(type="list", length=3, item="int"),
+    "perceptual_weight": dict(type="float", min=0.0),
+    "phantom": dict(type="dict"),
+    "prediction_type": dict(type="str", choices=["v_prediction", "epsilon"]),
+    "quality_gate_enabled": dict(type="bool"),
+    "quality_gate_settings": dict(type="dict"),
+    "real_case_selection": dict(type="str", choices=["first", "random"]),
+    "real_sections": dict(type="list"),
+    "recon_class_weights": dict(type="dict"),
+    "reconstruction_row": dict(type="bool"),
+    "report_first": dict(type="list"),
+    "sampler": dict(type="str", choices=["ddpm", "ddim", "rflow"], optional=True),
+    "save_figure": dict(type="bool"),
+    "save_preview": dict(type="bool"),
+    "section": dict(type="str", choices=["training", "validation", "test"]),
+    "sections": dict(type="list"),
+    "seed": dict(type="int", min=0),
+    "seeds": dict(type="list", item="int"),
+    "segmentation_checkpoint": dict(type="str", optional=True),
+    "segmentation_overrides": dict(type="dict"),
+    "shared_overrides": dict(type="dict"),
+    "spacing": dict(type="list", length=3, item="float"),
+    "spatial_size": dict(type="list", length=3, item="int"),
+    "sw_batch_size": dict(type="int", min=1),
+    "sw_overlap": dict(type="float", min=0.0, max=0.99),
+    "synthetic": dict(type="dict"),
+    "synthetic_dir": dict(type="str", optional=True),
+    "synthetic_mask_dir": dict(type="str", optional=True),
+    "synthetic_ratio": dict(type="float", min=0.0),
+    "synthetic_ratios": dict(type="list", item="float"),
+    "test_fraction": dict(type="float", min=0.0, max=1.0),
+    "texture_measures": dict(type="bool"),
+    "val_fraction": dict(type="float", min=0.0, max=1.0),
+    "val_interval": dict(type="int", min=1),
+    "val_timesteps": dict(type="list", item="int"),
+    "weight_decay": dict(type="float", min=0.0),
+}
+
+#: Keys of a rule (besides ``value``); a dict made only of ``value`` and these narrows the declared rule.
+RULE_KEYS = (
+    "type",
+    "min",
+    "max",
+    "choices",
+    "length",
+    "item",
+    "item_min",
+    "item_max",
+    "item_choices",
+    "optional",
+    "reason",
+)
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -86,11 +217,14 @@ def layered_config_files(*files: str, config_dir: str | None = None) -> list[str
         if os.path.normpath(path) not in map(os.path.normpath, ordered):
             ordered.append(path)
 
+    def add_with_bases(path: str) -> None:
+        for base in BASE_TASKS.get(os.path.splitext(os.path.basename(path))[0], ()):
+            add_with_bases(os.path.join(os.path.dirname(path) or config_dir, f"{base}.yaml"))
+        add(path)
+
     add(os.path.join(config_dir, "common.yaml"))
     for path in files:
-        for base in BASE_TASKS.get(os.path.splitext(os.path.basename(path))[0], ()):
-            add(os.path.join(os.path.dirname(path) or config_dir, f"{base}.yaml"))
-        add(path)
+        add_with_bases(path)
     return ordered
 
 
@@ -219,17 +353,27 @@ def _valid(value: Any, rule: Mapping[str, Any]) -> bool:
     raise ValueError(f"unknown setting type {kind!r}")
 
 
-def check_settings(checks: Mapping[str, Mapping[str, Any]]) -> bool:
+def _rule(name: str, entry: Any) -> tuple[Any, Mapping[str, Any]]:
+    """The value of a ``setting_checks`` entry and its rule: :data:`SETTING_RULES`, narrowed by the entry."""
+    narrowed = isinstance(entry, Mapping) and "value" in entry and set(entry) <= {"value", *RULE_KEYS}
+    rule = {**SETTING_RULES.get(name, {}), **(entry if narrowed else {})}
+    if "type" not in rule:
+        raise KeyError(f"setting {name!r} has no rule in scripts.core.settings.SETTING_RULES")
+    return (entry["value"] if narrowed else entry), rule
+
+
+def check_settings(checks: Mapping[str, Any]) -> bool:
     """Check each setting against its rule; the first problem is one error line naming the setting.
 
-    ``checks`` maps a setting's name to ``{"value": ..., "type": int|float|bool|str|dict|list|device}``
-    with optional ``min``, ``max``, ``choices`` (str, bool), ``length``, ``item`` (list: int or float),
-    ``item_min``/``item_max`` and ``item_choices`` (list: bounds or allowed values of every item),
-    ``optional`` (null allowed) and ``reason`` (said after the error, why the rule holds).
+    ``checks`` maps a setting's name to its value, checked against :data:`SETTING_RULES`: ``type``
+    int|float|bool|str|dict|list|device with optional ``min``, ``max``, ``choices`` (str, bool), ``length``,
+    ``item`` (list: int or float), ``item_min``/``item_max`` and ``item_choices`` (list: bounds or allowed
+    values of every item), ``optional`` (null allowed) and ``reason`` (said after the error, why the rule
+    holds). ``{value: ..., <rule keys>}`` narrows the declared rule for one workflow.
     Returns ``True`` for a config's ``initialize``.
     """
-    for name, rule in checks.items():
-        value = rule["value"]
+    for name, entry in checks.items():
+        value, rule = _rule(name, entry)
         if value is None and rule.get("optional"):
             continue
         if not _valid(value, rule):

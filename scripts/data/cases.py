@@ -164,14 +164,15 @@ def load_nifti_header(path: str, role: str = "image") -> nib.Nifti1Image:
     return img
 
 
-def read_nifti(path: str, role: str = "image") -> tuple[np.ndarray, np.ndarray]:
+def read_nifti(path: str, role: str = "image", header: nib.Nifti1Image | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI fully (so truncated files fail here) and return ``(array, affine)``.
 
     The header is checked first (:func:`load_nifti_header`: shape, real-valued data type, affine),
-    so a file that cannot be used is refused before its voxels are read. A trailing singleton 4th
-    dimension is accepted (common in converted scans) and dropped.
+    so a file that cannot be used is refused before its voxels are read; pass ``header``, that
+    function's result, when it was already checked. A trailing singleton 4th dimension is accepted
+    (common in converted scans) and dropped.
     """
-    img = load_nifti_header(path, role)
+    img = load_nifti_header(path, role) if header is None else header
     try:
         array = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for damaged files; all mean the same here

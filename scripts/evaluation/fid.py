@@ -10,11 +10,14 @@
 * **3D**: one feature vector per whole volume from a 3D network (MedicalNet-style ResNet,
   z-scored input, global average pool of ``layer4``).
 
-The distance itself is MONAI's ``FIDMetric``. Feature extractors are pluggable: the pretrained
-ResNets of :mod:`scripts.networks.feature_networks`, loaded from a LOCAL weights file (nothing downloads),
-or the offline default ``autoencoder``: the bundle's own stage-1 encoder (see
-:class:`AutoencoderFeatures`). Numbers from different extractors, grids or set sizes are not
-comparable with each other, and only RadImageNet 2.5D on MAISI's grid approaches a published protocol.
+The distance itself is MONAI's ``FIDMetric``. Feature extractors are pluggable: the offline default
+``segmentation``, the encoder of the segmentation network trained on real images only (see
+:class:`SegmentationFeatures`: independent of the generator, whose own features would rate its images by
+what it can represent); the pretrained ResNets of :mod:`scripts.networks.feature_networks`, loaded from a
+LOCAL weights file (nothing downloads); or ``autoencoder``, the bundle's own stage-1 encoder (see
+:class:`AutoencoderFeatures`), kept as a labelled option: its decoder family paints every generated volume.
+Numbers from different extractors, grids or set sizes are not comparable with each other, and only
+RadImageNet 2.5D on MAISI's grid approaches a published protocol.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from scripts.networks.feature_networks import canonical_network_type, load_featu
 __all__ = [
     "PLANES",
     "AUTOENCODER",
+    "SEGMENTATION",
     "FeatureNetwork",
     "AutoencoderFeatures",
+    "SegmentationFeatures",
     "build_fid_extractor",
     "frechet_distance",
     "Fid25D",
@@ -53,8 +58,12 @@ logger = logging.getLogger(__name__)
 
 #: Plane name -> the axis of a channel-first volume ``(C, X, Y, Z)`` (RAS) that the slices are cut along.
 PLANES: dict[str, int] = {"xy": 3, "yz": 1, "zx": 2}
-#: Name of the offline default extractor.
+#: Names of the extractors the bundle has without downloads: the default, and the generator's own encoder.
+SEGMENTATION = "segmentation"
 AUTOENCODER = "autoencoder"
+#: Thickness a slice is repeated to for a 3D segmentation network: a multiple of every demo network's
+#: total downsampling (VNet: 16), so each level sees a whole number of voxels.
+SEGMENTATION_SLAB = 16
 #: Networks per protocol (besides ``autoencoder``): 2D for 2.5D, 3D for the whole-volume protocol.
 _NETWORKS = {2: ("radimagenet_resnet50",), 3: ("medicalnet_resnet10", "medicalnet_resnet50")}
 _PROTOCOL = {2: "2.5D", 3: "3D"}
@@ -67,6 +76,15 @@ class FeatureNetwork(Protocol):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, *spatial) -> (B, F)
         ...
+
+
+def _as_volumes(x: torch.Tensor, spatial_dims: int, slab: int) -> torch.Tensor:
+    """``x`` as float volumes for a 3D network: slices ``(B, 1, H, W)`` (``spatial_dims`` 2) each repeated
+    ``slab`` times along a third axis, volumes ``(B, 1, X, Y, Z)`` as they are."""
+    if x.ndim != spatial_dims + 2 or x.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, {'H, W' if spatial_dims == 2 else 'X, Y, Z'}), got {tuple(x.shape)}")
+    h = x.float()
+    return h.unsqueeze(-1).expand(*h.shape, slab) if spatial_dims == 2 else h
 
 
 class AutoencoderFeatures(torch.nn.Module):
@@ -96,19 +114,61 @@ class AutoencoderFeatures(torch.nn.Module):
         return super().train(False)  # a fixed feature network: GroupNorm has no state, but keep eval semantics
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != 1:
-            raise ValueError(
-                f"expected (B, 1, {'H, W' if self.spatial_dims == 2 else 'X, Y, Z'}), got {tuple(x.shape)}"
-            )
-        h = x.float()
-        if self.spatial_dims == 2:
-            h = h.unsqueeze(-1).expand(*h.shape, self.compression)
+        h = _as_volumes(x, self.spatial_dims, self.compression)
         features = []
         for block in self.encoder.blocks:
             h = block(h)
             if type(block).__name__ == "AEKLResBlock":
                 features.append(h.flatten(2).mean(dim=2))
         return torch.cat(features, dim=1)
+
+
+class SegmentationFeatures(torch.nn.Module):
+    """The encoder of a segmentation network trained on real images only as a feature network.
+
+    Features: for each resolution the network's encoder passes through, the last convolution output at that
+    resolution, averaged over space; concatenated (found by hooking every ``Conv3d`` in the order they run,
+    until the resolution grows again, where the decoder starts; this holds for the five MONAI networks of
+    configs/train_segmentation.yaml). The network learned what real images of this domain hold and has
+    never seen a generated one, so its features do not favour what the generator can represent.
+
+    ``spatial_dims=3`` takes whole volumes ``(B, 1, X, Y, Z)``; ``spatial_dims=2`` takes slices
+    ``(B, 1, H, W)``, each repeated :data:`SEGMENTATION_SLAB` times along a third axis. Inputs as the
+    network was trained: preprocessed images in [0, 1].
+    """
+
+    def __init__(self, network: torch.nn.Module, spatial_dims: int = 3) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.network = network.eval().requires_grad_(False)
+        self.spatial_dims = spatial_dims
+        self.convolutions = [m for m in self.network.modules() if isinstance(m, torch.nn.Conv3d)]
+        if not self.convolutions:
+            raise ValueError(f"{type(network).__name__} has no Conv3d to take features from")
+
+    def train(self, mode: bool = True) -> SegmentationFeatures:
+        return super().train(False)  # a fixed feature network: batch/instance norms keep their eval behaviour
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        h = _as_volumes(x, self.spatial_dims, SEGMENTATION_SLAB)
+        outputs: list[tuple[int, torch.Tensor]] = []  # (voxels per channel, pooled output) in the order run
+
+        def record(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            outputs.append((output[0, 0].numel(), output.flatten(2).mean(dim=2)))
+
+        handles = [conv.register_forward_hook(record) for conv in self.convolutions]
+        try:
+            self.network(h)
+        finally:
+            for handle in handles:
+                handle.remove()
+        levels: dict[int, torch.Tensor] = {}  # resolution -> its last output on the way down
+        for voxels, pooled in outputs:
+            if levels and voxels > min(levels):
+                break  # the resolution grows: the decoder has started
+            levels[voxels] = pooled
+        return torch.cat(list(levels.values()), dim=1)
 
 
 def _fid_weights_error(error: BundleInputError, setting: str) -> BundleInputError:
@@ -127,11 +187,13 @@ def build_fid_extractor(
     compression: int = 4,
     setting: str = "fid_weights",
     device: torch.device | str = "cpu",
+    segmenter: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """The feature network of one protocol (``spatial_dims`` 2: the 2.5D protocol, 3: the 3D one).
 
-    ``network`` is ``"autoencoder"`` (the stage-1 encoder: ``autoencoder`` is the configured,
-    not yet loaded network and ``autoencoder_path`` its weights) or a pretrained ResNet of
+    ``network`` is ``"segmentation"`` (``segmenter``: the loaded segmentation network trained on real
+    images, ``--segmentation_checkpoint``), ``"autoencoder"`` (the stage-1 encoder: ``autoencoder`` is the
+    configured, not yet loaded network and ``autoencoder_path`` its weights) or a pretrained ResNet of
     :mod:`scripts.networks.feature_networks` of the right dimensionality with ``weights_path`` a local
     state dict. ``setting`` names the weights setting in error messages.
 
@@ -140,6 +202,14 @@ def build_fid_extractor(
             weights file, or weights that do not fit the architecture (one line naming the file).
     """
     protocol = _PROTOCOL[spatial_dims]
+    if str(network).lower() == SEGMENTATION:
+        if segmenter is None:
+            raise BundleInputError(
+                f"{protocol} FID: its default extractor is the segmentation network trained on real images; pass "
+                f"--segmentation_checkpoint, or --{setting.replace('weights', 'network')} {AUTOENCODER} (the "
+                "generator's own encoder, not independent of it)"
+            )
+        return SegmentationFeatures(segmenter, spatial_dims).to(device)
     if str(network).lower() == AUTOENCODER:
         if autoencoder is None or not autoencoder_path:
             raise BundleInputError(f"{protocol} FID with the autoencoder extractor needs --autoencoder_path")
@@ -154,12 +224,12 @@ def build_fid_extractor(
     except BundleInputError:
         name = None
     if name not in _NETWORKS[spatial_dims]:
-        choices = ", ".join((AUTOENCODER, *_NETWORKS[spatial_dims]))
+        choices = ", ".join((SEGMENTATION, AUTOENCODER, *_NETWORKS[spatial_dims]))
         raise BundleInputError(f"{protocol} FID network {network!r} is not supported; use one of {choices}")
     if not weights_path:
         raise BundleInputError(
             f"{protocol} FID network {name!r} needs a local weights file: pass --{setting} FILE "
-            f"(nothing is downloaded), or use the offline default --{setting.replace('weights', 'network')} {AUTOENCODER}"
+            f"(nothing is downloaded), or use the offline default --{setting.replace('weights', 'network')} {SEGMENTATION}"
         )
     try:
         return load_feature_extractor(name, weights_path).to(device)
@@ -293,6 +363,7 @@ def fid_protocol(
     center_slices_ratio: float = 1.0,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    segmenter: torch.nn.Module | None = None,
 ) -> Fid25D | Fid3D | None:
     """The 2.5D (``spatial_dims`` 2) or 3D protocol with its extractor (:func:`build_fid_extractor`);
     ``None`` when ``network`` is not set (the protocol is not measured)."""
@@ -301,22 +372,29 @@ def fid_protocol(
         return None
     setting = "fid_2_5d_weights" if spatial_dims == 2 else "fid_3d_weights"
     extractor = build_fid_extractor(
-        network, weights_path, spatial_dims, autoencoder, autoencoder_path, compression, setting, device
+        network, weights_path, spatial_dims, autoencoder, autoencoder_path, compression, setting, device, segmenter
     )
     return Fid25D(extractor, center_slices_ratio, batch_size) if spatial_dims == 2 else Fid3D(extractor)
 
 
 def describe(
-    network: str | None, weights_path: str | None, autoencoder_path: str | None = None
+    network: str | None,
+    weights_path: str | None,
+    autoencoder_path: str | None = None,
+    segmentation_checkpoint: str | None = None,
 ) -> dict[str, Any] | None:
     """What a protocol measures with, for ``metrics.json``: the network and its weights file with sha256."""
     if not network or str(network).strip().lower() in ("null", "none"):
         return None
-    path = autoencoder_path if str(network).lower() == AUTOENCODER else weights_path
+    own = {AUTOENCODER: autoencoder_path, SEGMENTATION: segmentation_checkpoint}
+    path = own.get(str(network).lower(), weights_path)
     exists = bool(path) and os.path.isfile(path)
     return {
         "network": str(network),
         "weights": None if not path else os.path.abspath(path),
         "weights_sha256": file_hash(path) if exists else None,
-        "offline_surrogate": str(network).lower() == AUTOENCODER,  # True: not comparable with published FIDs
+        # True: features of no published protocol, so the values are not comparable with published FIDs
+        "offline_surrogate": str(network).lower() in own,
+        # False: the generator's own encoder, which favours what the generator can represent
+        "independent_of_generator": str(network).lower() != AUTOENCODER,
     }

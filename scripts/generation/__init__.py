@@ -3,6 +3,15 @@
 """Generation from trained weights: guided sampler, autoguidance, mask-to-image inference, unconditional sampling,
 previews."""
 
-from . import autoguidance, inference, preview, quality_gate, sample_preview, sampler, unconditional
+from . import autoguidance, inference, preview, quality_gate, sample_preview, sampler, unconditional, weights
 
-__all__ = ["autoguidance", "inference", "preview", "quality_gate", "sample_preview", "sampler", "unconditional"]
+__all__ = [
+    "autoguidance",
+    "inference",
+    "preview",
+    "quality_gate",
+    "sample_preview",
+    "sampler",
+    "unconditional",
+    "weights",
+]

@@ -28,6 +28,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
@@ -57,6 +58,7 @@ __all__ = [
     "output_seed",
     "output_prefix",
     "MaskToImage",
+    "CheckedMask",
     "check_masks",
     "generate_pairs",
 ]
@@ -403,10 +405,18 @@ class MaskToImage:
             )
         return needed
 
-    def read(self, path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
-        """The checked, remapped label array of ``path`` and its NIfTI image (for the header)."""
-        label, _ = read_nifti(path, role="label mask")
-        return np.asarray(self.contract.prepare(label, path)), nib.load(path)
+    def read(self, path: str, header: nib.Nifti1Image | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """The checked, remapped label array of ``path`` and its NIfTI image (for the header).
+
+        ``header``: the file's checked header (``scripts.data.cases.load_nifti_header``), when already
+        opened. The label ids are kept as uint8 when they fit (the contract's ids always do).
+        """
+        header = load_nifti_header(path, role="label mask") if header is None else header
+        label, _ = read_nifti(path, role="label mask", header=header)
+        label = np.asarray(self.contract.prepare(label, path))
+        if label.size and 0 <= label.min() and label.max() <= np.iinfo(np.uint8).max:
+            label = label.astype(np.uint8, copy=False)
+        return label, header
 
     def edit(self, label: np.ndarray, affine: np.ndarray, seed: int, source: str) -> tuple[np.ndarray, dict[str, Any]]:
         """The edited label (the label itself without an editor) and a summary of the edits."""
@@ -457,18 +467,31 @@ def _label_dtype(like: nib.Nifti1Image, label: np.ndarray) -> Any:
     return dtype
 
 
-def check_masks(masks: Sequence[Mapping[str, str]], generator: MaskToImage) -> int:
-    """Check every mask before anything is generated; raises on the first bad one.
+@dataclass
+class CheckedMask:
+    """One input mask, read and checked once: its datalist entry, its header and its remapped label ids."""
+
+    item: Mapping[str, str]
+    nifti: nib.Nifti1Image
+    label: np.ndarray
+
+
+def check_masks(masks: Sequence[Mapping[str, str]], generator: MaskToImage) -> list[CheckedMask]:
+    """Read and check every mask before anything is generated; raises on the first bad one.
 
     First every header (3D grid, real-valued data type, usable affine, the memory the mask will
     need: see :meth:`MaskToImage.check_memory`), which takes no time, then every mask's voxels
-    against the label contract.
+    against the label contract. Each file is decompressed once: generation uses what is returned
+    (label ids as uint8, a few MB per mask).
     """
-    for item in masks:
-        generator.check_memory(item["label"], load_nifti_header(item["label"], role="label mask"))
-    for item in tqdm(masks, desc="checking masks", unit="mask"):
-        generator.read(item["label"])
-    return len(masks)
+    headers = [load_nifti_header(item["label"], role="label mask") for item in masks]
+    for item, header in zip(masks, headers, strict=True):
+        generator.check_memory(item["label"], header)
+    checked = []
+    for item, header in tqdm(list(zip(masks, headers, strict=True)), desc="checking masks", unit="mask"):
+        label, nifti = generator.read(item["label"], header)
+        checked.append(CheckedMask(item, nifti, label))
+    return checked
 
 
 def generate_pairs(
@@ -493,16 +516,16 @@ def generate_pairs(
     if num_samples_per_mask < 1:
         raise BundleInputError(f"config 'num_samples_per_mask' must be at least 1, got {num_samples_per_mask}")
     save_preview = as_bool(save_preview, "save_preview")
-    check_masks(masks, generator)
+    checked = check_masks(masks, generator)
     with staged_output(
         output_dir, overwrite, inputs=[item["label"] for item in masks], kind="set of generated pairs"
     ) as staging:
         records = []
-        jobs = [(item, k) for item in masks for k in range(num_samples_per_mask)]
-        for item, k in tqdm(jobs, desc="generating", unit="volume"):
+        jobs = [(mask, k) for mask in checked for k in range(num_samples_per_mask)]
+        for mask, k in tqdm(jobs, desc="generating", unit="volume"):
             records.append(
                 _write_pair(
-                    item,
+                    mask,
                     k,
                     num_samples_per_mask,
                     generator,
@@ -524,7 +547,7 @@ def generate_pairs(
 
 
 def _write_pair(
-    item: Mapping[str, str],
+    mask: CheckedMask,
     sample: int,
     num_samples: int,
     generator: MaskToImage,
@@ -534,9 +557,9 @@ def _write_pair(
     save_preview: bool,
     quality_gate: HBPQualityGate | None = None,
 ) -> dict[str, Any]:
+    item, label, nifti = mask.item, mask.label, mask.nifti
     prefix = output_prefix(item["name"], sample, num_samples)
     case_seed = output_seed(seed, item["name"], sample)
-    label, nifti = generator.read(item["label"])
     edited, summary = generator.edit(label, nifti.affine, case_seed, item["label"])
     image = generator(edited, nifti.affine, case_seed, device)
     gate_record = None

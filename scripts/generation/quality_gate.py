@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from scripts.core.errors import BundleInputError
+from scripts.core.settings import as_bool
 from scripts.data.labels import class_intensity_sums, class_means
 
-__all__ = ["HBPQualityGate"]
+__all__ = ["HBPQualityGate", "build_quality_gate"]
 
 
 class HBPQualityGate:
@@ -88,3 +89,8 @@ class HBPQualityGate:
             return {"passed": True, "margin": None, "contrast": {}, "note": "no dark class large enough to judge"}
         margin = min(contrasts.values()) - self.min_contrast
         return {"passed": bool(margin >= 0), "margin": round(margin, 4), "contrast": contrasts}
+
+
+def build_quality_gate(labels: Mapping[str, int], enabled: Any, settings: Mapping[str, Any]) -> HBPQualityGate | None:
+    """The ``quality_gate_settings`` as an :class:`HBPQualityGate`, or ``None`` when ``enabled`` is false."""
+    return HBPQualityGate(labels=labels, **settings) if as_bool(enabled, "quality_gate_enabled") else None

@@ -170,6 +170,8 @@ class LatentDiffusionSampler(torch.nn.Module):
         guide_unet: optional weaker UNet for autoguidance (:mod:`scripts.generation.autoguidance`),
             used when ``autoguidance_weight`` is not 1.
         autoguidance_weight: each step's prediction is ``guide + weight * (unet - guide)``.
+        inferer: the MONAI inferer whose ``sample`` runs the reverse loop (``ControlNetDiffusionInferer`` with a
+            ControlNet, else ``DiffusionInferer``; ``None``: one made with ``scheduler``).
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class LatentDiffusionSampler(torch.nn.Module):
         latent_shift: Sequence[float] | None = None,
         guide_unet: torch.nn.Module | None = None,
         autoguidance_weight: float = 1.0,
+        inferer: DiffusionInferer | ControlNetDiffusionInferer | None = None,
     ) -> None:
         super().__init__()
         if controlnet is not None and contract is None:
@@ -212,6 +215,9 @@ class LatentDiffusionSampler(torch.nn.Module):
         self.progress = bool(progress)
         self.autoguidance_weight = float(autoguidance_weight)
         self.guide_unet = unwrap(guide_unet) if guidance_enabled(autoguidance_weight) else None
+        if inferer is None:
+            inferer = DiffusionInferer(scheduler) if controlnet is None else ControlNetDiffusionInferer(scheduler)
+        self.inferer = inferer
 
     def train(self, mode: bool = True) -> LatentDiffusionSampler:
         self.training = mode  # not recursive, see the class docstring
@@ -250,14 +256,12 @@ class LatentDiffusionSampler(torch.nn.Module):
             unet = AutoGuidedUNet(self.unet, self.guide_unet, self.autoguidance_weight)
         with eval_mode(*networks), torch.no_grad(), onednn_conv3d(*networks):
             if self.controlnet is None:
-                return DiffusionInferer(self.scheduler).sample(noise, unet, self.scheduler, verbose=self.progress)
+                return self.inferer.sample(noise, unet, self.scheduler, verbose=self.progress)
             controlnet = self.controlnet
             if self.conditioning_scale != 1.0:
                 controlnet = _ScaledControlNet(controlnet, self.conditioning_scale)
             with conditioning_embedded_once(self.controlnet, condition):
-                return ControlNetDiffusionInferer(self.scheduler).sample(
-                    noise, unet, controlnet, condition, self.scheduler, verbose=self.progress
-                )
+                return self.inferer.sample(noise, unet, controlnet, condition, self.scheduler, verbose=self.progress)
 
     def decode(self, latents: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled latents -> images, clipped to ``intensity_range``, on the latents' device.

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from scripts.core.checkpoints import load_checkpoint, load_network_weights, unwrap, weights_sha256
+from scripts.core.distributed import data_parallel
 from scripts.core.errors import BundleInputError
+from scripts.core.settings import as_bool
 from scripts.networks.label_guided import is_label_guided
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "latent_space_sha256",
     "load_autoencoder_weights",
     "load_initial_autoencoder",
+    "trainable_autoencoder",
     "warm_start_label_guided",
 ]
 
@@ -72,6 +75,18 @@ def freeze_latent_space(autoencoder: torch.nn.Module, freeze: bool, init_path: s
             if name in LATENT_SPACE_MODULES:
                 module.requires_grad_(False)
     return autoencoder
+
+
+def trainable_autoencoder(
+    network: torch.nn.Module, device: torch.device | str, freeze_encoder: Any, init_path: str | None, distributed: Any
+) -> torch.nn.Module:
+    """Stage 1's network as training needs it: on ``device``, the latent space frozen when asked
+    (:func:`freeze_latent_space`), started from ``init_path`` (:func:`load_initial_autoencoder`), then
+    wrapped in DDP under configs/multi_gpu.yaml (after freezing: DDP records which weights train)."""
+    autoencoder = freeze_latent_space(network.to(device), as_bool(freeze_encoder, "freeze_encoder"), init_path)
+    if init_path is not None:
+        load_initial_autoencoder(autoencoder, init_path)
+    return data_parallel(autoencoder, distributed, device)
 
 
 def check_latent_space(

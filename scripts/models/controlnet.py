@@ -33,6 +33,7 @@ from scripts.data.labels import LabelContract
 
 __all__ = [
     "CONTROLNET_ONLY_PREFIXES",
+    "init_controlnet",
     "init_controlnet_from_unet",
     "check_conditioning_channels",
     "latent_weight_map",
@@ -110,6 +111,17 @@ def load_controlnet(
             f"{path}: ControlNet was trained with labels {checkpoint['labels']}, this run declares {dict(labels)}"
         )
     return checkpoint
+
+
+def init_controlnet(
+    controlnet: torch.nn.Module, unet_checkpoint: Mapping[str, Any], unet_path: str, init_path: str | None
+) -> bool:
+    """The ControlNet's starting weights: the UNet's (:func:`init_controlnet_from_unet`), or those of an earlier
+    ControlNet at ``init_path`` (``init_controlnet_path``: fine-tuning). A resume overrides either."""
+    if init_path is None:
+        return init_controlnet_from_unet(controlnet, unet_checkpoint["diffusion_unet"], unet_path)
+    load_network_weights(controlnet, init_path, "controlnet", "initial ControlNet weights")
+    return True
 
 
 def check_conditioning_channels(in_channels: int, contract: LabelContract) -> bool:

@@ -165,7 +165,7 @@ def load_generator(generator: MaskToImageGenerator, path: str, labels: Mapping[s
         "generator",
         "GAN baseline weights",
         hint="train them with `python -m monai.bundle run training --config_file "
-        "\"['configs/common.yaml', 'configs/train_gan_baseline.yaml']\"` "
+        "\"['configs/common.yaml', 'configs/train_base.yaml', 'configs/train_gan_baseline.yaml']\"` "
         "and pass --gan_path",
     )
     if "labels" in checkpoint and dict(checkpoint["labels"]) != dict(labels):

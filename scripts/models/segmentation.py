@@ -183,7 +183,7 @@ def load_segmentation_weights(network: torch.nn.Module, path: str, expected: Map
         "model",
         "segmentation weights",
         hint="train them first with `python -m monai.bundle run training --config_file "
-        "\"['configs/common.yaml', 'configs/train_segmentation.yaml']\"` "
+        "\"['configs/common.yaml', 'configs/train_base.yaml', 'configs/train_segmentation.yaml']\"` "
         "(the best checkpoint is written at the first validation)",
     )
     for key, value in expected.items():

@@ -22,6 +22,12 @@ outputs, datasets and caches never ship; a folder outside git (e.g. an unpacked 
 walked instead. Every ``large_files.yml`` entry ships too and must be present with its hash: the
 zoo's hosted zips carry their weights.
 
+Each workflow config ships standalone: ``configs/<task>.yaml`` holds what the repository's layers give it
+(configs/common.yaml, configs/train_base.yaml for training, the task an overlay extends), folded into one
+file, so the model zoo's single-file tools (``monai.bundle run --config_file configs/inference.yaml``,
+``verify_net_in_out``, ``ckpt_export``) load it; the layered commands of the README still work, since a
+folded file replaces what it layers on. The overlays (``hires.yaml``, ``multi_gpu.yaml``) ship as they are.
+
 The zip is byte-for-byte reproducible: entries sorted, no directory entries, a fixed timestamp,
 fixed Unix permissions and deflate level (the zoo touches files to a fixed date and runs
 ``zip -D -X``). The same files with the same zlib give the same bytes.
@@ -38,11 +44,14 @@ import subprocess
 import zipfile
 from typing import Sequence
 
+import yaml
+
 from scripts.core.checkpoints import file_hash
 from scripts.core.errors import BundleInputError, install_error_hook
 from scripts.core.outputs import atomic_path
+from scripts.core.settings import layered_config_files
 
-__all__ = ["release_name", "release_files", "check_large_files", "write_release", "main"]
+__all__ = ["release_name", "release_files", "check_large_files", "standalone_config", "write_release", "main"]
 
 #: Top-level files and folders a user of the bundle needs; anything else at the root stays out.
 SHIPPED_FILES = ("LICENSE", "README.md", "requirements.txt", "large_files.yml", "large_files.yaml", "large_files.json")
@@ -52,6 +61,9 @@ EXCLUDED_NAMES = ("__pycache__",)
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp")
 #: Files the zoo's CI requires in every bundle.
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json")
+
+#: Configs that layer on any workflow: shipped as they are, not folded.
+OVERLAY_CONFIGS = ("common.yaml", "hires.yaml", "multi_gpu.yaml")
 
 #: Timestamp of every entry: the earliest a zip can record (the zoo uses a fixed date too).
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -201,6 +213,24 @@ def release_files(bundle_root: str) -> list[str]:
     return sorted(files)
 
 
+def standalone_config(bundle_root: str, rel: str) -> bytes | None:
+    """The workflow config ``rel`` with every layer it is used with folded in, as YAML; ``None`` for a file
+    that ships as it is (not a ``configs/*.yaml`` workflow config)."""
+    folder, name = os.path.split(rel)
+    if folder != "configs" or not name.endswith(".yaml") or name in OVERLAY_CONFIGS:
+        return None
+    from monai.bundle import ConfigParser
+
+    layers = layered_config_files(os.path.join(bundle_root, rel))
+    content = ConfigParser.load_config_files(layers)
+    sources = " + ".join(os.path.basename(p) for p in layers)
+    header = (
+        f"# {rel} for the release, standalone: {sources} in one file, so that single-file\n"
+        "# tools load it (the commented layers are in the bundle's repository).\n"
+    )
+    return (header + yaml.safe_dump(content, sort_keys=False, width=120, allow_unicode=True)).encode()
+
+
 def _zip_entry(arcname: str, size: int) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(arcname, date_time=ZIP_DATE)
     info.create_system = 3  # Unix, so the permission bits below mean the same everywhere
@@ -240,6 +270,10 @@ def write_release(bundle_root: str = ".", output_dir: str = "dist", overwrite: b
             with zipfile.ZipFile(tmp, "w", compresslevel=9) as zf:
                 for rel in files:
                     src = os.path.join(bundle_root, rel)
+                    folded = standalone_config(bundle_root, rel)
+                    if folded is not None:
+                        zf.writestr(_zip_entry(f"{name}/{rel}", len(folded)), folded)
+                        continue
                     with (
                         open(src, "rb") as fin,
                         zf.open(_zip_entry(f"{name}/{rel}", os.path.getsize(src)), "w") as fout,
