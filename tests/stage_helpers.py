@@ -15,7 +15,9 @@ import torch
 from conftest import BUNDLE_ROOT, COMMON, TINY_GRID
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from scripts.core.checkpoints import weights_sha256
 from scripts.core.settings import layered_config_files
+from scripts.data.labels import LABELS
 from scripts.models.autoencoder import latent_space_sha256
 
 #: The tiny model grid of the stage-1 tests (32^3 voxels, 8^3 latents), without the stage-1 patch size.
@@ -122,3 +124,52 @@ def workflow(config: str, **settings: Any) -> ConfigWorkflow:
     """
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT, "run bundle workflows from the bundle root"
     return ConfigWorkflow(config_file=layered_config_files(config), workflow_type="train", **settings)
+
+
+#: configs/inference.yaml and the layers under it
+INFERENCE_CONFIG = layered_config_files("configs/inference.yaml")
+
+
+def write_controlnet(path: Path, unet: Path, seed: int = 0) -> Path:
+    unet_checkpoint = torch.load(unet, weights_only=True)
+    return write_network(
+        path,
+        "controlnet_def",
+        "controlnet",
+        seed,
+        trained_like=True,
+        noise_schedule=unet_checkpoint["noise_schedule"],
+        labels=LABELS,
+        diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"),
+    )
+
+
+def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Tiny seeded-random weights for both schedules, recorded as the training configs record them."""
+    root = tmp_path_factory.mktemp("weights")
+    autoencoder = write_autoencoder(root / "autoencoder.pt")
+    found = {}
+    for schedule in ("ddpm", "rflow"):
+        unet = write_unet(root / f"unet_{schedule}.pt", autoencoder, noise_schedule=schedule)
+        controlnet = write_controlnet(root / f"controlnet_{schedule}.pt", unet)
+        guide = write_unet(root / f"guide_{schedule}.pt", autoencoder, seed=1, noise_schedule=schedule)
+        found[schedule] = {
+            "autoencoder_path": str(autoencoder),
+            "diffusion_unet_path": str(unet),
+            "controlnet_path": str(controlnet),
+            "autoguidance_unet_path": str(guide),  # every run guides (configs/inference.yaml: weight 2)
+            "label_guided_decoder": False,  # a plain autoencoder (configs/inference.yaml ships a label-guided one)
+        }
+    return found
+
+
+def infer(output: Path, weights: dict[str, str], **settings) -> Path:
+    """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
+    assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
+    settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights, **settings}
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE_CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output), **settings
+    )
+    workflow.initialize()
+    workflow.run()
+    return output

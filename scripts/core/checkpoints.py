@@ -289,6 +289,8 @@ class StageCheckpointer:
         must_match: keys of ``extra`` that a checkpoint being resumed must hold with the same value
             (the noise schedule, the identity of frozen weights, ...); a difference stops the command
             before training with one line, instead of silently mixing two incompatible runs.
+        keep_epochs: after these epochs also keep ``<stage>_epoch<N>.pt``, a copy of ``last`` that later
+            epochs do not replace (e.g. the earlier stage-2 UNet that guides sampling, autoguidance).
     """
 
     def __init__(
@@ -300,8 +302,10 @@ class StageCheckpointer:
         extra: Mapping[str, Any] | None = None,
         is_main_process: bool = True,
         must_match: Sequence[str] = (),
+        keep_epochs: Sequence[int] = (),
     ) -> None:
         self.save_dir = training_folder(save_dir)
+        self.keep_epochs = {int(e) for e in keep_epochs}
         self.stage = stage
         self.save_dict = dict(save_dict)
         self.evaluator = evaluator
@@ -434,9 +438,17 @@ class StageCheckpointer:
             f"iteration {engine.state.iteration}"
         )
 
+    def epoch_path(self, epoch: int) -> str:
+        """Where the copy kept after ``epoch`` (``keep_epochs``) goes."""
+        return os.path.join(self.save_dir, f"{self.stage}_epoch{int(epoch)}.pt")
+
     def save_last(self, engine: Any) -> None:
         if self.is_main_process:
-            save_atomic(self._payload(engine), self.last_path)
+            payload = self._payload(engine)
+            save_atomic(payload, self.last_path)
+            if engine.state.epoch in self.keep_epochs:
+                save_atomic(payload, self.epoch_path(engine.state.epoch))
+                logger.info(f"kept {self.epoch_path(engine.state.epoch)}")
 
     def save_best(self, engine: Any) -> None:
         state = self.evaluator.state

@@ -37,6 +37,7 @@ __all__ = [
     "TRUE_WORDS",
     "FALSE_WORDS",
     "as_bool",
+    "as_optional",
     "check_cli_overrides",
     "check_settings",
     "layered_config_files",
@@ -73,7 +74,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "cache_rate": dict(type="float", min=0.0, max=1.0),
     "center_latents": dict(type="bool"),
     "class_loss_weights": dict(type="dict"),
-    "classifier_test": dict(type="dict", optional=True),
+    "classifier_test": dict(type="dict", optional=True, null_text=True),  # the evaluation reads null text as off
     "conditioning_scale": dict(type="float", min=0.0),
     "crop_neg": dict(type="float", min=0.0),
     "crop_pos": dict(type="float", min=0.0),
@@ -99,6 +100,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "key_metric": dict(type="str", choices=["val_psnr", "val_ssim", "val_recon_contrast"]),
     "kl_weight": dict(type="float", min=0.0),
     "l1_weight": dict(type="float", min=0.0),
+    "keep_epochs": dict(type="list", item="int", item_min=1),
     "label_guided_decoder": dict(type="bool"),
     "label_map": dict(type="dict", optional=True),
     "launcher": dict(type="str", choices=["subprocess", "in_process"]),
@@ -175,8 +177,18 @@ RULE_KEYS = (
     "item_max",
     "item_choices",
     "optional",
+    "null_text",
     "reason",
 )
+
+
+#: Text the bundle command line passes for ``--setting null`` (MONAI keeps it as a string).
+NULL_WORDS = ("null", "none")
+
+
+def as_optional(value: Any) -> Any:
+    """``None`` for ``None`` or the text null/none (any case), as ``--setting null`` arrives; else ``value``."""
+    return None if value is None or (isinstance(value, str) and value.strip().lower() in NULL_WORDS) else value
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -368,13 +380,14 @@ def check_settings(checks: Mapping[str, Any]) -> bool:
     ``checks`` maps a setting's name to its value, checked against :data:`SETTING_RULES`: ``type``
     int|float|bool|str|dict|list|device with optional ``min``, ``max``, ``choices`` (str, bool), ``length``,
     ``item`` (list: int or float), ``item_min``/``item_max`` and ``item_choices`` (list: bounds or allowed
-    values of every item), ``optional`` (null allowed) and ``reason`` (said after the error, why the rule
-    holds). ``{value: ..., <rule keys>}`` narrows the declared rule for one workflow.
+    values of every item), ``optional`` (null allowed; with ``null_text`` also the text null/none, which the
+    reader converts with :func:`as_optional`) and ``reason`` (said after the error, why the rule holds).
+    ``{value: ..., <rule keys>}`` narrows the declared rule for one workflow.
     Returns ``True`` for a config's ``initialize``.
     """
     for name, entry in checks.items():
         value, rule = _rule(name, entry)
-        if value is None and rule.get("optional"):
+        if rule.get("optional") and (value is None or (rule.get("null_text") and as_optional(value) is None)):
             continue
         if not _valid(value, rule):
             if rule["type"] == "device" and isinstance(value, (str,)) and value.startswith("cuda"):

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from scripts.core.checkpoints import load_checkpoint
 from scripts.core.errors import BundleInputError
 from scripts.core.outputs import markdown_table, staged_output
-from scripts.core.settings import as_bool
+from scripts.core.settings import as_bool, as_optional
 from scripts.data.cases import check_case, load_datalist, read_nifti
 from scripts.data.labels import LabelContract, class_intensity_sums, class_means
 from scripts.data.pairs import find_pairs
@@ -441,6 +441,7 @@ class Evaluation:
         )
         self.histogram_bins = histogram_bins
         self.texture_measures = as_bool(texture_measures, "texture_measures")
+        classifier_test = as_optional(classifier_test)  # --classifier_test null arrives as text
         self.classifier_test = None if classifier_test is None else dict(classifier_test)
         if self.classifier_test is not None:  # cubes no larger than the grid
             self.classifier_test["crop"] = min(int(self.classifier_test.get("crop", 32)), *self.spatial_size)

@@ -11,7 +11,7 @@ from conftest import BUNDLE_ROOT
 from monai.bundle import ConfigWorkflow
 
 from scripts.core.errors import BundleInputError, find_input_error
-from scripts.core.settings import check_cli_overrides, layered_config_files
+from scripts.core.settings import check_cli_overrides, check_settings, layered_config_files
 from scripts.data.labels import LABELS, LabelContract
 from scripts.data.phantom import write_phantom_dataset
 
@@ -86,3 +86,12 @@ def test_an_unknown_mask_edit_is_one_line_with_close_matches():
         mask_editor(LABELS, {"insert_hcc_diameter": [10]})
     assert mask_editor(LABELS, None) is None
     assert mask_editor(LABELS, {"insert_hcc_diameters_mm": [10]}).enabled
+
+
+def test_null_text_is_null_only_where_its_reader_converts_it():
+    from scripts.core.settings import as_optional
+
+    assert check_settings({"classifier_test": "null"}) and check_settings({"classifier_test": "None"})
+    assert as_optional("null") is None and as_optional({"folds": 5}) == {"folds": 5}
+    with pytest.raises(BundleInputError, match="config 'mask_editing': expected a dict or null, got 'null'"):
+        check_settings({"mask_editing": "null"})  # read as given: the text stays refused

@@ -16,6 +16,7 @@ from scripts.core.settings import layered_config_files
 DEMO_DATA = layered_config_files("configs/demo_data.yaml")
 
 
+@pytest.mark.slow
 def test_demo_data_command_writes_dataset_and_refuses_to_overwrite(tmp_path):
     dataset = tmp_path / "phantom"
     args = ["--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3", "--seed", "5"]
@@ -69,6 +70,7 @@ def test_check_data_rejects_ids_missing_from_label_map(tiny_phantoms, tmp_path, 
     assert not (tmp_path / "data_report.json").exists()
 
 
+@pytest.mark.slow
 def test_misspelt_setting_is_refused_and_no_means_no(tmp_path):
     """A misspelt override used to be ignored (the default ran); `--save_figure false` used to write the figure."""
     dataset = tmp_path / "phantom"

@@ -101,6 +101,7 @@ def test_toy_windows_have_the_requested_size() -> None:
 
 
 # ---------------------------------------------------------------------- real autoencoder
+@pytest.mark.slow
 def test_tiled_decode_matches_whole_decode(autoencoder: torch.nn.Module) -> None:
     z = _randn(1, 4, 24, 24, 16, seed=10)
     with torch.no_grad():
@@ -114,6 +115,7 @@ def test_tiled_decode_matches_whole_decode(autoencoder: torch.nn.Module) -> None
     assert err["mean_abs"] <= DECODE_MEAN_REL_TOL * err["data_range"]
 
 
+@pytest.mark.slow
 def test_larger_overlap_gives_smaller_seam_error(autoencoder: torch.nn.Module) -> None:
     z = _randn(1, 4, 32, 16, 16, seed=11)  # tiled along x only: windows 2 / 3 / 5
     with torch.no_grad():

@@ -74,6 +74,7 @@ def test_a_real_image_scores_itself_exactly(phantoms):
     assert paired_measures(image, label, LABELS) == paired_measures(image.copy(), label.copy(), LABELS)
 
 
+@pytest.mark.slow
 def test_the_classifier_test_tells_a_blurred_set_apart_and_not_a_set_from_itself(phantoms):
     real = [image for image, _ in phantoms]
     blurred = [ndimage.gaussian_filter(image, sigma=1.5) for image in real]

@@ -95,6 +95,7 @@ def _loss(loss_fn: PerceptualLoss3D, x: torch.Tensor, y: torch.Tensor, seed: int
 
 
 @pytest.mark.parametrize("key", [k for k, _ in KINDS])
+@pytest.mark.slow
 def test_identical_inputs_give_zero(losses, key):
     x = _volume()
     assert abs(_loss(losses[key], x, x.clone()).item()) < 1e-6

@@ -26,7 +26,7 @@ TRAIN = layered_config_files("configs/train_gan_baseline.yaml")
 INFER = layered_config_files("configs/inference_gan_baseline.yaml")
 
 
-def _train(dataset: Path, output: Path, max_epochs: int) -> ConfigWorkflow:
+def _train(dataset: Path, output: Path, max_epochs: int, **settings) -> ConfigWorkflow:
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
     workflow = ConfigWorkflow(
         config_file=TRAIN,
@@ -39,6 +39,7 @@ def _train(dataset: Path, output: Path, max_epochs: int) -> ConfigWorkflow:
         batch_size=2,
         patch_size=[32, 32, 32],
         **TINY,
+        **settings,
     )
     workflow.initialize()
     workflow.run()
@@ -74,6 +75,17 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, tiny_phantoms, tmp_path
     after = torch.load(output / "gan_baseline" / "gan_baseline_last.pt", weights_only=True)
     assert after["epoch"] == 2 and after["iteration"] == 2  # one more epoch, not two from scratch
     assert any(not torch.equal(before[k], after["generator"][k]) for k in before)
+
+
+def test_kept_epochs_stay_as_they_were_when_training_goes_on(trained, tiny_phantoms, tmp_path):
+    """keep_epochs (train_base.yaml): a copy of an earlier epoch, e.g. stage 2's autoguidance guide."""
+    output = tmp_path / "kept"
+    shutil.copytree(trained, output)
+    _train(tiny_phantoms, output, max_epochs=3, keep_epochs=[2])
+    folder = output / "gan_baseline"
+    kept, last = (torch.load(folder / f"gan_baseline_{k}.pt", weights_only=True) for k in ("epoch2", "last"))
+    assert kept["epoch"] == 2 and last["epoch"] == 3 and not (folder / "gan_baseline_epoch3.pt").exists()
+    assert any(not torch.equal(kept["generator"][k], last["generator"][k]) for k in kept["generator"])
 
 
 def test_generates_pairs_in_the_inference_layout(trained, tiny_phantoms, tmp_path):

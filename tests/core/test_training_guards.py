@@ -108,6 +108,7 @@ def test_a_live_training_holds_its_folder(tmp_path):
         sleeper.wait()
 
 
+@pytest.mark.slow
 def test_concurrent_training_is_refused_and_sigterm_is_one_line(tiny_phantoms, tmp_path):
     """A second training into a folder a live one writes is refused; SIGTERM ends the first with one
     ERROR line and no engine traceback, and its checkpoint stays loadable."""

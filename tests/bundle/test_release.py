@@ -87,6 +87,7 @@ def test_release_name_is_file_system_safe():
         release_name(" -- ")
 
 
+@pytest.mark.slow
 def test_zip_holds_one_bundle_folder_with_what_a_user_needs(release):
     with zipfile.ZipFile(release) as zf:
         infos = zf.infolist()
@@ -136,6 +137,7 @@ def test_zip_holds_one_bundle_folder_with_what_a_user_needs(release):
     )
 
 
+@pytest.mark.slow
 def test_monai_download_unpacks_the_bundle_folder(unpacked):
     assert unpacked.name == NAME and (unpacked / "configs" / "metadata.json").is_file()
     assert json.loads((unpacked / "configs" / "metadata.json").read_text()) == METADATA
@@ -143,6 +145,7 @@ def test_monai_download_unpacks_the_bundle_folder(unpacked):
         assert hashlib.new(entry["hash_type"], (unpacked / entry["path"]).read_bytes()).hexdigest() == entry["hash_val"]
 
 
+@pytest.mark.slow
 def test_rebuilds_are_byte_identical_and_skip_junk(release, unpacked, tmp_path):
     # an unpacked release, outside git, with run outputs and caches lying around, packs to the same bytes
     copy = _copy(unpacked, tmp_path / NAME)
@@ -163,6 +166,7 @@ def test_rebuilds_are_byte_identical_and_skip_junk(release, unpacked, tmp_path):
     assert _sha256(first) == _sha256(second) == _sha256(release)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_unless_asked(release, unpacked, tmp_path):
     before = _sha256(release)
     result = _python("-m", "scripts.tools.release", "--output_dir", str(release.parent), cwd=BUNDLE_ROOT)
@@ -196,6 +200,7 @@ def test_missing_or_mismatched_weight_is_an_error_naming_it(unpacked, tmp_path, 
     assert not out.exists() or not any(out.iterdir())  # nothing written, not even a partial zip
 
 
+@pytest.mark.slow
 def test_unpacked_release_runs_a_bundle_command(unpacked, tiny_phantoms, tmp_path):
     """The shipped configs, scripts and weights work together outside the repository."""
     out = tmp_path / "out"
@@ -217,6 +222,7 @@ def test_unpacked_release_runs_a_bundle_command(unpacked, tiny_phantoms, tmp_pat
     assert list(out.rglob("*.nii.gz")), f"{command} wrote no NIfTI under {out}"
 
 
+@pytest.mark.slow
 def test_workflow_configs_ship_standalone_and_run_as_single_files(unpacked, tmp_path):
     """Each workflow config holds its layers, so the model zoo's single-file tools and commands load it."""
     from monai.bundle import ConfigParser
@@ -274,6 +280,7 @@ def test_release_passes_the_model_zoo_checks(unpacked):
         (["--output-dir", "dist"], "ERROR: python -m scripts.tools.release: unrecognized arguments: --output-dir"),
     ],
 )
+@pytest.mark.slow
 def test_bad_release_arguments_are_one_line_and_write_nothing(args, expected):
     before = sorted(p.name for p in (BUNDLE_ROOT / "configs").iterdir())
     result = _python("-m", "scripts.tools.release", *args, cwd=BUNDLE_ROOT)

@@ -88,6 +88,7 @@ def _protocol(kind: str, weights: dict[str, Path]) -> Fid25D | Fid3D:
 
 
 @pytest.mark.parametrize("kind", ["2.5d-autoencoder", "3d-autoencoder", "3d-medicalnet"])
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(kind, weights, volumes):
     protocol = _protocol(kind, weights)
     real = volumes[:4] if kind.startswith("2.5d") else volumes  # 2.5D: 4 x 32 slices per plane
@@ -272,6 +273,7 @@ def report(tmp_path_factory, tiny_phantoms, weights) -> Path:
     return root / "out"
 
 
+@pytest.mark.slow
 def test_report_has_one_row_per_set_and_every_metric(report):
     metrics = json.loads((report / "metrics.json").read_text())
     rows = {row["set"]: row for row in metrics["table"]}
@@ -327,6 +329,7 @@ def test_report_has_one_row_per_set_and_every_metric(report):
     assert (report / "intensity_histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_reconstruction_row_is_the_real_set_through_the_autoencoder(report, tiny_phantoms, weights, tmp_path):
     """--reconstruction_row true adds the decoder's ceiling: each real volume encoded and decoded."""
     copy = {"copy": str(report.parent / "copy")}
@@ -418,6 +421,7 @@ def test_sets_on_different_grids_are_one_error(tiny_phantoms, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_wrong_weights_is_one_error_line(tiny_phantoms, weights, tmp_path):
     folder = _write_pairs(tmp_path / "set", tiny_phantoms)
     result = run_bundle(
@@ -489,6 +493,7 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_label_guided_reconstruction_row_decodes_each_volume_with_its_own_mask(
     report, tiny_phantoms, weights, tmp_path
 ):

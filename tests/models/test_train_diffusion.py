@@ -273,6 +273,7 @@ def test_unet_of_another_prediction_type_is_refused_and_old_checkpoints_are_epsi
     assert checkpoint_prediction_type(legacy) == "epsilon"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
     ckpt = tmp_path / "diffusion_unet" / "diffusion_unet_last.pt"
     args = cli(CONFIG, tiny_phantoms, tmp_path, max_epochs=8, num_val_samples=0, autoencoder_path=autoencoder)
@@ -309,6 +310,7 @@ def test_resume_after_sigkill(tiny_phantoms, autoencoder, tmp_path):
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # Adam's counters survived
 
 
+@pytest.mark.slow
 def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, autoencoder, tmp_path):
     configs = [CONFIG, "configs/multi_gpu.yaml"]
     args = cli(configs, tiny_phantoms, tmp_path, max_epochs=1, num_val_samples=1, autoencoder_path=autoencoder)
@@ -362,6 +364,7 @@ def test_mismatch_is_one_clear_error_before_training(breakage, tiny_phantoms, au
     assert not (tmp_path / "out").exists(), "something was written before the error"
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tiny_phantoms, autoencoder, tmp_path):
     result = run_bundle(*cli(CONFIG, tiny_phantoms, tmp_path, noise_schedule="ddim", autoencoder_path=autoencoder))
     assert result.returncode != 0

@@ -90,6 +90,7 @@ def synthetic_dir(tiny_phantoms, tmp_path_factory) -> Path:
         ("vnet", "VNet", 16),
     ],
 )
+@pytest.mark.slow
 def test_network_trains_and_reports_per_class_test_dice(network, cls, divisor, tiny_phantoms, tmp_path, monkeypatch):
     monkeypatch.chdir(BUNDLE_ROOT)
     settings = _settings(tiny_phantoms, tmp_path, network=network, max_epochs=1)
@@ -316,6 +317,7 @@ def test_resume_continues_from_the_checkpoint_epoch(tiny_phantoms, synthetic_dir
     assert _load(last_path)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_unknown_network_is_one_clear_error_line(tiny_phantoms, tmp_path):
     args = [
         "training",

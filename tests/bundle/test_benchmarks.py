@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import BUNDLE_ROOT
 from stage_helpers import one_thread  # noqa: F401
 
@@ -21,6 +22,7 @@ from benchmarks.common import trained_weights  # noqa: E402
 TINY = ["--demo-spatial-size", "32", "32", "32", "--demo-spacing", "10", "10", "8"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_summary(tmp_path: Path, tiny_phantoms: Path) -> None:
     # with the shipped weights the inference suite runs the real demo command (about a minute): left to the full run
     suites = ["sampling", "decode", "training"] + (["inference"] if trained_weights() is None else [])

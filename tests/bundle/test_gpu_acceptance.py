@@ -53,6 +53,7 @@ def test_cuda_run_without_cuda_is_refused(tmp_path, capsys):
     assert "no CUDA device here" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_training_iteration_of_each_stage_on_the_cpu(tmp_path):
     """The training check's CPU path at the demo grid: every stage trains one finite step, no AMP on a CPU."""
     output = tmp_path / "acceptance.json"

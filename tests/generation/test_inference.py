@@ -16,9 +16,20 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, run_bundle, toy_label, write_nifti
 from monai.bundle import ConfigWorkflow
-from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
+from stage_helpers import (  # noqa: F401
+    INFERENCE_CONFIG,
+    TINY,
+    build_weights,
+    common_parser,
+    infer,
+    one_thread,
+    write_autoencoder,
+    write_controlnet,
+    write_network,
+    write_unet,
+)
 
-from scripts.core.checkpoints import load_network_weights, weights_sha256
+from scripts.core.checkpoints import load_network_weights
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import OWNER_MARKER
 from scripts.core.settings import layered_config_files
@@ -29,45 +40,10 @@ from scripts.generation.sampler import conditioning_embedded_once
 from scripts.models.autoencoder import load_initial_autoencoder
 from scripts.models.diffusion import load_diffusion_unet
 
-CONFIG = layered_config_files("configs/inference.yaml")
-
-
-def _write_controlnet(path: Path, unet: Path, seed: int = 0) -> Path:
-    unet_checkpoint = torch.load(unet, weights_only=True)
-    return write_network(
-        path,
-        "controlnet_def",
-        "controlnet",
-        seed,
-        trained_like=True,
-        noise_schedule=unet_checkpoint["noise_schedule"],
-        labels=LABELS,
-        diffusion_unet_sha256=weights_sha256(unet_checkpoint, "diffusion_unet"),
-    )
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, dict[str, str]]:
     return build_weights(tmp_path_factory)
-
-
-def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
-    """Tiny seeded-random weights for both schedules, recorded as the training configs record them."""
-    root = tmp_path_factory.mktemp("weights")
-    autoencoder = write_autoencoder(root / "autoencoder.pt")
-    found = {}
-    for schedule in ("ddpm", "rflow"):
-        unet = write_unet(root / f"unet_{schedule}.pt", autoencoder, noise_schedule=schedule)
-        controlnet = _write_controlnet(root / f"controlnet_{schedule}.pt", unet)
-        guide = write_unet(root / f"guide_{schedule}.pt", autoencoder, seed=1, noise_schedule=schedule)
-        found[schedule] = {
-            "autoencoder_path": str(autoencoder),
-            "diffusion_unet_path": str(unet),
-            "controlnet_path": str(controlnet),
-            "autoguidance_unet_path": str(guide),  # every run guides (configs/inference.yaml: weight 2)
-            "label_guided_decoder": False,  # a plain autoencoder (configs/inference.yaml ships a label-guided one)
-        }
-    return found
 
 
 def _lps_mask() -> tuple[np.ndarray, np.ndarray]:
@@ -86,18 +62,6 @@ def mask_dir(tmp_path_factory, tiny_phantoms) -> Path:
     for path in sorted((tiny_phantoms / "labelsTr").glob("*.nii.gz"))[:2]:
         shutil.copy(path, root / path.name)
     return root
-
-
-def infer(output: Path, weights: dict[str, str], **settings) -> Path:
-    """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
-    assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
-    settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights, **settings}
-    workflow = ConfigWorkflow(
-        config_file=CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output), **settings
-    )
-    workflow.initialize()
-    workflow.run()
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +108,7 @@ def test_image_follows_the_mask_in_the_world_whatever_its_storage_order(weights,
     assert np.allclose(images["lps"], images["ras"][::-1, ::-1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_pairs_other_seed_other_pairs(pairs, weights, mask_dir, tmp_path):
     again = infer(tmp_path / "again", weights["ddpm"], mask_dir=str(mask_dir))
     other = infer(tmp_path / "other", weights["ddpm"], mask_dir=str(mask_dir), seed=1)
@@ -285,6 +250,7 @@ def test_weights_that_differ_from_large_files_yml_are_refused(weights, tmp_path,
     assert "autoencoder" in checkpoints.load_checkpoint(str(tmp_path / "autoencoder.pt"), "autoencoder weights")
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_overwrite(weights, mask_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -319,6 +285,7 @@ def test_existing_output_is_kept_unless_overwrite(weights, mask_dir, tmp_path):
     assert sorted(p.name for p in masks.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weights, mask_dir, tmp_path):
     """Policy: every mask is checked first; one bad mask is one error line, exit 1, no output."""
     masks = tmp_path / "masks"
@@ -328,7 +295,7 @@ def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weight
     args = [
         "inference",
         "--config_file",
-        str(CONFIG),
+        str(INFERENCE_CONFIG),
         "--mask_dir",
         str(masks),
         "--output_dir",
@@ -347,6 +314,7 @@ def test_one_bad_mask_among_good_ones_stops_the_command_before_any_output(weight
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_command_runs_from_another_folder_with_bundle_root(weights, mask_dir, tmp_path):
     """Absolute config paths, --bundle_root and the package on PYTHONPATH: the command works from any folder."""
     elsewhere = tmp_path / "elsewhere"
@@ -410,12 +378,13 @@ def test_mask_editing_writes_the_edited_map_with_hcc_inside_the_liver(weights, t
     assert len(record["edits"]["hcc_inserted"]) == 1
 
 
+@pytest.mark.slow
 def test_demo_weights_give_the_hbp_pattern_on_unseen_masks(tmp_path):
     """The README's main job: shipped weights, bundled demo masks (not in the training set), default
     sampler. Pooled over the volumes, liver parenchyma is brighter than HCC and than each vessel."""
     os.chdir(BUNDLE_ROOT)
     workflow = ConfigWorkflow(
-        config_file=CONFIG,
+        config_file=INFERENCE_CONFIG,
         workflow_type="infer",
         run_id="inference",
         output_dir=str(tmp_path / "demo"),
@@ -512,13 +481,13 @@ def test_quality_gate_regenerates_a_failing_volume_with_new_recorded_seeds(weigh
 def test_sampling_steps_use_the_prediction_type_the_unet_was_trained_with(prediction_type, weights, tmp_path):
     os.chdir(BUNDLE_ROOT)
     unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), prediction_type=prediction_type)
-    controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
+    controlnet = write_controlnet(tmp_path / "controlnet.pt", unet)
     guide = write_unet(
         tmp_path / "guide.pt", Path(weights["ddpm"]["autoencoder_path"]), 1, prediction_type=prediction_type
     )
     for sampler in ("ddim", "ddpm"):
         workflow = ConfigWorkflow(
-            config_file=CONFIG,
+            config_file=INFERENCE_CONFIG,
             workflow_type="infer",
             run_id="inference",
             sampler=sampler,
@@ -590,6 +559,7 @@ def _write_label_guided(path: Path, plain: str, modulation: float) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_label_guided_decoder_decodes_each_latent_with_its_mask(pairs, weights, mask_dir, tmp_path):
     plain = weights["ddpm"]["autoencoder_path"]
     same = _write_label_guided(tmp_path / "same.pt", plain, 0.0)
@@ -619,7 +589,7 @@ def test_samplers_undo_the_latent_centring_the_unet_was_trained_with(config, wei
     os.chdir(BUNDLE_ROOT)
     shift = [0.5, -0.25, 0.0, 0.125]
     unet = write_unet(tmp_path / "unet.pt", Path(weights["ddpm"]["autoencoder_path"]), latent_shift=shift)
-    controlnet = _write_controlnet(tmp_path / "controlnet.pt", unet)
+    controlnet = write_controlnet(tmp_path / "controlnet.pt", unet)
     settings = {**weights["ddpm"], "diffusion_unet_path": str(unet), "controlnet_path": str(controlnet)}
     settings["autoguidance_weight"] = 1  # the guide of `weights` has no shift: it cannot guide this UNet
     workflow = ConfigWorkflow(
@@ -663,6 +633,7 @@ def test_autoguidance_extrapolates_from_the_guide_to_the_unet(weights, tmp_path)
         assert not torch.allclose(AutoGuidedUNet(unet, guide, 2.0)(x, t), expected)
 
 
+@pytest.mark.slow
 def test_autoguidance_changes_the_images_and_a_guide_equal_to_the_unet_changes_nothing(weights, mask_dir, tmp_path):
     os.chdir(BUNDLE_ROOT)
     chosen = weights["ddpm"]

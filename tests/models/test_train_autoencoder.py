@@ -82,6 +82,7 @@ def trained(tiny_phantoms, tmp_path_factory) -> tuple[Path, dict]:
     return output, initial
 
 
+@pytest.mark.slow
 def test_trains_two_epochs_and_validates(trained):
     output, initial = trained
     last = _load(output / "autoencoder" / "autoencoder_last.pt")
@@ -195,6 +196,7 @@ def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monk
     assert "config 'recon_class_weights': unknown class 'vessel'" in str(find_input_error(caught.value))
 
 
+@pytest.mark.slow
 def test_without_adversarial_weight_the_discriminator_never_steps(tiny_phantoms, tmp_path, monkeypatch):
     """--adv_weight 0 is plain reconstruction training: no discriminator passes after the warm-up either."""
     monkeypatch.chdir(BUNDLE_ROOT)
@@ -230,6 +232,7 @@ def test_fine_tuning_starts_from_the_given_weights(trained, tiny_phantoms, tmp_p
     assert all(torch.equal(start[k], saved[k].to(start[k].dtype)) for k in saved)
 
 
+@pytest.mark.slow
 def test_decoder_only_fine_tuning_keeps_every_latent(trained, tiny_phantoms, tmp_path, monkeypatch):
     """--freeze_encoder true trains the decoder alone; a resume with the encoder unfrozen is refused."""
     output, _ = trained
@@ -276,6 +279,7 @@ def test_decoder_only_fine_tuning_keeps_every_latent(trained, tiny_phantoms, tmp
     assert "config 'freeze_encoder': true needs --init_autoencoder_path" in str(find_input_error(err.value))
 
 
+@pytest.mark.slow
 def test_label_guided_decoder_trains_from_the_plain_one_on_the_same_latents(
     trained, tiny_phantoms, tmp_path, monkeypatch
 ):
@@ -365,6 +369,7 @@ def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, 
     assert "exists and is not empty; pass --overwrite true" in str(find_input_error(err.value))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_epochs_and_optimizer(tiny_phantoms, tmp_path):
     ckpt = tmp_path / "autoencoder" / "autoencoder_last.pt"
     cmd = [sys.executable, "-m", "monai.bundle", "run", *_cli(tiny_phantoms, tmp_path, 4)]
@@ -387,6 +392,7 @@ def test_resume_after_sigkill_continues_epochs_and_optimizer(tiny_phantoms, tmp_
     assert steps == {4}
 
 
+@pytest.mark.slow
 def test_training_runs_from_another_folder_with_bundle_root(tiny_phantoms, tmp_path):
     """Absolute config paths, --bundle_root and the package on PYTHONPATH: training works from any folder."""
     elsewhere = tmp_path / "elsewhere"
@@ -399,6 +405,7 @@ def test_training_runs_from_another_folder_with_bundle_root(tiny_phantoms, tmp_p
     assert not any(elsewhere.iterdir())
 
 
+@pytest.mark.slow
 def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, tmp_path):
     cmd = [
         sys.executable,
@@ -428,6 +435,7 @@ def test_ddp_overlay_runs_two_gloo_processes(tiny_phantoms, tmp_path):
         ("missing_perceptual_weights", "nope_resnet50.pt"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_line(tiny_phantoms, tmp_path, breakage, expected):
     import json
     import shutil

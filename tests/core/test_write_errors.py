@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BUNDLE_ROOT, toy_label, write_nifti
-from stage_helpers import TINY, one_thread  # noqa: F401
-from test_inference import CONFIG, build_weights
+from stage_helpers import INFERENCE_CONFIG, TINY, build_weights, one_thread  # noqa: F401
 
 from scripts.core.errors import error_line
 from scripts.core.outputs import atomic_path, publish, staging_dir
@@ -39,6 +38,7 @@ def _errors(stderr: str) -> list[str]:
 
 
 @needs_full_device
+@pytest.mark.slow
 def test_full_disk_during_inference_is_one_error_line_naming_the_output_folder(weights, tmp_path):
     """The real command, the real NIfTI writer: the first image file it writes lies on a full disk."""
     masks = tmp_path / "masks"
@@ -49,7 +49,7 @@ def test_full_disk_during_inference_is_one_error_line_naming_the_output_folder(w
         "run",
         "inference",
         "--config_file",
-        str(CONFIG),
+        str(INFERENCE_CONFIG),
         "--mask_dir",
         str(masks),
         "--output_dir",

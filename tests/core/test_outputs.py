@@ -91,6 +91,7 @@ def test_leftovers_of_ended_runs_are_removed_and_live_ones_kept(tmp_path):
     assert not leftover.exists() and not old.exists() and live.exists() and Path(staging).is_dir()
 
 
+@pytest.mark.slow
 def test_sigterm_removes_the_staging_folder_and_prints_one_line(tmp_path):
     dataset = tmp_path / "phantom"
     command = [

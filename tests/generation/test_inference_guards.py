@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import BUNDLE_ROOT, toy_label, write_nifti
 from stage_helpers import one_thread  # noqa: F401
-from test_inference import build_weights, infer
+from stage_helpers import build_weights, infer
 
 import scripts.generation.inference as inference
 from scripts.core.errors import BundleInputError, find_input_error
@@ -312,11 +312,10 @@ def test_the_estimate_bounds_the_measured_peak_memory(shape, voxel_mm, weights, 
 def _workflow_generator(weights: dict[str, str]) -> MaskToImage:
     """The generator configs/inference.yaml builds, on the tiny grid with the tiny test weights."""
     from monai.bundle import ConfigWorkflow
-    from stage_helpers import TINY
-    from test_inference import CONFIG
+    from stage_helpers import INFERENCE_CONFIG, TINY
 
     workflow = ConfigWorkflow(
-        config_file=CONFIG,
+        config_file=INFERENCE_CONFIG,
         workflow_type="infer",
         run_id="inference",
         num_inference_steps=2,
@@ -334,8 +333,7 @@ def _workflow_generator(weights: dict[str, str]) -> MaskToImage:
 def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights, tmp_path):
     """An autoencoder whose decoder holds a NaN decodes NaN images: refused before any file is written."""
     import torch
-    from stage_helpers import write_unet
-    from test_inference import _write_controlnet
+    from stage_helpers import write_controlnet, write_unet
 
     checkpoint = torch.load(weights["ddpm"]["autoencoder_path"], weights_only=True)
     last = [key for key in checkpoint["autoencoder"] if key.startswith("decoder.") and key.endswith(".weight")][-1]
@@ -345,7 +343,7 @@ def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights,
     broken = {
         "autoencoder_path": str(tmp_path / "autoencoder.pt"),
         "diffusion_unet_path": str(unet),
-        "controlnet_path": str(_write_controlnet(tmp_path / "controlnet.pt", unet)),
+        "controlnet_path": str(write_controlnet(tmp_path / "controlnet.pt", unet)),
         "autoguidance_unet_path": str(write_unet(tmp_path / "guide.pt", tmp_path / "autoencoder.pt", seed=1)),
         "label_guided_decoder": False,
     }

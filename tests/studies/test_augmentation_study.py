@@ -130,6 +130,7 @@ def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- the study end to end
+@pytest.mark.slow
 def test_study_runs_the_grid_and_writes_the_table(study, tiny_phantoms):
     out, _ = study
     record = json.loads((out / "study.json").read_text())
@@ -312,6 +313,7 @@ def test_a_run_is_not_reported_beside_a_synthetic_set_it_did_not_train_on(study,
     _run_in_process(**settings)  # the same set again: every run is reused
 
 
+@pytest.mark.slow
 def test_command_resumes_an_interrupted_run_without_training_again(study, tmp_path):
     """The user's command (subprocess launcher): only the run lacking its test report runs again,
     and its finished training is not repeated."""
