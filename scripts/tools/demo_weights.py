@@ -1,0 +1,268 @@
+# Copyright (c) 3D-LLDM bundle contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The recipe of the demo weights at the data's resolution: from the phantom generator to ``models/`` in one command.
+
+``python -m scripts.tools.demo_weights --work_dir runs/demo_weights`` (from the bundle root) runs, in order:
+
+1. ``data``: 300 phantoms of seed 1000 (configs/demo_data.yaml);
+2. ``autoencoder``: stage 1, the plain autoencoder (encoder and decoder);
+3. ``label_guided``: its label-guided (SPADE) decoder, the encoder frozen (every latent unchanged);
+4. ``diffusion``: stage 2 on the plain encoder's latents, keeping an earlier epoch as the autoguidance guide;
+5. ``controlnet``: stage 3 beside the exported stage-2 UNet;
+6. ``export``: the shipped files (``--models_dir``, ``models/`` by default) from the runs' last checkpoints,
+   the UNets and the ControlNet in float16; their sha256 are printed for ``large_files.yml``.
+
+Every step is an ordinary bundle command (printed before it runs) with the settings below; a step whose result
+exists is skipped, and an interrupted training resumes from its last checkpoint, so re-running the command after
+any interruption continues where it stopped. ``--steps`` runs a subset; ``--dry_run`` prints the commands;
+``--set key=value`` adds a setting to every training step (e.g. ``--set max_epochs=1`` for a smoke run).
+Each command runs with ``OMP_NUM_THREADS`` from ``--threads`` (1 by default: one core per recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from scripts.core.errors import BundleInputError, install_error_hook
+from scripts.core.settings import layered_config_files
+
+__all__ = ["Step", "STEP_NAMES", "recipe", "command", "main"]
+
+#: The model grid and networks, given to every training step: the phantoms' own resolution (2-3.5 mm) instead of
+#: common.yaml's 5 x 5 x 4 mm, over the same 320 x 320 x 240 mm; 8x compression keeps the latent at 16 x 16 x 12,
+#: so stages 2 and 3 cost what they cost at 5 mm, and the ControlNet's embedding takes the mask down 8x too.
+GRID: dict[str, Any] = {
+    "spacing": [2.5, 2.5, 2.5],
+    "spatial_size": [128, 128, 96],
+    "autoencoder_compression": 8,
+    "autoencoder_def#channels": [16, 32, 64, 64],
+    "autoencoder_def#attention_levels": [False, False, False, False],
+    "controlnet_def#conditioning_embedding_num_channels": [8, 16, 32, 32],
+}
+#: Class weights of the reconstruction and ControlNet losses: the thin dark structures are ~1 % of the voxels.
+DARK_CLASSES = {"hcc": 4, "portal_vein": 4, "hepatic_vein": 4}
+#: Epoch of stage 2 whose UNet guides the final one (autoguidance: an earlier checkpoint of the same training).
+GUIDE_EPOCH = 20
+
+
+@dataclass
+class Step:
+    """One bundle command of the recipe: its configs, entry point, settings and the file that shows it is done."""
+
+    name: str
+    configs: Sequence[str]
+    entry: str  # "" for the config's default entry point
+    settings: dict[str, Any] = field(default_factory=dict)
+    result: str = ""  # relative to the work folder
+    training: bool = True
+
+
+def recipe(work_dir: str) -> list[Step]:
+    """The steps, with paths inside ``work_dir``."""
+
+    def at(*parts: str) -> str:
+        return os.path.join(work_dir, *parts)
+
+    data = {"dataset_dir": at("data")}
+    autoencoder = at("autoencoder", "autoencoder", "autoencoder_last.pt")
+    stage1 = {"patch_size": [64, 64, 64], "batch_size": 2, "val_interval": 3, "key_metric": "val_recon_contrast"}
+    return [
+        Step(
+            "data",
+            ["configs/demo_data.yaml"],
+            "",  # its default entry point
+            {**data, "num_cases": 300, "seed": 1000, "save_figure": False},
+            "data/datalist.json",
+            training=False,
+        ),
+        Step(
+            "autoencoder",
+            ["configs/train_autoencoder.yaml"],
+            "training",
+            {
+                **data,
+                **stage1,
+                "output_dir": at("autoencoder"),
+                "max_epochs": 12,
+                "lr": 2e-4,
+                "d_lr": 2e-4,
+                "adv_weight": 0.05,
+                "adversarial_warmup_epochs": 2,
+                "recon_class_weights": DARK_CLASSES,
+            },
+            "autoencoder/autoencoder/autoencoder_last.pt",
+        ),
+        Step(
+            "label_guided",
+            ["configs/train_autoencoder.yaml"],
+            "training",
+            {
+                **data,
+                **stage1,
+                "output_dir": at("label_guided"),
+                "label_guided_decoder": True,
+                "freeze_encoder": True,
+                "init_autoencoder_path": autoencoder,
+                "max_epochs": 6,
+                "lr": 1e-4,
+                "d_lr": 1e-4,
+                "adv_weight": 0.1,
+                "adversarial_warmup_epochs": 0,
+                "recon_class_weights": DARK_CLASSES,
+            },
+            "label_guided/autoencoder/autoencoder_last.pt",
+        ),
+        Step(
+            "diffusion",
+            ["configs/train_diffusion.yaml"],
+            "training",
+            {
+                **data,
+                "output_dir": at("diffusion"),
+                "autoencoder_path": autoencoder,
+                "max_epochs": 60,
+                "val_interval": 10,
+                "lr": 2e-4,
+                "ema_decay": 0.999,
+                "ema_warmup_iterations": 100,
+                "num_inference_steps": 25,
+                "keep_epochs": [GUIDE_EPOCH],
+            },
+            "diffusion/diffusion_unet/diffusion_unet_last.pt",
+        ),
+        Step(
+            "controlnet",
+            ["configs/train_controlnet.yaml"],
+            "training",
+            {
+                **data,
+                "output_dir": at("controlnet"),
+                "autoencoder_path": autoencoder,
+                "diffusion_unet_path": at("export", "diffusion_unet.pt"),
+                "max_epochs": 20,
+                "val_interval": 5,
+                "lr": 1e-4,
+                "ema_decay": 0.995,
+                "ema_warmup_iterations": 100,
+                "class_loss_weights": DARK_CLASSES,
+            },
+            "controlnet/controlnet/controlnet_last.pt",
+        ),
+    ]
+
+
+#: What the export step writes: shipped file -> (checkpoint in the work folder, weights key, dtype).
+EXPORTS = {
+    "autoencoder.pt": ("autoencoder/autoencoder/autoencoder_last.pt", "autoencoder", None),
+    "label_guided_autoencoder.pt": ("label_guided/autoencoder/autoencoder_last.pt", "autoencoder", None),
+    "diffusion_unet.pt": ("diffusion/diffusion_unet/diffusion_unet_last.pt", "diffusion_unet", "float16"),
+    "diffusion_unet_guide.pt": (
+        f"diffusion/diffusion_unet/diffusion_unet_epoch{GUIDE_EPOCH}.pt",
+        "diffusion_unet",
+        "float16",
+    ),
+    "controlnet.pt": ("controlnet/controlnet/controlnet_last.pt", "controlnet", "float16"),
+}
+
+
+def command(step: Step, extra: dict[str, Any]) -> list[str]:
+    """The ``python -m monai.bundle run`` command line of ``step`` (``extra``: settings of every training step)."""
+    files = layered_config_files(*step.configs)
+    settings = {**GRID, **step.settings, **extra} if step.training else dict(step.settings)
+    line = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        *([step.entry] if step.entry else []),
+        "--config_file",
+        str(files),
+    ]
+    for key, value in settings.items():
+        line += [f"--{key}", str(value)]
+    return line
+
+
+def _shown(line: Sequence[str]) -> str:
+    """``line`` as one shell command a reader can paste (values hold no double quotes)."""
+    return " ".join(a if re.fullmatch(r"[\w./:=#,-]+", a) else '"' + a + '"' for a in line)
+
+
+def _export(work_dir: str, models_dir: str) -> None:
+    """The shipped files; the UNet first, so that stage 3 trains beside exactly the weights that ship."""
+    from scripts.core.checkpoints import export_weights, file_hash
+
+    for name, (checkpoint, key, dtype) in EXPORTS.items():
+        source = os.path.join(work_dir, checkpoint)
+        if not os.path.isfile(source):
+            continue
+        target = os.path.join(models_dir, name)
+        export_weights(source, target, key, overwrite=True, dtype=dtype)
+        print(f"{target}: sha256 {file_hash(target)} (from {source})")
+
+
+def run(work_dir: str, steps: Sequence[str], extra: dict[str, Any], threads: int, dry_run: bool, models_dir: str):
+    """Run the ``steps`` of the recipe in order; see the module docstring."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for step in recipe(work_dir):
+        if step.name not in steps:
+            continue
+        if step.name == "controlnet" and not dry_run:  # stage 3 trains beside the UNet that ships
+            _export(work_dir, os.path.join(work_dir, "export"))
+        line = command(step, extra)
+        print(f"[{step.name}] python {_shown(line[1:])}", flush=True)
+        if dry_run:
+            continue
+        if os.path.isfile(os.path.join(work_dir, step.result)) and not step.training:
+            print(f"[{step.name}] done already ({step.result})", flush=True)
+            continue
+        start = time.perf_counter()
+        done = subprocess.run(line, env=env)
+        if done.returncode != 0:
+            raise BundleInputError(f"recipe step {step.name!r} failed (exit {done.returncode}); re-run to resume it")
+        print(f"[{step.name}] {time.perf_counter() - start:.0f} s", flush=True)
+    if "export" in steps and not dry_run:
+        _export(work_dir, models_dir)
+
+
+STEP_NAMES = ("data", "autoencoder", "label_guided", "diffusion", "controlnet", "export")
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    install_error_hook()
+    parser = argparse.ArgumentParser(prog="python -m scripts.tools.demo_weights", description=__doc__.split("\n")[0])
+    parser.add_argument("--work_dir", required=True, help="runs, checkpoints and the dataset go here")
+    parser.add_argument("--steps", default=",".join(STEP_NAMES), help=f"comma-separated subset of {STEP_NAMES}")
+    parser.add_argument("--set", action="append", type=_setting, default=[], help="key=value for every training step")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per command")
+    parser.add_argument("--models_dir", default="models", help="where the export step writes the shipped files")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEP_NAMES]
+    if unknown:
+        raise BundleInputError(f"--steps: unknown step {unknown[0]!r}; use some of {', '.join(STEP_NAMES)}")
+    run(os.path.abspath(args.work_dir), steps, dict(args.set), args.threads, args.dry_run, args.models_dir)
+
+
+if __name__ == "__main__":
+    main()
