@@ -124,6 +124,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "num_samples_per_mask": dict(type="int", min=1),
     "num_val_samples": dict(type="int", min=0),
     "num_workers": dict(type="int", min=0),
+    "onednn_convolutions": dict(type="bool"),
     "output_dir": dict(type="str"),
     "output_intensity_range": dict(type="list", length=2, item="float", optional=True),
     "overwrite": dict(type="bool"),

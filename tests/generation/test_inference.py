@@ -431,6 +431,29 @@ def test_onednn_convolutions_give_the_same_output_and_are_restored():
     assert not any("_conv_forward" in vars(m) for m in unet.modules())
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_onednn_convolutions_setting_switches_the_sampling_kernels(enabled, weights, mask_dir, tmp_path):
+    os.chdir(BUNDLE_ROOT)
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE_CONFIG,
+        workflow_type="infer",
+        output_dir=str(tmp_path / "out"),
+        mask_dir=str(mask_dir),
+        onednn_convolutions=str(enabled).lower(),  # as the command line passes it
+        num_inference_steps=2,
+        **{"device": "$torch.device('cpu')", **TINY, **weights["ddpm"]},
+    )
+    sampler = workflow.parser.get_parsed_content("guided_sampler")
+    seen = []
+    layer = next(m for m in sampler.unet.modules() if isinstance(m, torch.nn.Conv3d))
+    handle = layer.register_forward_pre_hook(lambda m, i: seen.append("_conv_forward" in vars(m)))
+    label = torch.zeros(1, 1, *TINY["spatial_size"])
+    label[..., 8:24, 8:24, 8:24] = 1
+    sampler.sample_latents([0], label)
+    handle.remove()
+    assert seen and all(s == (enabled and torch.backends.mkldnn.is_available()) for s in seen)
+
+
 def test_overwrite_false_as_text_keeps_the_folder_and_an_unknown_word_is_refused(weights, mask_dir, tmp_path):
     """The command line hands `--overwrite false` over as text, which Python treats as true."""
     out = tmp_path / "out"
