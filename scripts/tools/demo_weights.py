@@ -52,6 +52,8 @@ GRID: dict[str, Any] = {
 DARK_CLASSES = {"hcc": 4, "portal_vein": 4, "hepatic_vein": 4}
 #: Epoch of stage 2 whose UNet guides the final one (autoguidance: an earlier checkpoint of the same training).
 GUIDE_EPOCH = 20
+#: The stage-2 UNet that stage 3 trains beside, exported (float16) as it ships, before stage 3.
+SHIPPED_UNET = "diffusion_unet.pt"
 
 
 @dataclass
@@ -66,8 +68,8 @@ class Step:
     training: bool = True
 
 
-def recipe(work_dir: str) -> list[Step]:
-    """The steps, with paths inside ``work_dir``."""
+def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
+    """The steps, with paths inside ``work_dir``; stage 2 keeps its ``guide_epoch`` for autoguidance."""
 
     def at(*parts: str) -> str:
         return os.path.join(work_dir, *parts)
@@ -135,7 +137,7 @@ def recipe(work_dir: str) -> list[Step]:
                 "ema_decay": 0.999,
                 "ema_warmup_iterations": 100,
                 "num_inference_steps": 25,
-                "keep_epochs": [GUIDE_EPOCH],
+                "keep_epochs": [guide_epoch],
             },
             "diffusion/diffusion_unet/diffusion_unet_last.pt",
         ),
@@ -147,7 +149,7 @@ def recipe(work_dir: str) -> list[Step]:
                 **data,
                 "output_dir": at("controlnet"),
                 "autoencoder_path": autoencoder,
-                "diffusion_unet_path": at("export", "diffusion_unet.pt"),
+                "diffusion_unet_path": at("export", SHIPPED_UNET),
                 "max_epochs": 20,
                 "val_interval": 5,
                 "lr": 1e-4,
@@ -160,23 +162,34 @@ def recipe(work_dir: str) -> list[Step]:
     ]
 
 
-#: What the export step writes: shipped file -> (checkpoint in the work folder, weights key, dtype).
-EXPORTS = {
-    "autoencoder.pt": ("autoencoder/autoencoder/autoencoder_last.pt", "autoencoder", None),
-    "label_guided_autoencoder.pt": ("label_guided/autoencoder/autoencoder_last.pt", "autoencoder", None),
-    "diffusion_unet.pt": ("diffusion/diffusion_unet/diffusion_unet_last.pt", "diffusion_unet", "float16"),
-    "diffusion_unet_guide.pt": (
-        f"diffusion/diffusion_unet/diffusion_unet_epoch{GUIDE_EPOCH}.pt",
-        "diffusion_unet",
-        "float16",
-    ),
-    "controlnet.pt": ("controlnet/controlnet/controlnet_last.pt", "controlnet", "float16"),
-}
+def exports(guide_epoch: int = GUIDE_EPOCH) -> dict[str, tuple[str, str, str | None]]:
+    """What the export step writes: shipped file -> (checkpoint in the work folder, weights key, dtype)."""
+    return {
+        "autoencoder.pt": ("autoencoder/autoencoder/autoencoder_last.pt", "autoencoder", None),
+        "label_guided_autoencoder.pt": ("label_guided/autoencoder/autoencoder_last.pt", "autoencoder", None),
+        SHIPPED_UNET: ("diffusion/diffusion_unet/diffusion_unet_last.pt", "diffusion_unet", "float16"),
+        "diffusion_unet_guide.pt": (
+            f"diffusion/diffusion_unet/diffusion_unet_epoch{guide_epoch}.pt",
+            "diffusion_unet",
+            "float16",
+        ),
+        "controlnet.pt": ("controlnet/controlnet/controlnet_last.pt", "controlnet", "float16"),
+    }
+
+
+def declared(step: Step) -> set[str]:
+    """The top-level settings the configs of ``step`` declare."""
+    from monai.bundle import ConfigParser
+
+    return set(ConfigParser.load_config_files(layered_config_files(*step.configs)))
 
 
 def command(step: Step, extra: dict[str, Any]) -> list[str]:
-    """The ``python -m monai.bundle run`` command line of ``step`` (``extra``: settings of every training step)."""
+    """The ``python -m monai.bundle run`` command line of ``step``; ``extra`` goes to every training step that
+    declares the setting (``--set num_inference_steps=2`` reaches stages 2 and 3, not stage 1)."""
     files = layered_config_files(*step.configs)
+    names = declared(step)
+    extra = {k: v for k, v in extra.items() if k.split("#")[0] in names}
     settings = {**GRID, **step.settings, **extra} if step.training else dict(step.settings)
     line = [
         sys.executable,
@@ -197,27 +210,41 @@ def _shown(line: Sequence[str]) -> str:
     return " ".join(a if re.fullmatch(r"[\w./:=#,-]+", a) else '"' + a + '"' for a in line)
 
 
-def _export(work_dir: str, models_dir: str) -> None:
-    """The shipped files; the UNet first, so that stage 3 trains beside exactly the weights that ship."""
+def _export(work_dir: str, models_dir: str, guide_epoch: int, names: Sequence[str] | None = None) -> None:
+    """The shipped files ``names`` (all by default) into ``models_dir``; a missing checkpoint is one error line."""
     from scripts.core.checkpoints import export_weights, file_hash
 
-    for name, (checkpoint, key, dtype) in EXPORTS.items():
+    for name, (checkpoint, key, dtype) in exports(guide_epoch).items():
+        if names is not None and name not in names:
+            continue
         source = os.path.join(work_dir, checkpoint)
         if not os.path.isfile(source):
-            continue
+            raise BundleInputError(f"{source}: not found, so {name} cannot be exported; run the step that trains it")
         target = os.path.join(models_dir, name)
         export_weights(source, target, key, overwrite=True, dtype=dtype)
         print(f"{target}: sha256 {file_hash(target)} (from {source})")
 
 
-def run(work_dir: str, steps: Sequence[str], extra: dict[str, Any], threads: int, dry_run: bool, models_dir: str):
+def run(
+    work_dir: str,
+    steps: Sequence[str],
+    extra: dict[str, Any],
+    threads: int = 1,
+    dry_run: bool = False,
+    models_dir: str = "models",
+    guide_epoch: int = GUIDE_EPOCH,
+) -> None:
     """Run the ``steps`` of the recipe in order; see the module docstring."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    for step in recipe(work_dir):
+    training = [s for s in recipe(work_dir, guide_epoch) if s.training]
+    for key in extra:  # a misspelt --set would otherwise reach no step, silently
+        if not any(key.split("#")[0] in declared(s) for s in training):
+            raise BundleInputError(f"--set {key}: not a setting of any training step of the recipe")
+    for step in recipe(work_dir, guide_epoch):
         if step.name not in steps:
             continue
-        if step.name == "controlnet" and not dry_run:  # stage 3 trains beside the UNet that ships
-            _export(work_dir, os.path.join(work_dir, "export"))
+        if step.name == "controlnet" and not dry_run:  # stage 3 trains beside the UNet as it ships
+            _export(work_dir, os.path.join(work_dir, "export"), guide_epoch, [SHIPPED_UNET])
         line = command(step, extra)
         print(f"[{step.name}] python {_shown(line[1:])}", flush=True)
         if dry_run:
@@ -231,7 +258,7 @@ def run(work_dir: str, steps: Sequence[str], extra: dict[str, Any], threads: int
             raise BundleInputError(f"recipe step {step.name!r} failed (exit {done.returncode}); re-run to resume it")
         print(f"[{step.name}] {time.perf_counter() - start:.0f} s", flush=True)
     if "export" in steps and not dry_run:
-        _export(work_dir, models_dir)
+        _export(work_dir, models_dir, guide_epoch)
 
 
 STEP_NAMES = ("data", "autoencoder", "label_guided", "diffusion", "controlnet", "export")
@@ -254,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", default=",".join(STEP_NAMES), help=f"comma-separated subset of {STEP_NAMES}")
     parser.add_argument("--set", action="append", type=_setting, default=[], help="key=value for every training step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per command")
+    parser.add_argument("--guide_epoch", type=int, default=GUIDE_EPOCH, help="stage-2 epoch kept as the guide")
     parser.add_argument("--models_dir", default="models", help="where the export step writes the shipped files")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
@@ -261,7 +289,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [s for s in steps if s not in STEP_NAMES]
     if unknown:
         raise BundleInputError(f"--steps: unknown step {unknown[0]!r}; use some of {', '.join(STEP_NAMES)}")
-    run(os.path.abspath(args.work_dir), steps, dict(args.set), args.threads, args.dry_run, args.models_dir)
+    run(
+        os.path.abspath(args.work_dir),
+        steps,
+        dict(args.set),
+        args.threads,
+        args.dry_run,
+        args.models_dir,
+        args.guide_epoch,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT
 
+from scripts.core.errors import BundleInputError
 from scripts.core.settings import check_cli_overrides
 from scripts.tools import demo_weights
 
@@ -30,6 +31,15 @@ def test_dry_run_prints_every_step_as_a_command_its_configs_accept(tmp_path, mon
     assert not (tmp_path / "work").exists()  # a dry run writes nothing
 
 
+def test_set_reaches_the_steps_that_declare_it_and_a_misspelt_one_is_refused(tmp_path):
+    steps = {s.name: s for s in demo_weights.recipe(str(tmp_path))}
+    extra = {"num_inference_steps": 2}
+    assert "--num_inference_steps" in demo_weights.command(steps["diffusion"], extra)
+    assert "--num_inference_steps" not in demo_weights.command(steps["autoencoder"], extra)
+    with pytest.raises(BundleInputError, match="--set num_inference_step: not a setting of any training step"):
+        demo_weights.run(str(tmp_path), ["autoencoder"], {"num_inference_step": 2}, dry_run=True)
+
+
 def test_an_unknown_step_is_one_error_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "scripts.tools.demo_weights", "--work_dir", str(tmp_path), "--steps", "data,stage4"],
@@ -43,16 +53,19 @@ def test_an_unknown_step_is_one_error_line(tmp_path):
 
 def test_export_writes_the_shipped_files_float16_where_they_hold(tmp_path, capsys):
     work, models = tmp_path / "work", tmp_path / "models"
-    for checkpoint, key, _ in demo_weights.EXPORTS.values():
+    for checkpoint, key, _ in demo_weights.exports().values():
         path = work / checkpoint
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({key: {"weight": torch.rand(3, 3)}, "epoch": 7, "scale_factor": 0.5}, path)
     demo_weights.run(str(work), ["export"], {}, threads=1, dry_run=False, models_dir=str(models))
-    for name, (_, key, dtype) in demo_weights.EXPORTS.items():
+    for name, (_, key, dtype) in demo_weights.exports().items():
         shipped = torch.load(models / name, weights_only=True)
         assert shipped[key]["weight"].dtype == (torch.float16 if dtype else torch.float32), name
         assert shipped["source_epoch"] == 7 and shipped["scale_factor"] == 0.5
-    assert capsys.readouterr().out.count("sha256") == len(demo_weights.EXPORTS)
+    assert capsys.readouterr().out.count("sha256") == len(demo_weights.exports())
+    (work / demo_weights.exports()["controlnet.pt"][0]).unlink()
+    with pytest.raises(BundleInputError, match="controlnet_last.pt: not found, so controlnet.pt cannot be exported"):
+        demo_weights.run(str(work), ["export"], {}, models_dir=str(models))
 
 
 def test_set_takes_key_value_pairs_with_python_values():
