@@ -41,11 +41,14 @@ __all__ = ["Step", "STEP_NAMES", "recipe", "command", "main"]
 
 #: The model grid and networks, given to every training step: the phantoms' own resolution (2-3.5 mm) instead of
 #: common.yaml's 5 x 5 x 4 mm, over the same 320 x 320 x 240 mm; 8x compression keeps the latent at 16 x 16 x 12,
-#: so stages 2 and 3 cost what they cost at 5 mm, and the ControlNet's embedding takes the mask down 8x too.
+#: so stages 2 and 3 cost what they cost at 5 mm, and the ControlNet's embedding takes the mask down 8x too. With 8
+#: latent channels each latent value stands for 64 voxels (4 channels: 128; the 5 mm model: 16): after 540
+#: iterations the 4-channel autoencoder decoded a smeared body with grid artefacts (docs/experiments.md).
 GRID: dict[str, Any] = {
     "spacing": [2.5, 2.5, 2.5],
     "spatial_size": [128, 128, 96],
     "autoencoder_compression": 8,
+    "latent_channels": 8,
     "autoencoder_def#channels": [16, 32, 64, 64],
     "autoencoder_def#attention_levels": [False, False, False, False],
     "controlnet_def#conditioning_embedding_num_channels": [8, 16, 32, 32],
