@@ -392,6 +392,19 @@ def test_bad_training_settings_stop_before_any_work(
     assert not (tmp_path / "latent_cache").exists()  # nothing encoded
 
 
+def test_the_average_starts_from_the_fine_tuning_weights_whatever_is_resolved_first(
+    autoencoder, tiny_phantoms, tmp_path
+):
+    """The EMA copies the UNet when it is built: it declares (_requires_) that the starting weights load first,
+    so asking for the average alone, before `initialize`, still gives the fine-tuning start, not random weights."""
+    os.chdir(BUNDLE_ROOT)
+    start = write_unet(tmp_path / "unet.pt", autoencoder, seed=5)
+    run = workflow(CONFIG, **overrides(tiny_phantoms, tmp_path / "out", init_diffusion_unet_path=str(start)))
+    average = run.parser.get_parsed_content("diffusion_unet_ema").state_dict()
+    saved = torch.load(start, weights_only=True)["diffusion_unet"]
+    assert all(torch.equal(average[k], saved[k]) for k in saved)
+
+
 def test_fine_tuning_starts_from_given_weights_also_on_another_autoencoder(
     tiny_phantoms, autoencoder, tmp_path, monkeypatch
 ):
