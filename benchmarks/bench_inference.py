@@ -112,7 +112,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         with Stopwatch(options.device) as volume:
             workflow.run()
         sampler = workflow.parser.get_parsed_content("sampler_name")
-        steps = workflow.parser.get_parsed_content("guided_sampler").num_inference_steps
+        steps = workflow.parser.get_parsed_content("latent_sampler").num_inference_steps
     return {
         "command": "python "
         + " ".join(COMMAND)

@@ -139,7 +139,7 @@ def training_datalist(options: BenchOptions) -> tuple[Path, Path, dict[str, int]
     root = Path(options.dataset_dir)
     note = str(root)
     if not (root / "datalist.json").is_file():
-        from scripts.data.phantom import write_phantom_dataset
+        from scripts.tools.phantom import write_phantom_dataset
 
         root = options.work_dir / "phantoms"
         write_phantom_dataset(str(root), num_cases=8 if options.quick else 40, seed=0)

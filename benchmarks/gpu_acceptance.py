@@ -194,7 +194,7 @@ def check_sampling_hires(options: BenchOptions) -> list[dict[str, Any]]:
 
 def _phantoms(options: BenchOptions) -> Path:
     """Two phantom cases (one training, one validation) with a datalist, generated once per work folder."""
-    from scripts.data.phantom import write_phantom_dataset
+    from scripts.tools.phantom import write_phantom_dataset
 
     root = options.work_dir / "phantoms"
     if not (root / "datalist.json").is_file():

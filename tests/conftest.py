@@ -102,7 +102,7 @@ TINY_GRID = ["--spacing", "[10.0, 10.0, 8.0]", "--spatial_size", "[32, 32, 32]",
 @pytest.fixture(scope="session")
 def tiny_phantoms(tmp_path_factory) -> Path:
     """Four small phantoms (2 training, 1 validation, 1 test) written by the bundle's generator."""
-    from scripts.data.phantom import write_phantom_dataset
+    from scripts.tools.phantom import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantoms") / "dataset"
     write_phantom_dataset(str(root), num_cases=4, seed=3, val_fraction=0.25, test_fraction=0.25, shape=(40, 40, 32))

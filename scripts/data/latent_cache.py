@@ -41,6 +41,7 @@ from tqdm import tqdm
 from scripts.core.errors import BundleInputError
 from scripts.core.outputs import staged_output
 from scripts.data.labels import class_intensity_sums
+from scripts.data.latent_space import LatentScaling
 
 __all__ = [
     "CACHE_FORMAT",
@@ -48,7 +49,6 @@ __all__ = [
     "cache_fingerprint",
     "prepare_latent_cache",
     "latent_channel_std",
-    "latent_shift_tensor",
     "LoadLatentCased",
 ]
 
@@ -292,20 +292,11 @@ def latent_channel_std(dataset: Sequence[Mapping[str, Any]], key: str = "image")
     return [float(v) for v in latents.transpose(0, 1).flatten(1).std(dim=1)]
 
 
-def latent_shift_tensor(latent_shift: Sequence[float] | None) -> torch.Tensor | None:
-    """``latent_shift`` (one value per latent channel, or ``None``) as a float tensor of shape
-    ``(C, 1, 1, 1)``, which broadcasts over a 3D latent ``(C, X, Y, Z)`` and a batch ``(B, C, X, Y, Z)``."""
-    if latent_shift is None:
-        return None
-    return torch.as_tensor([float(v) for v in latent_shift], dtype=torch.float32).view(-1, 1, 1, 1)
-
-
 class LoadLatentCased(Transform):
     """Dictionary transform: read a cached case (``cache_file``) into ``image`` (scaled latent) and ``label``.
 
-    MONAI's ``LoadImaged`` reads images, not ``torch.save`` files. The latent is normalised here,
-    once per case: ``(latent - latent_shift) * scale_factor``, so every network sees unit-variance
-    latents, centred when a shift is given (the sampler undoes both before decoding).
+    MONAI's ``LoadImaged`` reads images, not ``torch.save`` files. The latent is normalised here, once per
+    case (:class:`scripts.data.latent_space.LatentScaling`; the sampler undoes it before decoding).
 
     Args:
         scale_factor: multiplies the latent mean.
@@ -324,8 +315,7 @@ class LoadLatentCased(Transform):
         latent_key: str = "image",
         label_key: str = "label",
     ) -> None:
-        self.scale_factor = float(scale_factor)
-        self.latent_shift = latent_shift_tensor(latent_shift)
+        self.scaling = LatentScaling(scale_factor, latent_shift)
         self.with_latent = with_latent
         self.with_label = with_label
         self.file_key = file_key
@@ -344,10 +334,7 @@ class LoadLatentCased(Transform):
         d.pop(self.latent_key, None)  # the source image path; the cached latent takes its place
         d.pop(self.label_key, None)
         if self.with_latent:
-            latent = case["latent"]
-            if self.latent_shift is not None:
-                latent = latent - self.latent_shift.to(latent.dtype)
-            d[self.latent_key] = latent * self.scale_factor
+            d[self.latent_key] = self.scaling.normalise(case["latent"])
         if self.with_label:
             d[self.label_key] = case["label"]
         return d

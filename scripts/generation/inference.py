@@ -341,8 +341,6 @@ class MaskToImage:
         self.contract = contract
         self.editor = editor
         self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
-        #: width of the output intensity range ([0, 1] model intensities are mapped onto it)
-        self.intensity_span = 1.0 if self.output_range is None else self.output_range[1] - self.output_range[0]
         # the label half of scripts.data.cases.preprocessing_transforms, on a label already read and checked
         self.to_model_grid = Compose(
             [
@@ -431,22 +429,36 @@ class MaskToImage:
         self.contract.check(edited, f"{source} (edited)", remapped=True)
         return np.asarray(edited), dict(summary)
 
-    def __call__(self, label: np.ndarray, affine: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
-        """Image (float32, the label's shape) generated from ``label`` with ``seed``."""
+    def on_grids(self, label: np.ndarray, affine: np.ndarray) -> tuple[MetaTensor, MetaTensor]:
+        """``label`` (its own grid, ``affine``) as a channel-first MetaTensor, and the same on the model grid."""
         on_mask_grid = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(affine))
-        on_model_grid = self.to_model_grid(on_mask_grid)
+        return on_mask_grid, self.to_model_grid(on_mask_grid)
+
+    def sample(self, on_model_grid: MetaTensor, seed: int, device: torch.device) -> torch.Tensor:
+        """The image generated with ``seed`` from a label on the model grid: (1, *spatial_size), [0, 1], on the CPU."""
         # the sampler seeds its starting noise; DDPM's stochastic steps draw from the global generator
         torch.manual_seed(seed)
         generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
         require_finite(
             generated, "the generated image", "check --autoencoder_path, --diffusion_unet_path and --controlnet_path"
         )
+        return generated
+
+    def to_mask_grid_image(
+        self, generated: torch.Tensor, on_model_grid: MetaTensor, on_mask_grid: MetaTensor
+    ) -> np.ndarray:
+        """A generated model-grid image resampled onto the mask's grid (float32), in ``output_range``."""
         image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
         image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
         if self.output_range is not None:
             low, high = self.output_range
             image = low + (high - low) * image
         return image
+
+    def __call__(self, label: np.ndarray, affine: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
+        """Image (float32, the label's shape) generated from ``label`` with ``seed``."""
+        on_mask_grid, on_model_grid = self.on_grids(label, affine)
+        return self.to_mask_grid_image(self.sample(on_model_grid, seed, device), on_model_grid, on_mask_grid)
 
 
 def _save(array: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
@@ -561,12 +573,14 @@ def _write_pair(
     prefix = output_prefix(item["name"], sample, num_samples)
     case_seed = output_seed(seed, item["name"], sample)
     edited, summary = generator.edit(label, nifti.affine, case_seed, item["label"])
-    image = generator(edited, nifti.affine, case_seed, device)
+    on_mask_grid, on_model_grid = generator.on_grids(edited, nifti.affine)
+    generated = generator.sample(on_model_grid, case_seed, device)
     gate_record = None
-    if quality_gate is not None:
-        image, case_seed, gate_record = _regenerate_until_gate_passes(
-            image, case_seed, edited, nifti.affine, generator, quality_gate, seed, item["name"], sample, device
+    if quality_gate is not None:  # judged on the model grid: what the model made, before any resampling
+        generated, case_seed, gate_record = _regenerate_until_gate_passes(
+            generated, case_seed, on_model_grid, generator, quality_gate, seed, item["name"], sample, device
         )
+    image = generator.to_mask_grid_image(generated, on_model_grid, on_mask_grid)
     names = {role: pair_file_name(prefix, role) for role in ROLES}
     _save(image, nifti, os.path.join(folder, names["image"]), np.float32)
     _save(edited, nifti, os.path.join(folder, names["label"]), _label_dtype(nifti, edited))
@@ -583,30 +597,30 @@ def _write_pair(
 
 
 def _regenerate_until_gate_passes(
-    image: np.ndarray,
+    generated: torch.Tensor,
     case_seed: int,
-    label: np.ndarray,
-    affine: np.ndarray,
+    on_model_grid: MetaTensor,
     generator: MaskToImage,
     gate: HBPQualityGate,
     seed: int,
     name: str,
     sample: int,
     device: torch.device,
-) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """Judge ``image``; while it fails, generate again with the next attempt's seed.
+) -> tuple[torch.Tensor, int, dict[str, Any]]:
+    """Judge ``generated`` (model grid) against its label; while it fails, generate again with the next attempt's seed.
 
     Returns the image kept (the first that passes, else the one with the largest margin), its seed
     and the record of every attempt. The mask (and its edits) stays the same across attempts.
     """
-    attempts = [{"seed": case_seed, **gate(image, label, generator.intensity_span)}]
-    best = (image, case_seed, attempts[0])
+    label = on_model_grid[0].numpy().astype(np.int64)
+    attempts = [{"seed": case_seed, **gate(generated[0].numpy(), label)}]
+    best = (generated, case_seed, attempts[0])
     for attempt in range(1, gate.max_tries):
         if best[2]["passed"]:
             break
         retry_seed = output_seed(seed, name, sample, attempt)
-        retry = generator(label, affine, retry_seed, device)
-        attempts.append({"seed": retry_seed, **gate(retry, label, generator.intensity_span)})
+        retry = generator.sample(on_model_grid, retry_seed, device)
+        attempts.append({"seed": retry_seed, **gate(retry[0].numpy(), label)})
         if attempts[-1]["passed"] or attempts[-1]["margin"] > best[2]["margin"]:
             best = (retry, retry_seed, attempts[-1])
     kept_image, kept_seed, verdict = best

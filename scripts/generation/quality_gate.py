@@ -9,7 +9,8 @@ segmentation network the wrong appearance, so inference checks every volume agai
 new seed, up to ``max_tries`` attempts; ``pairs.json`` records every attempt.
 
 The test is per dark class present in the mask (at least ``min_class_voxels`` voxels):
-``mean(liver) - mean(class) >= min_contrast``, intensities on the model's [0, 1] scale. MONAI's
+``mean(liver) - mean(class) >= min_contrast``, on the model grid and its [0, 1] scale (what the model
+generated, before it is resampled onto the mask's grid and mapped to an output range). MONAI's
 metrics score overlaps of segmentations, not intensities under a label, hence this small check.
 """
 
@@ -66,14 +67,10 @@ class HBPQualityGate:
         self.min_class_voxels = int(min_class_voxels)
         self.max_tries = int(max_tries)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, intensity_span: float = 1.0) -> dict[str, Any]:
-        """The verdict on one volume: ``passed``, ``margin`` (the smallest contrast minus ``min_contrast``,
-        to rank failed attempts) and the contrast per judged class, on the [0, 1] scale.
-
-        ``intensity_span`` is the width of the image's intensity range (an ``output_intensity_range``
-        maps [0, 1] onto it).
-        """
-        image = np.asarray(image, dtype=np.float64) / float(intensity_span)
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, Any]:
+        """The verdict on one volume on the model grid (intensities in [0, 1]): ``passed``, ``margin`` (the smallest
+        contrast minus ``min_contrast``, to rank failed attempts) and the contrast per judged class."""
+        image = np.asarray(image, dtype=np.float64)
         bright_name, bright_id = self.bright
         num_classes = 1 + max(bright_id, *(class_id for _, class_id in self.dark))
         sums, counts = class_intensity_sums(image, np.asarray(label), num_classes)

@@ -35,7 +35,7 @@ from monai.networks.utils import eval_mode
 from scripts.core.checkpoints import unwrap
 from scripts.core.settings import as_bool
 from scripts.data.labels import LabelContract
-from scripts.data.latent_cache import latent_shift_tensor
+from scripts.data.latent_space import LatentScaling
 from scripts.generation.autoguidance import AutoGuidedUNet, guidance_enabled
 
 __all__ = [
@@ -208,8 +208,7 @@ class LatentDiffusionSampler(torch.nn.Module):
         self.controlnet = None if controlnet is None else unwrap(controlnet)
         self.scheduler = scheduler
         self.decoder = decoder
-        self.scale_factor = float(scale_factor)
-        self.latent_shift = latent_shift_tensor(latent_shift)
+        self.scaling = LatentScaling(scale_factor, latent_shift)
         self.num_inference_steps = int(num_inference_steps)
         self.latent_channels = int(latent_channels)
         self.compression = int(compression)
@@ -224,6 +223,15 @@ class LatentDiffusionSampler(torch.nn.Module):
             inferer = DiffusionInferer(scheduler) if controlnet is None else ControlNetDiffusionInferer(scheduler)
         self.inferer = inferer
         self.onednn_convolutions = as_bool(onednn_convolutions, "onednn_convolutions")
+
+    @property
+    def scale_factor(self) -> float:
+        return self.scaling.scale_factor
+
+    @property
+    def latent_shift(self) -> torch.Tensor | None:
+        """``(C, 1, 1, 1)`` or ``None``."""
+        return self.scaling.latent_shift
 
     def train(self, mode: bool = True) -> LatentDiffusionSampler:
         self.training = mode  # not recursive, see the class docstring
@@ -281,10 +289,7 @@ class LatentDiffusionSampler(torch.nn.Module):
             if label is None or self.contract is None:
                 raise ValueError("a label-guided decoder needs the label map and the label contract to decode.")
             condition = self.contract.one_hot(label.to(latents.device)).float()
-        latents = latents / self.scale_factor
-        if self.latent_shift is not None:
-            latents = latents + self.latent_shift.to(latents)
-        images = self.decoder.decode(latents, condition).to(latents.device)
+        images = self.decoder.decode(self.scaling.denormalise(latents), condition).to(latents.device)
         return images if self.intensity_range is None else images.clamp(*self.intensity_range)
 
     def forward(

@@ -15,11 +15,28 @@ from typing import Any
 
 import torch
 from monai.networks.blocks.spade_norm import SPADE
-from monai.networks.nets import SPADEAutoencoderKL
+from monai.networks.nets import AutoencoderKL, SPADEAutoencoderKL
 
 from scripts.core.checkpoints import unwrap
+from scripts.core.settings import as_bool
 
-__all__ = ["build_label_guided_autoencoder", "is_label_guided"]
+__all__ = ["build_autoencoder", "build_label_guided_autoencoder", "is_label_guided"]
+
+
+def build_autoencoder(
+    label_guided: bool, label_nc: int, spade_intermediate_channels: int, **kwargs: Any
+) -> AutoencoderKL | SPADEAutoencoderKL:
+    """The stage-1 network of ``configs/common.yaml``: ``AutoencoderKL(**kwargs)``, or with ``label_guided`` the
+    label-guided one of :func:`build_label_guided_autoencoder` with the same architecture.
+
+    One definition serves both, so an overlay that resizes the autoencoder (``configs/hires.yaml``) resizes
+    the label-guided one too; only the selected network is built.
+    """
+    if as_bool(label_guided, "label_guided_decoder"):
+        return build_label_guided_autoencoder(
+            label_nc=label_nc, spade_intermediate_channels=spade_intermediate_channels, **kwargs
+        )
+    return AutoencoderKL(**kwargs)
 
 
 def build_label_guided_autoencoder(**kwargs: Any) -> SPADEAutoencoderKL:

@@ -188,7 +188,7 @@ def save_dataset_figure(dataset_dir: str, num_cases: int = 4, section: str = "tr
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Regenerate ``docs/figures/phantoms.png`` from fixed seeds."""
-    from scripts.data.phantom import generate_phantom
+    from scripts.tools.phantom import generate_phantom
 
     p = argparse.ArgumentParser(description="Documentation figures.")
     p.add_argument("--out", default=os.path.join("docs", "figures", "phantoms.png"))

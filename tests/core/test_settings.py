@@ -13,7 +13,7 @@ from monai.bundle import ConfigWorkflow
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.settings import check_cli_overrides, check_settings, layered_config_files
 from scripts.data.labels import LABELS, LabelContract
-from scripts.data.phantom import write_phantom_dataset
+from scripts.tools.phantom import write_phantom_dataset
 
 #: what ``sys.argv`` holds under ``python -m monai.bundle run``
 BUNDLE_MAIN = str(BUNDLE_ROOT / ".venv" / "monai" / "bundle" / "__main__.py")

@@ -566,7 +566,7 @@ def test_unconditional_generation_writes_images_on_the_model_grid(tmp_path):
 def test_label_guided_reconstruction_row_decodes_each_volume_with_its_own_mask(
     report, tiny_phantoms, weights, tmp_path
 ):
-    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
+    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_def", instantiate=True)
     load_initial_autoencoder(guided, str(weights["autoencoder"]))
     with torch.no_grad():
         for name, parameter in guided.named_parameters():

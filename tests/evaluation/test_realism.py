@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 
 from scripts.data.labels import LABELS
-from scripts.data.phantom import generate_phantom
 from scripts.evaluation.realism import SHARPNESS_MEASURES, classifier_two_sample_test, paired_measures
+from scripts.tools.phantom import generate_phantom
 
 
 @pytest.fixture(scope="module")

@@ -443,7 +443,7 @@ def test_onednn_convolutions_setting_switches_the_sampling_kernels(enabled, weig
         num_inference_steps=2,
         **{"device": "$torch.device('cpu')", **TINY, **weights["ddpm"]},
     )
-    sampler = workflow.parser.get_parsed_content("guided_sampler")
+    sampler = workflow.parser.get_parsed_content("latent_sampler")
     seen = []
     layer = next(m for m in sampler.unet.modules() if isinstance(m, torch.nn.Conv3d))
     handle = layer.register_forward_pre_hook(lambda m, i: seen.append("_conv_forward" in vars(m)))
@@ -498,6 +498,34 @@ def test_quality_gate_regenerates_a_failing_volume_with_new_recorded_seeds(weigh
     assert np.array_equal(kept, np.asanyarray(nib.load(first / "case_image.nii.gz").dataobj)) == (
         record["seed"] == seeds[0]
     )
+
+
+def test_the_quality_gate_judges_the_model_grid_image_before_the_output_mapping(weights, tmp_path):
+    """pairs.json records the contrasts of the image the sampler made on the model grid (its [0, 1] scale),
+    not of the volume resampled onto the mask's grid and mapped onto output_intensity_range."""
+    label, affine = _lps_mask()
+    path = write_nifti(tmp_path / "masks" / "case.nii.gz", label, affine)
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE_CONFIG,
+        workflow_type="infer",
+        run_id="inference",
+        output_dir=str(tmp_path / "out"),
+        mask_dir=str(tmp_path / "masks"),
+        output_intensity_range=[0, 1000],
+        quality_gate_settings={"min_contrast": 0.0, "min_class_voxels": 1, "max_tries": 1},
+        **{"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights["ddpm"]},
+    )
+    workflow.initialize()
+    workflow.run()
+    record = json.loads((tmp_path / "out" / "pairs.json").read_text())["pairs"][0]
+    generator = workflow.parser.get_parsed_content("generator")
+    _, on_model_grid = generator.on_grids(generator.read(str(path))[0], affine)
+    generated = generator.sample(on_model_grid, record["seed"], torch.device("cpu"))
+    expected = workflow.parser.get_parsed_content("quality_gate")(
+        generated[0].numpy(), on_model_grid[0].numpy().astype(np.int64)
+    )
+    assert expected["contrast"] and record["quality_gate"]["attempts"][0]["contrast"] == expected["contrast"]
+    assert all(abs(c) <= 1 for c in expected["contrast"].values())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -571,7 +599,7 @@ def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_it
 
 def _write_label_guided(path: Path, plain: str, modulation: float) -> Path:
     """A label-guided autoencoder started from ``plain``; ``modulation`` > 0 makes the label map matter."""
-    network = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
+    network = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_def", instantiate=True)
     load_initial_autoencoder(network, plain)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -622,12 +650,11 @@ def test_samplers_undo_the_latent_centring_the_unet_was_trained_with(config, wei
         mask_dir=str(mask_dir),
         **{"device": "$torch.device('cpu')", **TINY, **settings},
     )
-    name = "guided_sampler" if config.endswith("inference.yaml") else "unconditional_sampler"
-    sampler = workflow.parser.get_parsed_content(name)
+    sampler = workflow.parser.get_parsed_content("latent_sampler")
     torch.testing.assert_close(sampler.latent_shift.flatten(), torch.tensor(shift))
     # weights from before centring carry no shift: decoded as they were trained
     workflow.parser["diffusion_unet_path"] = weights["ddpm"]["diffusion_unet_path"]
-    legacy = workflow.parser.get_parsed_content(name, lazy=False)
+    legacy = workflow.parser.get_parsed_content("latent_sampler", lazy=False)
     assert legacy.latent_shift is None
 
 
@@ -707,11 +734,11 @@ def test_unconditional_sampling_guides_with_the_same_guide(weights, tmp_path):
         output_dir=str(tmp_path / "out"),
         **{"device": "$torch.device('cpu')", **TINY, **weights["ddpm"]},
     )
-    sampler = workflow.parser.get_parsed_content("unconditional_sampler")
+    sampler = workflow.parser.get_parsed_content("latent_sampler")
     workflow.parser.get_parsed_content("weights")
     reference = torch.load(weights["ddpm"]["autoguidance_unet_path"], weights_only=True)["diffusion_unet"]
     loaded = sampler.guide_unet.state_dict()
     assert sampler.autoguidance_weight == float(workflow.parser["autoguidance_weight"]) > 1.0
     assert all(torch.equal(loaded[k], v) for k, v in reference.items())
     workflow.parser["autoguidance_weight"] = 1.0
-    assert workflow.parser.get_parsed_content("unconditional_sampler", lazy=False).guide_unet is None
+    assert workflow.parser.get_parsed_content("latent_sampler", lazy=False).guide_unet is None

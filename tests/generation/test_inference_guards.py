@@ -359,7 +359,7 @@ def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights,
     from stage_helpers import TINY
 
     from scripts.core.settings import layered_config_files
-    from scripts.data.phantom import write_phantom_dataset
+    from scripts.tools.phantom import write_phantom_dataset
 
     dataset = tmp_path / "dataset"
     write_phantom_dataset(str(dataset), num_cases=3, seed=5, shape=(40, 40, 32))

@@ -36,7 +36,7 @@ def plain_weights(tmp_path) -> Path:
 def _networks(plain_weights: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     plain = common_parser().get_parsed_content("autoencoder_def", instantiate=True).eval()
     plain.load_state_dict(torch.load(plain_weights, weights_only=True)["autoencoder"])
-    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_network", instantiate=True)
+    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_def", instantiate=True)
     load_initial_autoencoder(guided, str(plain_weights))
     return plain, guided.eval()
 

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from scripts.core.errors import BundleInputError
-from scripts.data.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
+from scripts.tools.phantom import LABELS, _split_counts, case_seed, generate_phantom, write_phantom_dataset
 
 TINY = (32, 32, 24)
 SMALL = (48, 48, 40)

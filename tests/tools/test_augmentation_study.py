@@ -22,13 +22,13 @@ from conftest import BUNDLE_ROOT, run_bundle
 from monai.bundle import ConfigWorkflow
 from stage_helpers import TINY, one_thread, write_autoencoder, write_network, write_unet  # noqa: F401
 
-import scripts.studies.augmentation_study as study_module
+import scripts.tools.augmentation_study as study_module
 from scripts.core.checkpoints import weights_sha256
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import OWNER_MARKER
 from scripts.core.settings import layered_config_files
 from scripts.data.labels import LABELS
-from scripts.studies.augmentation_study import (
+from scripts.tools.augmentation_study import (
     AugmentationStudy,
     check_synthetic_set,
     format_table,
