@@ -16,7 +16,7 @@ Two figures:
   and writing the pair; ``initialize_seconds`` is the set-up (parsing, weights) before it.
 
 The command needs ``models/diffusion_unet.pt`` and ``models/controlnet.pt``: without them the suite
-reports why it was skipped. The default sampler is the model's own (``scripts.generation.inference.check_sampler``:
+reports why it was skipped. The default sampler is the model's own (``scripts.generation.weights.check_sampler``:
 rectified flow at 30 steps for an rflow model, DDIM at 35 steps for a DDPM model).
 
     python benchmarks/bench_inference.py [--threads N]

@@ -70,8 +70,10 @@ from benchmarks.common import (
 )
 from benchmarks.quality import quality_report
 from scripts.generation.autoguidance import load_guide_unet
-from scripts.generation.inference import SAMPLER_SCHEDULES, MaskToImage, find_masks, output_seed
+from scripts.generation.inference import MaskToImage, output_seed
+from scripts.generation.mask_sources import find_masks
 from scripts.generation.sampler import LatentDiffusionSampler, set_sampling_timesteps
+from scripts.generation.weights import SAMPLER_SCHEDULES
 from scripts.models.autoencoder import load_autoencoder_weights
 from scripts.models.controlnet import load_controlnet
 from scripts.models.diffusion import freeze, load_diffusion_unet

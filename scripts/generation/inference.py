@@ -8,11 +8,13 @@ For every input mask ``X.nii.gz`` the pipeline
 2. optionally edits it (``scripts.data.masks.MaskEditor``: new layouts, not only re-renderings);
 3. brings a copy onto the model grid with MONAI transforms (RAS, model spacing, crop/pad);
 4. samples a latent guided by the ControlNet and decodes it (``scripts.generation.sampler``);
-5. resamples the image back onto the input mask's own grid (``ResampleToMatch``) and writes
+5. judges the volume against its mask on the model grid (``scripts.generation.quality_gate``), sampling
+   again with a new seed while it fails, up to the gate's ``max_tries``;
+6. resamples the kept image onto the input mask's own grid (``ResampleToMatch``) and writes
    ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
    voxels, shape, affine and header, so the two always lie on the same grid.
 
-Every mask is checked before anything is generated (its header: a 3D grid, real-valued voxels, a
+Masks come from ``scripts.generation.mask_sources``. Every mask is checked before anything is generated (its header: a 3D grid, real-valued voxels, a
 usable affine, and the memory it will need; then its voxels against the label contract): one bad
 mask stops the command at once with one line naming it, before any output exists (finding a bad
 file after hours of sampling would waste them, and a partial set of pairs is easy to mistake for
@@ -22,7 +24,6 @@ written.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -40,163 +41,18 @@ from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPa
 from tqdm import tqdm
 
 from scripts.core.errors import BundleInputError, require_finite
+from scripts.core.memory import available_memory, format_bytes
 from scripts.core.outputs import staged_output
 from scripts.core.settings import as_bool
-from scripts.data.cases import NIFTI_SUFFIXES, load_datalist, load_nifti_header, read_nifti
+from scripts.data.cases import load_nifti_header, read_nifti
 from scripts.data.labels import LabelContract
 from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
 from scripts.generation.preview import save_pair_preview
 from scripts.generation.quality_gate import HBPQualityGate
-from scripts.models.diffusion import check_noise_schedule
 
-__all__ = [
-    "SAMPLER_SCHEDULES",
-    "DEFAULT_STEPS",
-    "check_sampler",
-    "num_steps",
-    "find_masks",
-    "output_seed",
-    "output_prefix",
-    "MaskToImage",
-    "CheckedMask",
-    "check_masks",
-    "generate_pairs",
-]
+__all__ = ["output_seed", "output_prefix", "MaskToImage", "CheckedMask", "check_masks", "generate_pairs"]
 
 logger = logging.getLogger(__name__)
-
-#: Sampler name -> the noise schedule the model must have been trained with.
-SAMPLER_SCHEDULES = {"ddpm": "ddpm", "ddim": "ddpm", "rflow": "rflow"}
-#: Reverse steps per sampler when --num_inference_steps is not given.
-# ddim 35: on 32 fresh masks the 0.12.0 weights gave FID 3D 0.088 at 35 steps against 0.111 at 50
-# and 0.129 at 100, with the same contrast (model card, 0.13.0); and 30 % less sampling time
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 35, "rflow": 30}
-
-
-def check_sampler(sampler: str | None, noise_schedule: str, weights_path: str) -> str:
-    """The sampler to use: ``sampler``, or the model's own default; a mismatch is one clear error."""
-    check_noise_schedule(noise_schedule)
-    if sampler is None:
-        return "rflow" if noise_schedule == "rflow" else "ddim"
-    if sampler not in SAMPLER_SCHEDULES:
-        raise BundleInputError(f"config 'sampler': unknown sampler {sampler!r}; use one of {sorted(SAMPLER_SCHEDULES)}")
-    if SAMPLER_SCHEDULES[sampler] != noise_schedule:
-        fits = sorted(name for name, schedule in SAMPLER_SCHEDULES.items() if schedule == noise_schedule)
-        raise BundleInputError(
-            f"{weights_path}: trained with noise_schedule {noise_schedule!r}, which sampler {sampler!r} cannot "
-            f"sample; use --sampler {' or --sampler '.join(fits)}"
-        )
-    return sampler
-
-
-def num_steps(num_inference_steps: int | None, sampler: str, num_train_timesteps: int) -> int:
-    """Reverse steps: the given number, else the sampler's default.
-
-    The ``ddpm`` sampler must take every training timestep: MONAI's ``DDPMScheduler.step`` always
-    steps from t to t - 1 whatever ``set_timesteps`` chose, so with fewer steps the chain stops far
-    from t = 0 and decodes to noise (measured: FID 3D 16.4 with 50 steps against 0.11 for ``ddim``).
-    """
-    steps = DEFAULT_STEPS[sampler] if num_inference_steps is None else int(num_inference_steps)
-    if steps < 1:
-        raise BundleInputError(f"config 'num_inference_steps' must be at least 1, got {steps}")
-    if sampler == "ddpm" and steps != int(num_train_timesteps):
-        raise BundleInputError(
-            f"config 'num_inference_steps': the ddpm sampler takes all {int(num_train_timesteps)} timesteps, got "
-            f"{steps}; for fewer steps use --sampler ddim"
-        )
-    return steps
-
-
-def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
-
-
-def _unreachable(path: str) -> str | None:
-    """Why the folder entry ``path`` is a symlink that leads nowhere usable, or ``None`` if it is not."""
-    if not os.path.islink(path):
-        return None
-    try:
-        os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "symlink loop"
-        if e.errno == errno.ENOENT:
-            return f"broken symlink (its target {os.readlink(path)} does not exist)"
-        return f"symlink that cannot be followed ({e.strerror})"
-    return None
-
-
-def _scan_mask_dir(mask_dir: str) -> tuple[list[str], list[str]]:
-    """The NIfTI files of ``mask_dir`` (sorted paths) and the names of its other files.
-
-    Hidden entries are ignored and so are sub-folders, except one named like a mask
-    (``x.nii.gz/``); every entry that looks like a mask but is no readable file (that folder, a
-    broken symlink, a symlink loop, a pipe or device) gets a warning naming it, so a mask the user
-    expects is never left out without a word.
-    """
-    masks, others = [], []
-    for name in sorted(os.listdir(mask_dir)):
-        if name.startswith("."):
-            continue
-        path = os.path.join(mask_dir, name)
-        looks_like_mask = name.endswith(NIFTI_SUFFIXES)
-        problem = _unreachable(path)
-        if problem is None and looks_like_mask and not os.path.isfile(path):
-            problem = "a folder, not a file" if os.path.isdir(path) else "not a regular file"
-        if problem is not None:
-            logger.warning(f"{path}: skipped, {problem}")
-        elif looks_like_mask:
-            masks.append(path)
-        elif os.path.isfile(path):
-            others.append(name)
-    return masks, others
-
-
-def find_masks(
-    mask_dir: str | None = None,
-    datalist: str | None = None,
-    dataset_dir: str | None = None,
-    section: str = "test",
-    demo_mask_dir: str | None = None,
-) -> list[dict[str, str]]:
-    """Input masks as ``[{"label": path, "name": stem}]``, from the first source given.
-
-    ``mask_dir``: every ``.nii``/``.nii.gz`` file in it (other files are listed in the log and
-    left alone; broken symlinks, symlink loops and folders or other non-files named like a mask
-    are skipped with a warning naming each); else the ``label`` entries of ``datalist``'s
-    ``section``; else the bundle's demo masks. Output names come from file names, so they must be
-    unique.
-    """
-    if mask_dir:
-        if not os.path.isdir(mask_dir):
-            flag = "--demo_mask_dir" if mask_dir == demo_mask_dir else "--mask_dir"
-            raise BundleInputError(f"{mask_dir}: mask folder not found ({flag})")
-        masks, others = _scan_mask_dir(mask_dir)
-        if others:
-            logger.warning(f"{mask_dir}: not NIfTI, left alone: {', '.join(others)}")
-        where = mask_dir
-    elif datalist:
-        masks = [item["label"] for item in load_datalist(datalist, dataset_dir or "", section, keys=("label",))]
-        where = f"{datalist} [{section}]"
-    else:
-        if not demo_mask_dir:
-            raise BundleInputError("no masks given: pass --mask_dir DIR or --datalist FILE")
-        return find_masks(mask_dir=demo_mask_dir, demo_mask_dir=demo_mask_dir)
-    if not masks:
-        raise BundleInputError(f"{where}: no label maps (.nii or .nii.gz) to generate from")
-    items = [{"label": path, "name": _stem(path)} for path in masks]
-    seen: dict[str, str] = {}
-    for item in items:
-        if item["name"] in seen:
-            raise BundleInputError(
-                f"{item['label']}: same output name {item['name']!r} as {seen[item['name']]}; rename one of them"
-            )
-        seen[item["name"]] = item["label"]
-    return items
 
 
 def output_seed(seed: int, name: str, sample: int, attempt: int = 0) -> int:
@@ -241,74 +97,6 @@ _RESAMPLED_BYTES_PER_VOXEL = 60
 _FIXED_BYTES = 256 * 2**20
 #: A mask that needs more than this share of the available memory gets a warning.
 _MEMORY_WARNING_SHARE = 0.5
-#: A cgroup limit at or above this is no limit (cgroup v1 reports about 2**63).
-_NO_CGROUP_LIMIT = 2**60
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _cgroup_available() -> int | None:
-    """Memory left under this container's cgroup limit (cgroup v2 or v1), or ``None`` without a limit.
-
-    Reclaimable page cache (``inactive_file``) counts as available, as the kernel would free it.
-    """
-    for limit_file, usage_file, stat_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-            "/sys/fs/cgroup/memory/memory.stat",
-        ),
-    ):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is None or usage is None or limit >= _NO_CGROUP_LIMIT:
-            continue
-        reclaimable = 0
-        try:
-            with open(stat_file) as f:
-                stats = dict(line.split() for line in f if len(line.split()) == 2)
-            reclaimable = int(stats.get("inactive_file", 0))
-        except (OSError, ValueError):
-            pass
-        return max(0, limit - usage + reclaimable)
-    return None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can still give this process, or ``None`` where it cannot be told.
-
-    ``psutil``'s available memory when installed, else ``MemAvailable`` of ``/proc/meminfo``;
-    capped by the cgroup limit of a container or batch job, which those do not see.
-    """
-    available = None
-    try:
-        import psutil
-
-        available = int(psutil.virtual_memory().available)
-    except ImportError:
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        available = int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            pass
-    limited = _cgroup_available()
-    if limited is not None:
-        available = limited if available is None else min(available, limited)
-    return available
-
-
-def _gb(num_bytes: float) -> str:
-    return f"{num_bytes / 1e9:.2f} GB" if num_bytes < 1e10 else f"{num_bytes / 1e9:.0f} GB"
 
 
 class MaskToImage:
@@ -392,13 +180,13 @@ class MaskToImage:
         size = f"{shape} voxels of {mask.get_data_dtype()}"
         if needed > available:
             raise BundleInputError(
-                f"{path}: mask of {size} needs about {_gb(needed)} of memory to resample and write on its "
-                f"own grid, but only {_gb(available)} is available; free memory, use a larger machine, or "
+                f"{path}: mask of {size} needs about {format_bytes(needed)} of memory to resample and write on its "
+                f"own grid, but only {format_bytes(available)} is available; free memory, use a larger machine, or "
                 f"resample the mask to coarser voxels (the model's are {'x'.join(f'{v:g}' for v in self.spacing)} mm)"
             )
         if needed > _MEMORY_WARNING_SHARE * available:
             logger.warning(
-                f"{path}: mask of {size} needs about {_gb(needed)} of the {_gb(available)} of memory "
+                f"{path}: mask of {size} needs about {format_bytes(needed)} of the {format_bytes(available)} of memory "
                 "available; other programs may run short"
             )
         return needed

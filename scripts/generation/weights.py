@@ -20,12 +20,54 @@ from typing import Any
 
 import torch
 
+from scripts.core.errors import BundleInputError
 from scripts.generation.autoguidance import load_guide_unet
-from scripts.generation.inference import check_sampler, num_steps
 from scripts.models.controlnet import load_controlnet
-from scripts.models.diffusion import checkpoint_prediction_type, freeze, load_diffusion_unet
+from scripts.models.diffusion import check_noise_schedule, checkpoint_prediction_type, freeze, load_diffusion_unet
 
-__all__ = ["GenerationWeights"]
+__all__ = ["SAMPLER_SCHEDULES", "DEFAULT_STEPS", "check_sampler", "num_steps", "GenerationWeights"]
+
+
+#: Sampler name -> the noise schedule the model must have been trained with.
+SAMPLER_SCHEDULES = {"ddpm": "ddpm", "ddim": "ddpm", "rflow": "rflow"}
+#: Reverse steps per sampler when --num_inference_steps is not given.
+# ddim 35: on 32 fresh masks the 0.12.0 weights gave FID 3D 0.088 at 35 steps against 0.111 at 50
+# and 0.129 at 100, with the same contrast (model card, 0.13.0); and 30 % less sampling time
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 35, "rflow": 30}
+
+
+def check_sampler(sampler: str | None, noise_schedule: str, weights_path: str) -> str:
+    """The sampler to use: ``sampler``, or the model's own default; a mismatch is one clear error."""
+    check_noise_schedule(noise_schedule)
+    if sampler is None:
+        return "rflow" if noise_schedule == "rflow" else "ddim"
+    if sampler not in SAMPLER_SCHEDULES:
+        raise BundleInputError(f"config 'sampler': unknown sampler {sampler!r}; use one of {sorted(SAMPLER_SCHEDULES)}")
+    if SAMPLER_SCHEDULES[sampler] != noise_schedule:
+        fits = sorted(name for name, schedule in SAMPLER_SCHEDULES.items() if schedule == noise_schedule)
+        raise BundleInputError(
+            f"{weights_path}: trained with noise_schedule {noise_schedule!r}, which sampler {sampler!r} cannot "
+            f"sample; use --sampler {' or --sampler '.join(fits)}"
+        )
+    return sampler
+
+
+def num_steps(num_inference_steps: int | None, sampler: str, num_train_timesteps: int) -> int:
+    """Reverse steps: the given number, else the sampler's default.
+
+    The ``ddpm`` sampler must take every training timestep: MONAI's ``DDPMScheduler.step`` always
+    steps from t to t - 1 whatever ``set_timesteps`` chose, so with fewer steps the chain stops far
+    from t = 0 and decodes to noise (measured: FID 3D 16.4 with 50 steps against 0.11 for ``ddim``).
+    """
+    steps = DEFAULT_STEPS[sampler] if num_inference_steps is None else int(num_inference_steps)
+    if steps < 1:
+        raise BundleInputError(f"config 'num_inference_steps' must be at least 1, got {steps}")
+    if sampler == "ddpm" and steps != int(num_train_timesteps):
+        raise BundleInputError(
+            f"config 'num_inference_steps': the ddpm sampler takes all {int(num_train_timesteps)} timesteps, got "
+            f"{steps}; for fewer steps use --sampler ddim"
+        )
+    return steps
 
 
 class GenerationWeights:

@@ -58,7 +58,7 @@ from scripts.data.cases import load_datalist, read_nifti
 from scripts.data.labels import LABELS
 from scripts.data.masks import mask_editor
 from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
-from scripts.generation.inference import find_masks
+from scripts.generation.mask_sources import find_masks
 from scripts.models.segmentation import check_synthetic_sources
 
 __all__ = [

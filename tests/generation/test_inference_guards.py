@@ -25,7 +25,8 @@ from stage_helpers import build_weights, infer
 import scripts.generation.inference as inference
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.data.cases import check_cases, load_nifti_header
-from scripts.generation.inference import MaskToImage, available_memory, find_masks
+from scripts.generation.inference import MaskToImage, available_memory
+from scripts.generation.mask_sources import find_masks
 
 # ---------------------------------------------------------------- helpers
 
@@ -93,8 +94,8 @@ def generated(monkeypatch) -> list[str]:
 
 @pytest.fixture
 def warnings_logged() -> list[str]:
-    """Warnings of scripts.generation.inference, caught on its own logger: a bundle run reconfigures the root
-    logger from configs/logging.conf, which removes pytest's caplog handler."""
+    """Warnings of scripts.generation (inference, mask sources), caught on its own logger: a bundle run
+    reconfigures the root logger from configs/logging.conf, which removes pytest's caplog handler."""
     caught: list[str] = []
 
     class Catch(logging.Handler):
@@ -103,9 +104,9 @@ def warnings_logged() -> list[str]:
                 caught.append(record.getMessage())
 
     handler = Catch()
-    logging.getLogger("scripts.generation.inference").addHandler(handler)
+    logging.getLogger("scripts.generation").addHandler(handler)
     yield caught
-    logging.getLogger("scripts.generation.inference").removeHandler(handler)
+    logging.getLogger("scripts.generation").removeHandler(handler)
 
 
 def _good_mask(folder: Path, name: str = "a_good.nii.gz", shape=(24, 24, 16)) -> str:
