@@ -160,6 +160,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "synthetic_ratios": dict(type="list", item="float"),
     "test_fraction": dict(type="float", min=0.0, max=1.0),
     "texture_measures": dict(type="bool"),
+    "delivered_grid_measures": dict(type="bool"),
     "val_fraction": dict(type="float", min=0.0, max=1.0),
     "val_interval": dict(type="int", min=1),
     "val_timesteps": dict(type="list", item="int"),

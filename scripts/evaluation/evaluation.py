@@ -48,6 +48,7 @@ from scripts.core.settings import as_bool, as_optional
 from scripts.data.cases import check_case, load_datalist, read_nifti
 from scripts.data.labels import LabelContract, class_intensity_sums, class_means
 from scripts.data.pairs import find_pairs
+from scripts.evaluation.delivered import DELIVERED_MEASURES, DeliveredGridComparison
 from scripts.evaluation.diversity import PairwiseMsSsim
 from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
@@ -353,6 +354,7 @@ class _SetMeasurement:
     dice: SegmentationDice | None
     texture: list[dict[str, float]] = field(default_factory=list)  # realism.paired_measures per volume
     volumes: list[np.ndarray] = field(default_factory=list)  # kept for the classifier two-sample test
+    delivered: list[dict[str, float] | None] = field(default_factory=list)  # ratios on the delivered grid, per volume
     masks: list[str] = field(default_factory=list)  # the mask each volume was made from (test folds)
 
 
@@ -392,6 +394,8 @@ class Evaluation:
             label maps), reported as ratios to the real set's.
         classifier_test: settings of :func:`scripts.evaluation.realism.classifier_two_sample_test` (each
             set against the real set, and the real set's halves against each other); ``None``: off.
+        delivered_grid_measures: the paired measures on the grid the pairs are delivered on, each image
+            against the real image of its mask (:mod:`scripts.evaluation.delivered`).
         seed: order in which volumes are paired (MS-SSIM) and the real set is halved (real-vs-real FID).
         info: settings recorded under ``protocol`` in ``metrics.json``.
     """
@@ -415,6 +419,7 @@ class Evaluation:
         histogram_bins: int = 50,
         texture_measures: bool = True,
         classifier_test: Mapping[str, Any] | None = None,
+        delivered_grid_measures: bool = True,
         seed: int = 0,
         info: Mapping[str, Any] | None = None,
     ) -> None:
@@ -445,18 +450,24 @@ class Evaluation:
         self.classifier_test = None if classifier_test is None else dict(classifier_test)
         if self.classifier_test is not None:  # cubes no larger than the grid
             self.classifier_test["crop"] = min(int(self.classifier_test.get("crop", 32)), *self.spatial_size)
+        self.delivered = None
+        if as_bool(delivered_grid_measures, "delivered_grid_measures") and real.has_labels:
+            self.delivered = DeliveredGridComparison(real.items, mask_key, contract)
         self.seed = int(seed)
         self.info = dict(info or {})
 
     # ------------------------------------------------------------------ one pass over a set
-    def _volumes(self, volume_set: VolumeSet) -> Iterator[tuple[dict[str, str], torch.Tensor, torch.Tensor | None]]:
+    def _volumes(
+        self, volume_set: VolumeSet
+    ) -> Iterator[tuple[dict[str, str], torch.Tensor, torch.Tensor | None, Any]]:
+        """Each item, its preprocessed image and label as plain tensors, and the image with its metadata."""
         order = list(volume_set.items)
         random.Random(self.seed).shuffle(order)
         for item in tqdm(order, desc=f"evaluating {volume_set.name}", unit="volume"):
             data = volume_set.transform(dict(item))
             self._check_grid(data["image"], item["image"], volume_set)
             label = _plain(data["label"]) if "label" in data else None
-            yield item, _plain(data["image"]), label
+            yield item, _plain(data["image"]), label, data["image"]
 
     def _check_grid(self, image: Any, path: str, volume_set: VolumeSet) -> None:
         shape = tuple(image.shape[1:])
@@ -486,7 +497,7 @@ class Evaluation:
             ),
             dice,
         )
-        for item, image, label in self._volumes(volume_set):
+        for item, image, label, on_model_grid in self._volumes(volume_set):
             if not torch.isfinite(image).all():
                 raise BundleInputError(f"set {volume_set.name!r}: a preprocessed image holds NaN or Inf values")
             result.num_volumes += 1
@@ -500,6 +511,11 @@ class Evaluation:
                 dice.update(image, label)
             if self.texture_measures and volume_set.has_labels:
                 result.texture.append(paired_measures(image[0].numpy(), label[0].numpy(), self.contract.labels))
+            if self.delivered is not None and volume_set.has_labels:
+                if volume_set.name in (REAL, RECONSTRUCTION):  # on the model grid only: taken back to the real grid
+                    result.delivered.append(self.delivered.from_model_grid(item, on_model_grid))
+                else:
+                    result.delivered.append(self.delivered.from_files(item))
             if self.classifier_test is not None:
                 result.volumes.append(image[0].numpy().astype(np.float32))
                 result.masks.append(mask_key(item))
@@ -538,7 +554,13 @@ class Evaluation:
             name: (value / reference[name] if value is not None and reference.get(name) else None)
             for name, value in texture.items()
         }
-        return {"texture": texture, "texture_vs_real": ratios, "classifier_vs_real": classifier}
+        delivered = None if self.delivered is None else DeliveredGridComparison.summary(measured.delivered)
+        return {
+            "texture": texture,
+            "texture_vs_real": ratios,
+            "classifier_vs_real": classifier,
+            "delivered_vs_real": delivered,
+        }
 
     # ------------------------------------------------------------------ metrics of a set
     def _fid(
@@ -615,6 +637,8 @@ class Evaluation:
             columns += ["c2st_auc", "c2st_accuracy"]
         if self.texture_measures:
             columns += [f"{name}_vs_real" for name in REALISM_COLUMNS]
+        if self.delivered is not None:
+            columns += [f"delivered_{name}" for name in DELIVERED_MEASURES]
         return columns
 
     def row(self, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -643,6 +667,8 @@ class Evaluation:
         values["c2st_accuracy"] = classifier.get("accuracy")
         for name in REALISM_COLUMNS:
             values[f"{name}_vs_real"] = (realism.get("texture_vs_real") or {}).get(name)
+        for name in DELIVERED_MEASURES:
+            values[f"delivered_{name}"] = (realism.get("delivered_vs_real") or {}).get(name)
         return {column: values.get(column) for column in self.columns()}
 
     def write(
@@ -694,7 +720,10 @@ class Evaluation:
                 "vessels and HCC (classes of at least 20 voxels). c2st: a small 3D CNN trained to tell the set "
                 "from the real set, k-fold with folds grouped by mask (AUC 0.5: indistinguishable; row `real`: "
                 "its two halves). `*_vs_real`: the set's mean texture and sharpness measure over the real set's "
-                "(1: as real; blur and missing grain give less). n/a: not measured (null in metrics.json).",
+                "(1: as real; blur and missing grain give less). `delivered_*`: on the grid the pairs are delivered on, "
+                "each image against the real image of its mask, mean ratio over cases (row `real`: the real image "
+                "taken to the model grid and back, what the grid alone allows; `reconstruction` likewise). "
+                "n/a: not measured (null in metrics.json).",
                 "",
                 table_of(rows, self.columns()),
                 "",

@@ -14,8 +14,9 @@ For every input mask ``X.nii.gz`` the pipeline
    ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
    voxels, shape, affine and header, so the two always lie on the same grid.
 
-Masks come from ``scripts.generation.mask_sources``. Every mask is checked before anything is generated (its header: a 3D grid, real-valued voxels, a
-usable affine, and the memory it will need; then its voxels against the label contract): one bad
+Masks come from ``scripts.generation.mask_sources``. Every mask is checked before anything is generated
+(its header: a 3D grid, real-valued voxels, a usable affine, and the memory it will need; then its voxels
+against the label contract): one bad
 mask stops the command at once with one line naming it, before any output exists (finding a bad
 file after hours of sampling would waste them, and a partial set of pairs is easy to mistake for
 a whole one). Outputs go to a staging folder that replaces ``output_dir`` only when every pair is
