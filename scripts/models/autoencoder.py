@@ -32,6 +32,7 @@ __all__ = [
     "load_initial_autoencoder",
     "trainable_autoencoder",
     "warm_start_label_guided",
+    "warm_start_refining_decoder",
 ]
 
 # submodules of monai.networks.nets.AutoencoderKL that map an image to its latent mean and spread
@@ -154,17 +155,81 @@ def warm_start_label_guided(autoencoder: torch.nn.Module, plain_state: Mapping[s
     net.load_state_dict({**state, **copied}, strict=True)
 
 
+def _decoder_blocks(state: Mapping[str, Any]) -> int:
+    """Number of ``decoder.blocks`` entries a state dict holds."""
+    found = [int(name.split(".")[2]) for name in state if name.startswith("decoder.blocks.")]
+    return 1 + max(found) if found else 0
+
+
+def warm_start_refining_decoder(
+    autoencoder: torch.nn.Module, guided_state: Mapping[str, torch.Tensor], path: str
+) -> None:
+    """Load a label-guided autoencoder into one whose decoder has more upsampling levels
+    (``decoder_upsampling``), so that it starts as that decoder followed by a nearest 2x upsampling per level.
+
+    The encoder, the quantisation convolutions and every decoder block below the new levels are copied; the
+    final norm and output convolution come from the source's; each new level starts as an identity: its
+    upsampling convolution a Dirac kernel (nearest interpolation passes through), its residual blocks with a zero
+    last convolution (the block returns its input). Only the output convolution then sees a finer grid than it
+    was trained on. MONAI has no such conversion.
+    """
+    net = unwrap(autoencoder)
+    state = net.state_dict()
+    source_blocks, target_blocks = _decoder_blocks(guided_state), _decoder_blocks(state)
+    if not 0 < source_blocks < target_blocks:
+        raise BundleInputError(f"{path}: not a label-guided autoencoder with fewer decoder levels to start from")
+    shift = target_blocks - source_blocks
+    tail = source_blocks - 2  # the final GroupNorm and output convolution keep their place at the end
+    copied = {}
+    for name, value in guided_state.items():
+        target = name
+        if name.startswith("decoder.blocks."):
+            index = int(name.split(".")[2])
+            target = (
+                name
+                if index < tail
+                else name.replace(f"decoder.blocks.{index}.", f"decoder.blocks.{index + shift}.", 1)
+            )
+        if target not in state or state[target].shape != value.shape:
+            raise BundleInputError(f"{path}: {name} does not fit the refining decoder ({target}); same channels needed")
+        copied[target] = value
+    blocks = net.decoder.blocks
+    with torch.no_grad():
+        for index in range(tail, tail + shift):
+            block = blocks[index]
+            if hasattr(block, "postconv"):  # the upsampling: nearest interpolation, then this convolution
+                torch.nn.init.dirac_(block.postconv.conv.weight)
+                block.postconv.conv.bias.zero_()
+            elif hasattr(block, "conv2"):  # a residual block: zero residual
+                block.conv2.conv.weight.zero_()
+                block.conv2.conv.bias.zero_()
+    new = {name: value for name, value in net.state_dict().items() if name not in copied}
+    net.load_state_dict({**new, **copied}, strict=True)
+
+
 def load_initial_autoencoder(autoencoder: torch.nn.Module, path: str) -> dict[str, Any]:
     """Load stage-1 weights to start training from; returns the checkpoint.
 
-    A label-guided autoencoder may start from a plain one (:func:`warm_start_label_guided`);
-    everything else loads strictly, with a one-line error on a mismatch.
+    A label-guided autoencoder may start from a plain one (:func:`warm_start_label_guided`), a refining
+    decoder from a label-guided one (:func:`warm_start_refining_decoder`); everything else loads strictly,
+    with a one-line error on a mismatch.
     """
     what = "initial autoencoder weights"
     checkpoint = load_checkpoint(path, what)
     state = checkpoint.get("autoencoder", checkpoint)
+    refining = is_label_guided(autoencoder) and _decoder_blocks(state) < _decoder_blocks(
+        unwrap(autoencoder).state_dict()
+    )
     if is_label_guided(autoencoder) and not _holds_label_guided_weights(state):
+        if refining:
+            raise BundleInputError(
+                f"{path}: a plain autoencoder; a decoder with decoder_upsampling starts from a label-guided one "
+                "(train that first with --label_guided_decoder true)"
+            )
         warm_start_label_guided(autoencoder, state, path)
+        return checkpoint
+    if refining:
+        warm_start_refining_decoder(autoencoder, state, path)
         return checkpoint
     return load_network_weights(autoencoder, path, "autoencoder", what)
 

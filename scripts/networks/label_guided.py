@@ -11,35 +11,47 @@ warm-starting it live in :mod:`scripts.models.autoencoder`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from monai.networks.blocks.spade_norm import SPADE
 from monai.networks.nets import AutoencoderKL, SPADEAutoencoderKL
+from monai.networks.nets.spade_autoencoderkl import SPADEDecoder
 
 from scripts.core.checkpoints import unwrap
+from scripts.core.errors import BundleInputError
 from scripts.core.settings import as_bool
 
 __all__ = ["build_autoencoder", "build_label_guided_autoencoder", "is_label_guided"]
 
 
 def build_autoencoder(
-    label_guided: bool, label_nc: int, spade_intermediate_channels: int, **kwargs: Any
+    label_guided: bool, label_nc: int, spade_intermediate_channels: int, decoder_upsampling: int = 0, **kwargs: Any
 ) -> AutoencoderKL | SPADEAutoencoderKL:
     """The stage-1 network of ``configs/common.yaml``: ``AutoencoderKL(**kwargs)``, or with ``label_guided`` the
     label-guided one of :func:`build_label_guided_autoencoder` with the same architecture.
 
     One definition serves both, so an overlay that resizes the autoencoder (``configs/hires.yaml``) resizes
-    the label-guided one too; only the selected network is built.
+    the label-guided one too; only the selected network is built. ``decoder_upsampling`` (label-guided only)
+    gives the decoder that many more 2x upsampling levels than the encoder has downsampling levels.
     """
     if as_bool(label_guided, "label_guided_decoder"):
         return build_label_guided_autoencoder(
-            label_nc=label_nc, spade_intermediate_channels=spade_intermediate_channels, **kwargs
+            label_nc=label_nc,
+            spade_intermediate_channels=spade_intermediate_channels,
+            decoder_upsampling=decoder_upsampling,
+            **kwargs,
+        )
+    if int(decoder_upsampling):
+        raise BundleInputError(
+            f"config 'decoder_upsampling' {decoder_upsampling}: only a label-guided decoder refines the grid "
+            "(it reads the mask at the finer grid); pass --label_guided_decoder true"
         )
     return AutoencoderKL(**kwargs)
 
 
-def build_label_guided_autoencoder(**kwargs: Any) -> SPADEAutoencoderKL:
+def build_label_guided_autoencoder(decoder_upsampling: int = 0, **kwargs: Any) -> SPADEAutoencoderKL:
     """MONAI's ``SPADEAutoencoderKL(**kwargs)`` with plain convolutional scale and shift heads.
 
     MONAI builds each SPADE layer's gamma and beta heads as ``Convolution`` blocks with that class's
@@ -47,13 +59,46 @@ def build_label_guided_autoencoder(**kwargs: Any) -> SPADEAutoencoderKL:
     space: a constant scale and shift (what the plain decoder's GroupNorm affine is) cannot be
     expressed and the label map always modulates at full strength. The SPADE paper's heads are plain
     convolutions; removing the normalisation restores them. No weights change (it has none).
+
+    ``decoder_upsampling`` k > 0: MONAI's ``SPADEDecoder`` with k more levels at the top (the first level's
+    channels), so the image comes out on a grid ``2**k`` times finer per axis than the encoder's input while
+    the latents stay those of the encoder. The decoder reads the label map on that finer grid.
     """
     network = SPADEAutoencoderKL(**kwargs)
+    if int(decoder_upsampling) > 0:
+        network.decoder = _refining_decoder(int(decoder_upsampling), **kwargs)
     for module in network.decoder.modules():
         if isinstance(module, SPADE):
             for head in (module.mlp_gamma, module.mlp_beta):
                 head.adn = torch.nn.Identity()
     return network
+
+
+def _refining_decoder(levels: int, **kwargs: Any) -> SPADEDecoder:
+    """The ``SPADEDecoder`` of ``SPADEAutoencoderKL(**kwargs)`` with ``levels`` more top levels (MONAI builds
+    encoder and decoder from one channel list, hence this second decoder)."""
+    defaults = inspect.signature(SPADEAutoencoderKL.__init__).parameters
+    args = {name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty}
+    args.update(kwargs)
+    channels = list(args["channels"])
+    res_blocks = args["num_res_blocks"]
+    res_blocks = [int(res_blocks)] * len(channels) if isinstance(res_blocks, int) else list(res_blocks)
+    return SPADEDecoder(
+        spatial_dims=args["spatial_dims"],
+        channels=[channels[0]] * levels + channels,
+        in_channels=args["latent_channels"],
+        out_channels=args["out_channels"],
+        num_res_blocks=[res_blocks[0]] * levels + res_blocks,
+        norm_num_groups=args["norm_num_groups"],
+        norm_eps=args["norm_eps"],
+        attention_levels=[False] * levels + list(args["attention_levels"]),
+        label_nc=args["label_nc"],
+        with_nonlocal_attn=args["with_decoder_nonlocal_attn"],
+        spade_intermediate_channels=args["spade_intermediate_channels"],
+        include_fc=args["include_fc"],
+        use_combined_linear=args["use_combined_linear"],
+        use_flash_attention=args["use_flash_attention"],
+    )
 
 
 def is_label_guided(autoencoder: Any) -> bool:

@@ -14,7 +14,7 @@ from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract
 from scripts.generation.sampler import LatentDiffusionSampler
 from scripts.models.autoencoder import latent_space_sha256, load_initial_autoencoder, warm_start_label_guided
-from scripts.networks.label_guided import is_label_guided
+from scripts.networks.label_guided import build_autoencoder, is_label_guided
 from scripts.networks.tiled_autoencoder import TiledAutoencoder
 
 LABELS = {"background": 0, "liver": 1, "portal_vein": 2, "hepatic_vein": 3, "hcc": 4}
@@ -162,3 +162,63 @@ def test_sampler_adds_the_latent_shift_back_before_decoding(plain_weights):
     decoded = sampler.decode(latents, label)
     torch.testing.assert_close(decoded, expected.clamp(0, 1))
     assert not torch.allclose(decoded, unshifted.clamp(0, 1), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- refining decoder
+TINY_AE = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    channels=[8, 16],
+    latent_channels=2,
+    num_res_blocks=1,
+    attention_levels=[False, False],
+    norm_num_groups=8,
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+    include_fc=False,
+)
+
+
+def test_a_refining_decoder_starts_as_the_label_guided_one_then_nearest_upsampling(tmp_path):
+    """decoder_upsampling 1: the same latents, decoded onto a 2x finer grid; warm-started from a label-guided
+    autoencoder it is that decoder with a nearest 2x upsampling before its final norm and output convolution."""
+    from monai.networks.nets.spade_autoencoderkl import SPADEResBlock
+
+    torch.manual_seed(0)
+    source = build_autoencoder(True, 5, 8, **TINY_AE).eval()
+    with torch.no_grad():  # decoder weights moved off their initialisation, so that a wrong mapping of blocks shows
+        for name, value in source.named_parameters():
+            if name.startswith("decoder."):
+                value.add_(0.3 * torch.randn_like(value))
+    path = tmp_path / "guided.pt"
+    torch.save({"autoencoder": source.state_dict()}, path)
+    refining = build_autoencoder(True, 5, 8, decoder_upsampling=1, **TINY_AE).eval()
+    load_initial_autoencoder(refining, str(path))
+
+    contract = LabelContract(LABELS)
+    label = torch.randint(0, 5, (1, 1, 16, 16, 16))
+    seg = contract.one_hot(label).float()
+    fine_seg = torch.nn.functional.interpolate(seg, scale_factor=2, mode="nearest")
+    image = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        latent = source.encode(image)[0]
+        torch.testing.assert_close(refining.encode(image)[0], latent, rtol=0, atol=0)  # the latent space is kept
+        h = source.post_quant_conv(latent)
+        for block in source.decoder.blocks[:-2]:
+            h = block(h, seg) if isinstance(block, SPADEResBlock) else block(h)
+        h = torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        expected = source.decoder.blocks[-1](source.decoder.blocks[-2](h))
+        decoded = refining.decode(latent, fine_seg)
+    assert decoded.shape[2:] == (32, 32, 32)
+    torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_refining_decoder_needs_a_label_guided_decoder_and_start(tmp_path):
+    with pytest.raises(BundleInputError, match="decoder_upsampling"):
+        build_autoencoder(False, 5, 8, decoder_upsampling=1, **TINY_AE)
+    plain = build_autoencoder(False, 5, 8, **TINY_AE)
+    path = tmp_path / "plain.pt"
+    torch.save({"autoencoder": plain.state_dict()}, path)
+    with pytest.raises(BundleInputError, match="starts from a label-guided one"):
+        load_initial_autoencoder(build_autoencoder(True, 5, 8, decoder_upsampling=1, **TINY_AE), str(path))
