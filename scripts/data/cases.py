@@ -20,7 +20,6 @@ from monai.data import load_decathlon_datalist
 from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     Compose,
-    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -33,7 +32,6 @@ from tqdm import tqdm
 
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract, LabelContractd
-from scripts.data.refined_grid import RecordIntensityRanged, RefinedGridd
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -235,7 +233,6 @@ def preprocessing_transforms(
     upper_percentile: float = 99.5,
     image_key: str = "image",
     label_key: str = "label",
-    refine: int = 1,
 ) -> Compose:
     """Load and bring a case onto the model grid, all with MONAI transforms.
 
@@ -243,44 +240,29 @@ def preprocessing_transforms(
     checked and mapped to bundle ids, image intensities scaled by percentiles to ``[0, 1]``,
     then a centred crop or zero pad to ``spatial_size``. ``with_image=False`` builds the
     label-only chain used for conditioning masks. One factory serves both so the two can never
-    drift apart. ``refine`` > 1 also puts the case on the ``refine``-times finer grid aligned with the model
-    grid, under ``fine_<key>`` (:mod:`scripts.data.refined_grid`), for a decoder with ``decoder_upsampling``.
+    drift apart.
     """
     keys = [image_key, label_key] if with_image else [label_key]
     modes = ["bilinear", "nearest"] if with_image else ["nearest"]
-    fine_keys = [f"fine_{key}" for key in keys]  # not "<key>_...": Spacingd takes those for meta dicts
-    refine = int(refine)
     chain: list[Any] = [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         LabelContractd(keys=label_key, contract=contract),
         Orientationd(keys=keys, axcodes="RAS", labels=None),  # None: axis labels from the MetaTensor's space
+        Spacingd(keys=keys, pixdim=spacing, mode=modes),
     ]
-    if refine > 1:  # the case as read, for the fine grid: resampled once, from the source
-        chain.append(CopyItemsd(keys=keys, names=fine_keys))
-    chain.append(Spacingd(keys=keys, pixdim=spacing, mode=modes))
     if with_image:
-        if refine > 1:
-            chain.append(RecordIntensityRanged(image_key, lower_percentile, upper_percentile, _INTENSITY_RANGE))
         chain.append(
             ScaleIntensityRangePercentilesd(
                 keys=image_key, lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True
             )
         )
-    chain.append(ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size))
-    if refine > 1:
-        range_key = _INTENSITY_RANGE if with_image else None
-        chain.append(RefinedGridd(fine_keys, reference_key=keys[0], factor=refine, modes=modes, range_key=range_key))
-    image_keys, label_keys = [image_key, f"fine_{image_key}"], [label_key, f"fine_{label_key}"]
     chain += [
-        EnsureTyped(keys=image_keys, dtype="float32", allow_missing_keys=True),
-        EnsureTyped(keys=label_keys, dtype="uint8", allow_missing_keys=True),
+        ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size),
+        EnsureTyped(keys=image_key, dtype="float32", allow_missing_keys=True),
+        EnsureTyped(keys=label_key, dtype="uint8"),
     ]
     return Compose(chain)
-
-
-#: Where the model-grid image's intensity range waits for the fine-grid image (removed once used).
-_INTENSITY_RANGE = "intensity_range"
 
 
 def check_patch_size(patch_size: Sequence[int], spatial_size: Sequence[int]) -> bool:

@@ -171,34 +171,3 @@ def test_a_patch_size_of_the_wrong_length_says_so():
         check_patch_size([32, 32], [64, 64, 64])
     with pytest.raises(BundleInputError, match="does not fit"):
         check_patch_size([96, 32, 32], [64, 64, 64])
-
-
-@pytest.mark.parametrize("with_image", [True, False])
-def test_the_refined_grid_is_aligned_with_the_model_grid_and_on_its_intensity_scale(tiny_phantoms, with_image):
-    """refine 2: each model-grid voxel split in 2 per axis around its centre, resampled once from the case as
-    read; the model-grid volumes stay exactly those of the plain chain."""
-    from scripts.data.labels import LABELS, LabelContract
-    from scripts.data.refined_grid import refinement
-
-    contract = LabelContract(LABELS)
-    item = load_datalist(str(tiny_phantoms / "datalist.json"), str(tiny_phantoms), "training")[0]
-    if not with_image:
-        item = {"label": item["label"]}
-    grid = ((10.0, 10.0, 8.0), (16, 16, 16))
-    plain = preprocessing_transforms(contract, *grid, with_image=with_image)(dict(item))
-    refined = preprocessing_transforms(contract, *grid, with_image=with_image, refine=2)(dict(item))
-    assert "fine_label" not in plain and refined["fine_label"].shape[1:] == (32, 32, 32)
-    torch.testing.assert_close(refined["label"], plain["label"], rtol=0, atol=0)
-    expected = torch.as_tensor(plain["label"].affine, dtype=torch.float64) @ refinement(2)
-    torch.testing.assert_close(torch.as_tensor(refined["fine_label"].affine, dtype=torch.float64), expected)
-    # a nearest 2x upsampling of the model-grid label lands on the fine one but for boundary voxels (8-10 mm here)
-    upsampled = torch.nn.functional.interpolate(plain["label"][None].float(), scale_factor=2, mode="nearest")[0]
-    assert float((upsampled == refined["fine_label"]).float().mean()) > 0.9
-    if with_image:
-        torch.testing.assert_close(refined["image"], plain["image"], rtol=0, atol=0)
-        fine = refined["fine_image"]
-        assert fine.dtype == torch.float32 and 0.0 <= float(fine.min()) and float(fine.max()) <= 1.0
-        pooled = torch.nn.functional.avg_pool3d(fine[None], 2)[0]
-        # the same place and scale: measured 0.015; a fine grid shifted by a quarter of a model voxel gave 0.046
-        assert float((pooled - plain["image"]).abs().mean()) < 0.03
-        assert "intensity_range" not in refined
