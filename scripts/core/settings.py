@@ -80,6 +80,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "crop_pos": dict(type="float", min=0.0),
     "d_lr": dict(type="float", min=0.0),
     "datalist": dict(type="str", optional=True),
+    "decoder_upsampling": dict(type="int", min=0, max=2),
     "device": dict(type="device"),
     "distributed": dict(type="bool"),
     "edited_layouts": dict(type="dict"),

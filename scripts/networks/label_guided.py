@@ -23,7 +23,7 @@ from scripts.core.checkpoints import unwrap
 from scripts.core.errors import BundleInputError
 from scripts.core.settings import as_bool
 
-__all__ = ["build_autoencoder", "build_label_guided_autoencoder", "is_label_guided"]
+__all__ = ["RefiningAutoencoder", "build_autoencoder", "build_label_guided_autoencoder", "is_label_guided"]
 
 
 def build_autoencoder(
@@ -60,18 +60,39 @@ def build_label_guided_autoencoder(decoder_upsampling: int = 0, **kwargs: Any) -
     expressed and the label map always modulates at full strength. The SPADE paper's heads are plain
     convolutions; removing the normalisation restores them. No weights change (it has none).
 
-    ``decoder_upsampling`` k > 0: MONAI's ``SPADEDecoder`` with k more levels at the top (the first level's
-    channels), so the image comes out on a grid ``2**k`` times finer per axis than the encoder's input while
-    the latents stay those of the encoder. The decoder reads the label map on that finer grid.
+    ``decoder_upsampling`` k > 0: a :class:`RefiningAutoencoder`.
     """
-    network = SPADEAutoencoderKL(**kwargs)
     if int(decoder_upsampling) > 0:
-        network.decoder = _refining_decoder(int(decoder_upsampling), **kwargs)
+        network = RefiningAutoencoder(int(decoder_upsampling), **kwargs)
+    else:
+        network = SPADEAutoencoderKL(**kwargs)
     for module in network.decoder.modules():
         if isinstance(module, SPADE):
             for head in (module.mlp_gamma, module.mlp_beta):
                 head.adn = torch.nn.Identity()
     return network
+
+
+class RefiningAutoencoder(SPADEAutoencoderKL):
+    """A label-guided autoencoder whose decoder outputs a grid ``2**levels`` times finer per axis than its encoder reads.
+
+    The decoder is MONAI's ``SPADEDecoder`` with ``levels`` more levels at the top (the first level's channels),
+    reading the label map on the fine grid. The encoder is the one of ``SPADEAutoencoderKL(**kwargs)``, so its
+    latents are those of the model grid; given a fine-grid image, it first averages it back onto the coarse grid
+    (each coarse voxel the mean of the fine voxels it holds), so that the whole network trains and validates on
+    the fine grid with the bundle's stage-1 workflow: ``--spacing`` and ``--spatial_size`` of the fine grid.
+    Generation decodes sampled latents with the mask on the fine grid aligned with the model grid.
+    """
+
+    def __init__(self, levels: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.decoder_upsampling = int(levels)
+        self.decoder = _refining_decoder(self.decoder_upsampling, **kwargs)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean and std of a fine-grid image, read on the model grid."""
+        pool = torch.nn.functional.avg_pool3d if x.dim() == 5 else torch.nn.functional.avg_pool2d
+        return super().encode(pool(x, 2**self.decoder_upsampling))
 
 
 def _refining_decoder(levels: int, **kwargs: Any) -> SPADEDecoder:

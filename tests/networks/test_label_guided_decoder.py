@@ -182,7 +182,8 @@ TINY_AE = dict(
 
 def test_a_refining_decoder_starts_as_the_label_guided_one_then_nearest_upsampling(tmp_path):
     """decoder_upsampling 1: the same latents, decoded onto a 2x finer grid; warm-started from a label-guided
-    autoencoder it is that decoder with a nearest 2x upsampling before its final norm and output convolution."""
+    autoencoder it is that decoder with a nearest 2x upsampling before its final norm and output convolution,
+    and a forward pass maps a fine image to a fine reconstruction."""
     from monai.networks.nets.spade_autoencoderkl import SPADEResBlock
 
     torch.manual_seed(0)
@@ -200,10 +201,11 @@ def test_a_refining_decoder_starts_as_the_label_guided_one_then_nearest_upsampli
     label = torch.randint(0, 5, (1, 1, 16, 16, 16))
     seg = contract.one_hot(label).float()
     fine_seg = torch.nn.functional.interpolate(seg, scale_factor=2, mode="nearest")
-    image = torch.rand(1, 1, 16, 16, 16)
+    fine_image = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
-        latent = source.encode(image)[0]
-        torch.testing.assert_close(refining.encode(image)[0], latent, rtol=0, atol=0)  # the latent space is kept
+        # the latent space is kept: a fine image is read as its 2x2x2 means on the coarse grid
+        latent = source.encode(torch.nn.functional.avg_pool3d(fine_image, 2))[0]
+        torch.testing.assert_close(refining.encode(fine_image)[0], latent, rtol=0, atol=0)
         h = source.post_quant_conv(latent)
         for block in source.decoder.blocks[:-2]:
             h = block(h, seg) if isinstance(block, SPADEResBlock) else block(h)
@@ -212,6 +214,7 @@ def test_a_refining_decoder_starts_as_the_label_guided_one_then_nearest_upsampli
         decoded = refining.decode(latent, fine_seg)
     assert decoded.shape[2:] == (32, 32, 32)
     torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=1e-5)
+    assert refining(fine_image, fine_seg)[0].shape == fine_image.shape
 
 
 def test_a_refining_decoder_needs_a_label_guided_decoder_and_start(tmp_path):
