@@ -330,6 +330,57 @@ def test_label_guided_decoder_trains_from_the_plain_one_on_the_same_latents(
     assert "--label_guided_decoder true" in str(find_input_error(err.value))
 
 
+@pytest.mark.slow
+def test_a_refining_decoder_trains_on_the_finer_grid_over_the_same_latents(
+    trained, tiny_phantoms, tmp_path, monkeypatch
+):
+    """--decoder_upsampling 1 from a label-guided autoencoder: stage 1's workflow on the 2x finer grid trains a
+    decoder that outputs that grid while the encoder (the latents of every later stage) stays as it was."""
+    output, _ = trained
+    plain = export_weights(str(output / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "ae.pt"), "autoencoder")
+    monkeypatch.chdir(BUNDLE_ROOT)
+    guided_run = _overrides(
+        tiny_phantoms, tmp_path / "guided", max_epochs=1, init_autoencoder_path=str(plain), freeze_encoder=True
+    )
+    _initialize_and_run(
+        ConfigWorkflow(config_file=CONFIG, workflow_type="train", label_guided_decoder=True, **guided_run)
+    )
+    guided = export_weights(
+        str(tmp_path / "guided" / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "lg.pt"), "autoencoder"
+    )
+    fine_grid = {"spacing": [5.0, 5.0, 4.0], "spatial_size": [64, 64, 64], "patch_size": [32, 32, 32]}
+    settings = {
+        **_overrides(tiny_phantoms, tmp_path / "refining", max_epochs=1, init_autoencoder_path=guided),
+        **fine_grid,
+        "freeze_encoder": True,
+        "label_guided_decoder": True,
+        "decoder_upsampling": 1,
+    }
+    _initialize_and_run(ConfigWorkflow(config_file=CONFIG, workflow_type="train", **settings))
+    start, last = _load(guided), _load(tmp_path / "refining" / "autoencoder" / "autoencoder_last.pt")
+    assert latent_space_sha256(last) == latent_space_sha256(start) == latent_space_sha256(_load(plain))
+    blocks = {name.split(".")[2] for name in last["autoencoder"] if name.startswith("decoder.blocks.")}
+    assert len(blocks) == 2 + len({name.split(".")[2] for name in start["autoencoder"] if name.startswith("decoder.")})
+
+    # its reconstructions of the validation case come out on the fine grid
+    check = ConfigWorkflow(
+        config_file=layered_config_files("configs/inference_autoencoder.yaml"),
+        workflow_type="infer",
+        autoencoder_path=export_weights(
+            str(tmp_path / "refining" / "autoencoder" / "autoencoder_last.pt"), str(tmp_path / "r.pt"), "autoencoder"
+        ),
+        label_guided_decoder=True,
+        decoder_upsampling=1,
+        dataset_dir=str(tiny_phantoms),
+        spacing=fine_grid["spacing"],
+        spatial_size=fine_grid["spatial_size"],
+        output_dir=str(tmp_path / "check"),
+    )
+    _initialize_and_run(check)
+    (recon,) = (tmp_path / "check" / "autoencoder_reconstruction").glob("*_recon.nii.gz")
+    assert nib.load(recon).shape[:3] == (64, 64, 64)
+
+
 def test_reconstruction_config_writes_pairs_and_metrics(trained, tiny_phantoms, tmp_path, monkeypatch):
     output, _ = trained
     monkeypatch.chdir(BUNDLE_ROOT)
