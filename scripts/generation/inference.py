@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing
+from monai.transforms import Compose, Orientation, ResampleToMatch, ResizeWithPadOrCrop, Spacing, SpatialResample
 from tqdm import tqdm
 
 from scripts.core.errors import BundleInputError, require_finite
@@ -54,6 +54,16 @@ from scripts.generation.quality_gate import HBPQualityGate
 __all__ = ["output_seed", "output_prefix", "MaskToImage", "CheckedMask", "check_masks", "generate_pairs"]
 
 logger = logging.getLogger(__name__)
+
+
+def refinement(factor: int) -> torch.Tensor:
+    """Voxel-to-voxel affine from a grid ``factor`` times finer to the coarse one, each coarse voxel split around its
+    centre: coarse index = (fine index + 1/2) / factor - 1/2. A nearest upsampling of a coarse volume lands on it, as
+    a refining decoder's output does (and its 2x2x2 means give back the coarse grid its encoder reads)."""
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[:3, :3] /= factor
+    matrix[:3, 3] = (1.0 / factor - 1.0) / 2.0
+    return matrix
 
 
 def output_seed(seed: int, name: str, sample: int, attempt: int = 0) -> int:
@@ -96,6 +106,10 @@ _RESAMPLED_BYTES_PER_VOXEL = 60
 #: above the mask-sized terms in one full test-suite run, where earlier tests had shaped the heap):
 #: the top of that range, so the estimate bounds the peak.
 _FIXED_BYTES = 256 * 2**20
+#: Bytes per voxel of a refining decoder's output grid (``decoder_upsampling``), on top of the fixed part: its top
+#: levels run on that grid (measured: 1.26 GB above the loaded networks decoding one 128^3 volume on the CPU, about
+#: 600 bytes per voxel, demo networks with decoder_upsampling 1).
+_REFINED_DECODE_BYTES_PER_VOXEL = 640
 #: A mask that needs more than this share of the available memory gets a warning.
 _MEMORY_WARNING_SHARE = 0.5
 
@@ -112,6 +126,9 @@ class MaskToImage:
         output_range: the [0, 1] model intensities are mapped linearly onto it (None: keep [0, 1]).
         memory_check: refuse, before anything is generated, a mask whose estimated peak memory
             (:meth:`memory_estimate`) exceeds the available memory; warn above half of it.
+        decoder_upsampling: levels the decoder adds above the model grid (``configs/common.yaml``): the image
+            comes out on the ``2**k`` times finer grid aligned with the model grid, which the decoder's label
+            map is resampled onto, from the mask as given.
     """
 
     def __init__(
@@ -123,9 +140,12 @@ class MaskToImage:
         editor: Any = None,
         output_range: Sequence[float] | None = None,
         memory_check: bool = True,
+        decoder_upsampling: int = 0,
     ) -> None:
         self.sampler = sampler
+        self.refine = 2 ** int(decoder_upsampling)
         self.spacing = tuple(float(s) for s in spacing)
+        self.spatial_size = tuple(int(s) for s in spatial_size)
         self.memory_check = as_bool(memory_check, "memory_check")
         self.contract = contract
         self.editor = editor
@@ -157,7 +177,12 @@ class MaskToImage:
         affine = torch.as_tensor(mask.affine, dtype=torch.float64)
         stand_in = MetaTensor(torch.zeros(1).expand(1, *shape), affine=affine)
         resampled = self.to_model_grid_shape(stand_in)
-        return int(_FIXED_BYTES + per_voxel * math.prod(shape) + _RESAMPLED_BYTES_PER_VOXEL * math.prod(resampled))
+        decoded = (
+            0 if self.refine == 1 else _REFINED_DECODE_BYTES_PER_VOXEL * math.prod(self.spatial_size) * self.refine**3
+        )
+        return int(
+            _FIXED_BYTES + decoded + per_voxel * math.prod(shape) + _RESAMPLED_BYTES_PER_VOXEL * math.prod(resampled)
+        )
 
     def to_model_grid_shape(self, on_mask_grid: MetaTensor) -> tuple[int, ...]:
         """Shape of ``on_mask_grid`` reoriented and resampled to the model spacing, before the crop."""
@@ -218,26 +243,41 @@ class MaskToImage:
         self.contract.check(edited, f"{source} (edited)", remapped=True)
         return np.asarray(edited), dict(summary)
 
-    def on_grids(self, label: np.ndarray, affine: np.ndarray) -> tuple[MetaTensor, MetaTensor]:
-        """``label`` (its own grid, ``affine``) as a channel-first MetaTensor, and the same on the model grid."""
+    def on_grids(self, label: np.ndarray, affine: np.ndarray) -> tuple[MetaTensor, MetaTensor, MetaTensor]:
+        """``label`` (its own grid, ``affine``) as a channel-first MetaTensor, the same on the model grid, and on
+        the grid the image is decoded on (the model grid, or its refinement for a refining decoder)."""
         on_mask_grid = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(affine))
-        return on_mask_grid, self.to_model_grid(on_mask_grid)
+        on_model_grid = self.to_model_grid(on_mask_grid)
+        if self.refine == 1:
+            return on_mask_grid, on_model_grid, on_model_grid
+        fine_affine = torch.as_tensor(on_model_grid.affine, dtype=torch.float64) @ refinement(self.refine)
+        fine_size = [self.refine * int(s) for s in on_model_grid.shape[1:]]
+        # from the mask as given, resampled once (not from the coarse copy, which would keep its blocks)
+        on_decode_grid = SpatialResample(mode="nearest", padding_mode="zeros")(
+            on_mask_grid, dst_affine=fine_affine, spatial_size=fine_size
+        )
+        return on_mask_grid, on_model_grid, on_decode_grid
 
-    def sample(self, on_model_grid: MetaTensor, seed: int, device: torch.device) -> torch.Tensor:
-        """The image generated with ``seed`` from a label on the model grid: (1, *spatial_size), [0, 1], on the CPU."""
+    def sample(
+        self, on_model_grid: MetaTensor, seed: int, device: torch.device, on_decode_grid: MetaTensor | None = None
+    ) -> torch.Tensor:
+        """The image generated with ``seed`` from a label on the model grid, on the decode grid (``on_decode_grid``,
+        default the model grid): (1, *size), [0, 1], on the CPU."""
         # the sampler seeds its starting noise; DDPM's stochastic steps draw from the global generator
         torch.manual_seed(seed)
-        generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed])[0].cpu()
+        refined = on_decode_grid is not None and on_decode_grid is not on_model_grid
+        extra = {"decode_label": on_decode_grid[None].as_tensor().to(device)} if refined else {}
+        generated = self.sampler(on_model_grid[None].as_tensor().to(device), seeds=[seed], **extra)[0].cpu()
         require_finite(
             generated, "the generated image", "check --autoencoder_path, --diffusion_unet_path and --controlnet_path"
         )
         return generated
 
     def to_mask_grid_image(
-        self, generated: torch.Tensor, on_model_grid: MetaTensor, on_mask_grid: MetaTensor
+        self, generated: torch.Tensor, on_decode_grid: MetaTensor, on_mask_grid: MetaTensor
     ) -> np.ndarray:
-        """A generated model-grid image resampled onto the mask's grid (float32), in ``output_range``."""
-        image = MetaTensor(generated, affine=on_model_grid.affine, meta={"space": "RAS"})
+        """A generated image (on ``on_decode_grid``'s grid) resampled onto the mask's grid (float32), in ``output_range``."""
+        image = MetaTensor(generated, affine=on_decode_grid.affine, meta={"space": "RAS"})
         image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
         if self.output_range is not None:
             low, high = self.output_range
@@ -246,8 +286,9 @@ class MaskToImage:
 
     def __call__(self, label: np.ndarray, affine: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
         """Image (float32, the label's shape) generated from ``label`` with ``seed``."""
-        on_mask_grid, on_model_grid = self.on_grids(label, affine)
-        return self.to_mask_grid_image(self.sample(on_model_grid, seed, device), on_model_grid, on_mask_grid)
+        on_mask_grid, on_model_grid, on_decode_grid = self.on_grids(label, affine)
+        generated = self.sample(on_model_grid, seed, device, on_decode_grid)
+        return self.to_mask_grid_image(generated, on_decode_grid, on_mask_grid)
 
 
 def _save(array: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
@@ -362,14 +403,23 @@ def _write_pair(
     prefix = output_prefix(item["name"], sample, num_samples)
     case_seed = output_seed(seed, item["name"], sample)
     edited, summary = generator.edit(label, nifti.affine, case_seed, item["label"])
-    on_mask_grid, on_model_grid = generator.on_grids(edited, nifti.affine)
-    generated = generator.sample(on_model_grid, case_seed, device)
+    on_mask_grid, on_model_grid, on_decode_grid = generator.on_grids(edited, nifti.affine)
+    generated = generator.sample(on_model_grid, case_seed, device, on_decode_grid)
     gate_record = None
-    if quality_gate is not None:  # judged on the model grid: what the model made, before any resampling
+    if quality_gate is not None:  # judged as generated, before any resampling
         generated, case_seed, gate_record = _regenerate_until_gate_passes(
-            generated, case_seed, on_model_grid, generator, quality_gate, seed, item["name"], sample, device
+            generated,
+            case_seed,
+            on_model_grid,
+            on_decode_grid,
+            generator,
+            quality_gate,
+            seed,
+            item["name"],
+            sample,
+            device,
         )
-    image = generator.to_mask_grid_image(generated, on_model_grid, on_mask_grid)
+    image = generator.to_mask_grid_image(generated, on_decode_grid, on_mask_grid)
     names = {role: pair_file_name(prefix, role) for role in ROLES}
     _save(image, nifti, os.path.join(folder, names["image"]), np.float32)
     _save(edited, nifti, os.path.join(folder, names["label"]), _label_dtype(nifti, edited))
@@ -389,6 +439,7 @@ def _regenerate_until_gate_passes(
     generated: torch.Tensor,
     case_seed: int,
     on_model_grid: MetaTensor,
+    on_decode_grid: MetaTensor,
     generator: MaskToImage,
     gate: HBPQualityGate,
     seed: int,
@@ -396,19 +447,19 @@ def _regenerate_until_gate_passes(
     sample: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, int, dict[str, Any]]:
-    """Judge ``generated`` (model grid) against its label; while it fails, generate again with the next attempt's seed.
+    """Judge ``generated`` (decode grid) against its label; while it fails, generate again with the next attempt's seed.
 
     Returns the image kept (the first that passes, else the one with the largest margin), its seed
     and the record of every attempt. The mask (and its edits) stays the same across attempts.
     """
-    label = on_model_grid[0].numpy().astype(np.int64)
+    label = on_decode_grid[0].numpy().astype(np.int64)
     attempts = [{"seed": case_seed, **gate(generated[0].numpy(), label)}]
     best = (generated, case_seed, attempts[0])
     for attempt in range(1, gate.max_tries):
         if best[2]["passed"]:
             break
         retry_seed = output_seed(seed, name, sample, attempt)
-        retry = generator.sample(on_model_grid, retry_seed, device)
+        retry = generator.sample(on_model_grid, retry_seed, device, on_decode_grid)
         attempts.append({"seed": retry_seed, **gate(retry[0].numpy(), label)})
         if attempts[-1]["passed"] or attempts[-1]["margin"] > best[2]["margin"]:
             best = (retry, retry_seed, attempts[-1])

@@ -293,11 +293,16 @@ class LatentDiffusionSampler(torch.nn.Module):
         return images if self.intensity_range is None else images.clamp(*self.intensity_range)
 
     def forward(
-        self, label: torch.Tensor | None = None, seeds: Sequence[int] | torch.Tensor | None = None
+        self,
+        label: torch.Tensor | None = None,
+        seeds: Sequence[int] | torch.Tensor | None = None,
+        decode_label: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Images for ``seeds`` guided by ``label`` (model grid); ``decode_label``: the label map on the decoder's
+        output grid when it differs (a refining decoder's finer grid), else ``label`` is decoded with."""
         if seeds is None:
             seeds = range(1 if label is None else label.shape[0])
-        return self.decode(self.sample_latents(seeds, label), label)
+        return self.decode(self.sample_latents(seeds, label), label if decode_label is None else decode_label)
 
 
 class MaskSamplingPrepareBatch(PrepareBatch):

@@ -33,6 +33,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 
+from scripts.core.checkpoints import unwrap
 from scripts.networks.label_guided import is_label_guided
 
 __all__ = ["TiledAutoencoder", "seam_error", "gaussian_weight_map"]
@@ -69,7 +70,9 @@ class TiledAutoencoder:
             window is ``compression`` times larger. Axes shorter than the window use their full size.
         overlap: fraction of a window shared with its neighbour, in ``[0, 1)``. More overlap
             means more windows (slower) and smaller seams.
-        compression: spatial down-sampling factor of the autoencoder per axis.
+        compression: spatial down-sampling factor of the autoencoder's encoder per axis; a refining decoder
+            (``decoder_upsampling`` k) works between its latent and a ``2**k`` times finer image grid, so
+            the image-to-latent factor of both directions is ``compression * 2**k``.
         sw_batch_size: windows run per network call.
         sw_device: device the windows run on; defaults to the autoencoder's parameter device.
         device: device the stitched output is accumulated on.
@@ -105,7 +108,7 @@ class TiledAutoencoder:
         gaussian_weight_map((1,), sigma_scale)  # validates sigma_scale
         self.autoencoder = autoencoder
         self.overlap = float(overlap)
-        self.compression = int(compression)
+        self.compression = int(compression) * 2 ** int(getattr(unwrap(autoencoder), "decoder_upsampling", 0))
         self.sw_batch_size = int(sw_batch_size)
         self.sw_device = torch.device(sw_device) if sw_device is not None else _module_device(autoencoder)
         self.device = torch.device(device)

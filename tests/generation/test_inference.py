@@ -519,13 +519,64 @@ def test_the_quality_gate_judges_the_model_grid_image_before_the_output_mapping(
     workflow.run()
     record = json.loads((tmp_path / "out" / "pairs.json").read_text())["pairs"][0]
     generator = workflow.parser.get_parsed_content("generator")
-    _, on_model_grid = generator.on_grids(generator.read(str(path))[0], affine)
+    _, on_model_grid, _ = generator.on_grids(generator.read(str(path))[0], affine)
     generated = generator.sample(on_model_grid, record["seed"], torch.device("cpu"))
     expected = workflow.parser.get_parsed_content("quality_gate")(
         generated[0].numpy(), on_model_grid[0].numpy().astype(np.int64)
     )
     assert expected["contrast"] and record["quality_gate"]["attempts"][0]["contrast"] == expected["contrast"]
     assert all(abs(c) <= 1 for c in expected["contrast"].values())
+
+
+def test_a_refining_decoder_generates_on_the_finer_grid_aligned_with_the_model_grid(weights, tmp_path):
+    """--decoder_upsampling 1 with a refining label-guided autoencoder over the UNet's latent space: the volume is
+    decoded on the 2x finer grid (the mask resampled there from the file), judged there, then written on the mask's
+    own grid like any other."""
+    from scripts.generation.inference import refinement
+
+    plain = torch.load(weights["ddpm"]["autoencoder_path"], weights_only=True)["autoencoder"]
+    torch.manual_seed(0)
+    refining = common_parser(label_guided_decoder=True, decoder_upsampling=1).get_parsed_content(
+        "autoencoder_def", instantiate=True
+    )
+    encoder = {k: v for k, v in plain.items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    assert not refining.load_state_dict(encoder, strict=False).unexpected_keys  # the UNet's latent space
+    torch.save({"autoencoder": refining.state_dict()}, tmp_path / "refining.pt")
+    label, affine = _lps_mask()
+    write_nifti(tmp_path / "masks" / "case.nii.gz", label, affine)
+    settings = {**weights["ddpm"], "autoencoder_path": str(tmp_path / "refining.pt"), "label_guided_decoder": True}
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE_CONFIG,
+        workflow_type="infer",
+        run_id="inference",
+        output_dir=str(tmp_path / "out"),
+        mask_dir=str(tmp_path / "masks"),
+        decoder_upsampling=1,
+        quality_gate_settings={"min_contrast": 0.0, "min_class_voxels": 1, "max_tries": 1},
+        **{"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **settings},
+    )
+    workflow.initialize()
+    workflow.run()
+    record = json.loads((tmp_path / "out" / "pairs.json").read_text())["pairs"][0]
+    written = nib.load(tmp_path / "out" / "case_image.nii.gz")
+    assert written.shape == label.shape and np.allclose(written.affine, affine)
+
+    generator = workflow.parser.get_parsed_content("generator")
+    _, on_model_grid, on_decode_grid = generator.on_grids(
+        generator.read(str(tmp_path / "masks" / "case.nii.gz"))[0], affine
+    )
+    assert on_decode_grid.shape[1:] == tuple(2 * s for s in on_model_grid.shape[1:])
+    torch.testing.assert_close(
+        torch.as_tensor(on_decode_grid.affine, dtype=torch.float64),
+        torch.as_tensor(on_model_grid.affine, dtype=torch.float64) @ refinement(2),
+    )
+    generated = generator.sample(on_model_grid, record["seed"], torch.device("cpu"), on_decode_grid)
+    assert generated.shape[1:] == on_decode_grid.shape[1:]
+    image = generator.to_mask_grid_image(generated, on_decode_grid, generator.on_grids(label, affine)[0])
+    np.testing.assert_allclose(np.asanyarray(written.dataobj), image, atol=1e-6)
+    gate = workflow.parser.get_parsed_content("quality_gate")
+    verdict = gate(generated[0].numpy(), on_decode_grid[0].numpy().astype(np.int64))
+    assert record["quality_gate"]["attempts"][0]["contrast"] == verdict["contrast"]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
