@@ -1,17 +1,20 @@
 # Copyright (c) 3D-LLDM bundle contributors
 # SPDX-License-Identifier: Apache-2.0
-"""The recipe of the demo weights at the data's resolution: from the phantom generator to ``models/`` in one command.
+"""The recipe of the demo weights: from the phantom generator to ``models/`` in one command.
 
 ``python -m scripts.tools.demo_weights --work_dir runs/demo_weights`` (from the bundle root) runs, in order:
 
 1. ``data``: 300 phantoms of seed 1000 (configs/demo_data.yaml);
-2. ``autoencoder``: stage 1, the plain autoencoder (encoder and decoder);
+2. ``autoencoder``: stage 1 on the model grid (common.yaml's 5 x 5 x 4 mm), the plain autoencoder;
 3. ``label_guided``: its label-guided (SPADE) decoder, the encoder frozen (every latent unchanged), on crops; then
    ``label_guided_whole``: one epoch on whole volumes (GroupNorm statistics depend on the extent a network sees:
    after crops alone, whole volumes decoded 1.5 dB worse and darker, measured on stage 1 at 2.5 mm);
 4. ``diffusion``: stage 2 on the plain encoder's latents, keeping an earlier epoch as the autoguidance guide;
 5. ``controlnet``: stage 3 beside the exported stage-2 UNet;
-6. ``export``: the shipped files (``--models_dir``, ``models/`` by default) from the runs' last checkpoints,
+6. ``refining``: the label-guided decoder given one more level (``decoder_upsampling`` 1), trained on the 2x finer
+   grid (2.5 x 2.5 x 2 mm, about the phantoms' own resolution) over the same frozen encoder: generation samples on
+   the model grid and decodes at the data's resolution, with the mask read there;
+7. ``export``: the shipped files (``--models_dir``, ``models/`` by default) from the runs' last checkpoints,
    the UNets and the ControlNet in float16; their sha256 are printed for ``large_files.yml``.
 
 Every step is an ordinary bundle command (printed before it runs) with the settings below; a step whose result
@@ -39,20 +42,10 @@ from scripts.core.settings import layered_config_files
 
 __all__ = ["Step", "STEP_NAMES", "recipe", "command", "main"]
 
-#: The model grid and networks, given to every training step: the phantoms' own resolution (2-3.5 mm) instead of
-#: common.yaml's 5 x 5 x 4 mm, over the same 320 x 320 x 240 mm; 8x compression keeps the latent at 16 x 16 x 12,
-#: so stages 2 and 3 cost what they cost at 5 mm, and the ControlNet's embedding takes the mask down 8x too. With 8
-#: latent channels each latent value stands for 64 voxels (4 channels: 128; the 5 mm model: 16): after 540
-#: iterations the 4-channel autoencoder decoded a smeared body with grid artefacts (docs/experiments.md).
-GRID: dict[str, Any] = {
-    "spacing": [2.5, 2.5, 2.5],
-    "spatial_size": [128, 128, 96],
-    "autoencoder_compression": 8,
-    "latent_channels": 8,
-    "autoencoder_def#channels": [16, 32, 64, 64],
-    "autoencoder_def#attention_levels": [False, False, False, False],
-    "controlnet_def#conditioning_embedding_num_channels": [8, 16, 32, 32],
-}
+#: The finer grid the refining decoder is trained on: common.yaml's model grid (5 x 5 x 4 mm, 64^3) split 2x per
+#: axis, the same field of view. (An autoencoder trained from scratch at 2.5 mm with 8x compression still decoded a
+#: smeared body after 450 iterations, and stages 2 and 3 would have started again: docs/experiments.md.)
+FINE_GRID: dict[str, Any] = {"spacing": [2.5, 2.5, 2.0], "spatial_size": [128, 128, 128]}
 #: Class weights of the reconstruction and ControlNet losses: the thin dark structures are ~1 % of the voxels.
 DARK_CLASSES = {"hcc": 4, "portal_vein": 4, "hepatic_vein": 4}
 #: Epoch of stage 2 whose UNet guides the final one (autoguidance: an earlier checkpoint of the same training).
@@ -81,7 +74,7 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
 
     data = {"dataset_dir": at("data")}
     autoencoder = at("autoencoder", "autoencoder", "autoencoder_last.pt")
-    stage1 = {"patch_size": [64, 64, 64], "batch_size": 2, "val_interval": 3, "key_metric": "val_recon_contrast"}
+    stage1 = {"batch_size": 2, "val_interval": 3, "key_metric": "val_recon_contrast"}
     return [
         Step(
             "data",
@@ -136,7 +129,7 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
                 **data,
                 **stage1,
                 "output_dir": at("label_guided_whole"),
-                "patch_size": GRID["spatial_size"],
+                "patch_size": [64, 64, 64],  # the whole model grid
                 "batch_size": 1,
                 "val_interval": 1,
                 "label_guided_decoder": True,
@@ -187,6 +180,30 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
             },
             "controlnet/controlnet/controlnet_last.pt",
         ),
+        Step(
+            "refining",
+            ["configs/train_autoencoder.yaml"],
+            "training",
+            {
+                **data,
+                **FINE_GRID,
+                "output_dir": at("refining"),
+                "patch_size": [64, 64, 64],
+                "batch_size": 2,
+                "val_interval": 2,
+                "label_guided_decoder": True,
+                "decoder_upsampling": 1,
+                "freeze_encoder": True,
+                "init_autoencoder_path": at("label_guided_whole", "autoencoder", "autoencoder_last.pt"),
+                "max_epochs": 12,
+                "lr": 1e-4,
+                "d_lr": 1e-4,
+                "adv_weight": 0.05,
+                "adversarial_warmup_epochs": 0,
+                "recon_class_weights": DARK_CLASSES,
+            },
+            "refining/autoencoder/autoencoder_last.pt",
+        ),
     ]
 
 
@@ -194,7 +211,7 @@ def exports(guide_epoch: int = GUIDE_EPOCH) -> dict[str, tuple[str, str, str | N
     """What the export step writes: shipped file -> (checkpoint in the work folder, weights key, dtype)."""
     return {
         "autoencoder.pt": ("autoencoder/autoencoder/autoencoder_last.pt", "autoencoder", None),
-        "label_guided_autoencoder.pt": ("label_guided_whole/autoencoder/autoencoder_last.pt", "autoencoder", None),
+        "label_guided_autoencoder.pt": ("refining/autoencoder/autoencoder_last.pt", "autoencoder", None),
         SHIPPED_UNET: ("diffusion/diffusion_unet/diffusion_unet_last.pt", "diffusion_unet", "float16"),
         "diffusion_unet_guide.pt": (
             f"diffusion/diffusion_unet/diffusion_unet_epoch{guide_epoch}.pt",
@@ -218,7 +235,7 @@ def command(step: Step, extra: dict[str, Any]) -> list[str]:
     files = layered_config_files(*step.configs)
     names = declared(step)
     extra = {k: v for k, v in extra.items() if k.split("#")[0] in names}
-    settings = {**GRID, **step.settings, **extra} if step.training else dict(step.settings)
+    settings = {**step.settings, **extra} if step.training else dict(step.settings)
     line = [
         sys.executable,
         "-m",
@@ -289,7 +306,16 @@ def run(
         _export(work_dir, models_dir, guide_epoch)
 
 
-STEP_NAMES = ("data", "autoencoder", "label_guided", "label_guided_whole", "diffusion", "controlnet", "export")
+STEP_NAMES = (
+    "data",
+    "autoencoder",
+    "label_guided",
+    "label_guided_whole",
+    "diffusion",
+    "controlnet",
+    "refining",
+    "export",
+)
 
 
 def _setting(text: str) -> tuple[str, Any]:
