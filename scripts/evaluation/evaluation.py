@@ -170,6 +170,11 @@ def reconstruction_volume_set(
     than this row does (Dice, contrast): it shows how much of a shortfall the decoder causes and how
     much the diffusion stages. Decoded images are clipped to [0, 1] as generated ones are.
     """
+    if getattr(autoencoder.autoencoder, "decoder_upsampling", 0):
+        raise BundleInputError(
+            "config 'reconstruction_row': the row decodes on the model grid; a refining decoder (decoder_upsampling) "
+            "is not measured there: pass --decoder_upsampling 0 with its model-grid label-guided autoencoder"
+        )
     if any(volume_set.name == RECONSTRUCTION for volume_set in synthetic):
         raise BundleInputError(
             f"config 'synthetic': the set name {RECONSTRUCTION!r} is reserved for the reconstruction row"

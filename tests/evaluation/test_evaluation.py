@@ -34,6 +34,7 @@ from scripts.evaluation.evaluation import (
     Evaluation,
     load_segmenter,
     real_volume_set,
+    reconstruction_volume_set,
 )
 from scripts.evaluation.fid import Fid3D, Fid25D, SegmentationFeatures, build_fid_extractor, frechet_distance
 from scripts.models.autoencoder import load_initial_autoencoder
@@ -622,3 +623,12 @@ def test_reconstruction_row_decodes_with_the_main_jobs_decoder_by_default():
         )
     assert chosen["configs/evaluate.yaml"] == chosen["configs/inference.yaml"]
     assert chosen["configs/evaluate.yaml"][1] is True and os.path.isfile(chosen["configs/evaluate.yaml"][0])
+
+
+def test_the_reconstruction_row_refuses_a_refining_decoder_in_one_line(tmp_path):
+    """It decodes on the model grid: a decoder that outputs a finer grid is refused, naming the setting."""
+    parser = common_parser(label_guided_decoder=True, decoder_upsampling=1)
+    tiled = parser.get_parsed_content("tiled_autoencoder_def", instantiate=True)
+    with pytest.raises(BundleInputError, match="decoder_upsampling") as caught:
+        reconstruction_volume_set(None, tiled, str(tmp_path / "unused.pt"), [])
+    assert "\n" not in str(caught.value)
