@@ -7,19 +7,19 @@ For every input mask ``X.nii.gz`` the pipeline
 1. reads it and applies the label contract (checks, ``label_map`` remapping);
 2. optionally edits it (``scripts.data.masks.MaskEditor``: new layouts, not only re-renderings);
 3. brings a copy onto the model grid with MONAI transforms (RAS, model spacing, crop/pad);
-4. samples a latent guided by the ControlNet and decodes it (``scripts.generation.sampler``);
-5. judges the volume against its mask on the model grid (``scripts.generation.quality_gate``), sampling
-   again with a new seed while it fails, up to the gate's ``max_tries``;
+4. samples a latent guided by the ControlNet and decodes it (``scripts.generation.sampler``), on the model
+   grid or, with a refining decoder (``decoder_upsampling``), on the finer grid aligned with it;
+5. judges the volume as decoded against its mask (``scripts.generation.quality_gate``), sampling again
+   with a new seed while it fails, up to the gate's ``max_tries``;
 6. resamples the kept image onto the input mask's own grid (``ResampleToMatch``) and writes
    ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
    voxels, shape, affine and header, so the two always lie on the same grid.
 
 Masks come from ``scripts.generation.mask_sources``. Every mask is checked before anything is generated
 (its header: a 3D grid, real-valued voxels, a usable affine, and the memory it will need; then its voxels
-against the label contract): one bad
-mask stops the command at once with one line naming it, before any output exists (finding a bad
-file after hours of sampling would waste them, and a partial set of pairs is easy to mistake for
-a whole one). Outputs go to a staging folder that replaces ``output_dir`` only when every pair is
+against the label contract): one bad mask stops the command at once with one line naming it, before any
+output exists (finding a bad file after hours of sampling would waste them, and a partial set of pairs is
+easy to mistake for a whole one). Outputs go to a staging folder that replaces ``output_dir`` only when every pair is
 written.
 """
 
