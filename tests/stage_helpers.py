@@ -163,13 +163,18 @@ def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
     return found
 
 
-def infer(output: Path, weights: dict[str, str], **settings) -> Path:
-    """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
+def inference_workflow(output: Path, weights: dict[str, str], **settings) -> ConfigWorkflow:
+    """configs/inference.yaml on the tiny grid, initialized in this process (run it with ``.run()``)."""
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
     settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights, **settings}
     workflow = ConfigWorkflow(
         config_file=INFERENCE_CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output), **settings
     )
     workflow.initialize()
-    workflow.run()
+    return workflow
+
+
+def infer(output: Path, weights: dict[str, str], **settings) -> Path:
+    """Run configs/inference.yaml in this process on the tiny grid; returns the output folder."""
+    inference_workflow(output, weights, **settings).run()
     return output

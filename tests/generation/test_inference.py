@@ -22,6 +22,7 @@ from stage_helpers import (  # noqa: F401
     build_weights,
     common_parser,
     infer,
+    inference_workflow,
     one_thread,
     write_autoencoder,
     write_controlnet,
@@ -505,17 +506,13 @@ def test_the_quality_gate_judges_the_model_grid_image_before_the_output_mapping(
     not of the volume resampled onto the mask's grid and mapped onto output_intensity_range."""
     label, affine = _lps_mask()
     path = write_nifti(tmp_path / "masks" / "case.nii.gz", label, affine)
-    workflow = ConfigWorkflow(
-        config_file=INFERENCE_CONFIG,
-        workflow_type="infer",
-        run_id="inference",
-        output_dir=str(tmp_path / "out"),
+    workflow = inference_workflow(
+        tmp_path / "out",
+        weights["ddpm"],
         mask_dir=str(tmp_path / "masks"),
         output_intensity_range=[0, 1000],
         quality_gate_settings={"min_contrast": 0.0, "min_class_voxels": 1, "max_tries": 1},
-        **{"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights["ddpm"]},
     )
-    workflow.initialize()
     workflow.run()
     record = json.loads((tmp_path / "out" / "pairs.json").read_text())["pairs"][0]
     generator = workflow.parser.get_parsed_content("generator")
@@ -545,17 +542,13 @@ def test_a_refining_decoder_generates_on_the_finer_grid_aligned_with_the_model_g
     label, affine = _lps_mask()
     write_nifti(tmp_path / "masks" / "case.nii.gz", label, affine)
     settings = {**weights["ddpm"], "autoencoder_path": str(tmp_path / "refining.pt"), "label_guided_decoder": True}
-    workflow = ConfigWorkflow(
-        config_file=INFERENCE_CONFIG,
-        workflow_type="infer",
-        run_id="inference",
-        output_dir=str(tmp_path / "out"),
+    workflow = inference_workflow(
+        tmp_path / "out",
+        settings,
         mask_dir=str(tmp_path / "masks"),
         decoder_upsampling=1,
         quality_gate_settings={"min_contrast": 0.0, "min_class_voxels": 1, "max_tries": 1},
-        **{"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **settings},
     )
-    workflow.initialize()
     workflow.run()
     record = json.loads((tmp_path / "out" / "pairs.json").read_text())["pairs"][0]
     written = nib.load(tmp_path / "out" / "case_image.nii.gz")
