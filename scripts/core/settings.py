@@ -89,6 +89,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "epoch_length": dict(type="int", min=1, optional=True),
     "equal_steps": dict(type="bool"),
     "eval_split": dict(type="str", choices=["training", "validation", "test"]),
+    "feature_matching_weight": dict(type="float", min=0.0),
     "fid_batch_size": dict(type="int", min=1),
     "fid_center_slices_ratio": dict(type="float", min=0.0, max=1.0),
     "flip_axes": dict(type="list", item="int", item_min=0, item_max=2),

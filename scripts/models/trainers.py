@@ -51,8 +51,12 @@ class AutoencoderTrainer(AdversarialTrainer):
     A label-guided autoencoder (``SPADEAutoencoderKL``) decodes with the batch's ``label``, one-hot
     encoded by ``contract`` (the label contract).
 
+    ``feature_matching_weight`` adds, with the adversarial term, the L1 distance between the discriminator's
+    intermediate features of the reconstruction and of the real image (pix2pixHD's feature matching): it asks for
+    the real image's texture statistics at every scale the discriminator sees, not only for fooling its last layer.
+
     Per-iteration output keys: ``loss`` (generator total), ``recon_loss``, ``kl_loss``,
-    ``perceptual_loss``, ``g_adv_loss``, ``d_loss`` (floats for logging), plus image/pred tensors.
+    ``perceptual_loss``, ``g_adv_loss``, ``fm_loss``, ``d_loss`` (floats for logging), plus image/pred tensors.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class AutoencoderTrainer(AdversarialTrainer):
         adv_weight: float = 0.1,
         adversarial_warmup_epochs: int = 0,
         recon_class_weights: torch.Tensor | None = None,
+        feature_matching_weight: float = 0.0,
         label_key: str = "label",
         contract: LabelContract | None = None,
         **kwargs: Any,
@@ -75,6 +80,7 @@ class AutoencoderTrainer(AdversarialTrainer):
         self.perceptual_loss = None if perceptual_loss is None else perceptual_loss.to(self.state.device)
         self.adv_weight = adv_weight
         self.adversarial_warmup_epochs = adversarial_warmup_epochs
+        self.feature_matching_weight = float(feature_matching_weight)
         uniform = recon_class_weights is None or bool(torch.all(torch.as_tensor(recon_class_weights) == 1))
         self.recon_class_weights = None if uniform else torch.as_tensor(recon_class_weights, dtype=torch.float32)
         self.label_key = label_key
@@ -135,10 +141,18 @@ class AutoencoderTrainer(AdversarialTrainer):
                 perceptual = engine.perceptual_loss(reconstruction.float(), images.float())
                 g_loss = g_loss + perceptual
             g_adv = torch.zeros((), device=images.device)
+            feature_matching = torch.zeros((), device=images.device)
             if adversarial:
-                fake_logits = state.d_network(reconstruction.float().contiguous())[-1]
-                g_adv = state.g_loss_function(fake_logits, target_is_real=True, for_discriminator=False)
+                fake_outputs = state.d_network(reconstruction.float().contiguous())
+                g_adv = state.g_loss_function(fake_outputs[-1], target_is_real=True, for_discriminator=False)
                 g_loss = g_loss + engine.adv_weight * g_adv
+                if engine.feature_matching_weight > 0:
+                    with torch.no_grad():
+                        real_outputs = state.d_network(images.float().contiguous())
+                    # MONAI's PatchDiscriminator returns every layer's output, the logits last
+                    pairs = list(zip(fake_outputs[:-1], real_outputs[:-1], strict=True))
+                    feature_matching = sum(torch.nn.functional.l1_loss(f, r) for f, r in pairs) / len(pairs)
+                    g_loss = g_loss + engine.feature_matching_weight * feature_matching
         engine._step(g_loss, state.g_optimizer, state.g_scaler)
 
         d_loss = torch.zeros((), device=images.device)
@@ -169,5 +183,6 @@ class AutoencoderTrainer(AdversarialTrainer):
             "kl_loss": kl_loss.item(),
             "perceptual_loss": perceptual.item(),
             "g_adv_loss": g_adv.item(),
+            "fm_loss": float(feature_matching.detach()),
             "d_loss": d_loss.item(),
         }

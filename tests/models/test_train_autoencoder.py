@@ -196,6 +196,33 @@ def test_class_weights_make_the_l1_a_weighted_mean(tiny_phantoms, tmp_path, monk
     assert "config 'recon_class_weights': unknown class 'vessel'" in str(find_input_error(caught.value))
 
 
+def test_feature_matching_adds_the_discriminator_feature_distance_to_the_generator_loss(
+    tiny_phantoms, tmp_path, monkeypatch
+):
+    """--feature_matching_weight w: the generator loss gains w x the mean L1 between the discriminator's
+    intermediate features of reconstruction and image; 0 (the default) leaves the loss as it was."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(1, 1, 32, 32, 32), "label": torch.ones(1, 1, 32, 32, 32)}
+    results = {}
+    for weight in (0.0, 2.0):
+        settings = _overrides(
+            tiny_phantoms, tmp_path / str(weight), max_epochs=1, adversarial_warmup_epochs=0, adv_weight=0.5
+        )
+        workflow = ConfigWorkflow(config_file=CONFIG, workflow_type="train", feature_matching_weight=weight, **settings)
+        workflow.initialize()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.state.epoch = 1  # past the warm-up: adversarial
+        results[weight] = trainer._iteration(trainer, batch)
+    plain, matched = results[0.0], results[2.0]
+    assert plain["fm_loss"] == 0.0 and matched["fm_loss"] > 0.0
+    others = matched["recon_loss"] + 1e-6 * matched["kl_loss"] + 0.5 * matched["g_adv_loss"]
+    assert matched["loss"] == pytest.approx(others + 2.0 * matched["fm_loss"], rel=1e-4)
+    assert plain["loss"] == pytest.approx(
+        plain["recon_loss"] + 1e-6 * plain["kl_loss"] + 0.5 * plain["g_adv_loss"], rel=1e-4
+    )
+
+
 @pytest.mark.slow
 def test_without_adversarial_weight_the_discriminator_never_steps(tiny_phantoms, tmp_path, monkeypatch):
     """--adv_weight 0 is plain reconstruction training: no discriminator passes after the warm-up either."""
