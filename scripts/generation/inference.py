@@ -144,6 +144,10 @@ class MaskToImage:
     ) -> None:
         self.sampler = sampler
         self.refine = 2 ** int(decoder_upsampling)
+        if self.refine > 1 and not hasattr(sampler, "decoder"):  # e.g. the GAN baseline: it makes the image itself
+            raise BundleInputError(
+                "config 'decoder_upsampling': only the latent diffusion sampler decodes on a finer grid; pass 0"
+            )
         self.spacing = tuple(float(s) for s in spacing)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.memory_check = as_bool(memory_check, "memory_check")

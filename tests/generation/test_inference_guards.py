@@ -200,13 +200,13 @@ def test_a_folder_of_only_odd_entries_is_the_no_masks_error(tmp_path, warnings_l
 # ---------------------------------------------------------------- 4. memory
 
 
-def _generator(**settings) -> MaskToImage:
+def _generator(sampler=None, **settings) -> MaskToImage:
     """The generator of configs/inference.yaml on the tiny grid (networks and weights not needed)."""
     from stage_helpers import common_parser
 
     parser = common_parser()
     return MaskToImage(
-        None,
+        sampler,
         parser.get_parsed_content("label_contract", instantiate=True),
         parser.get_parsed_content("spacing"),
         parser.get_parsed_content("spatial_size"),
@@ -218,10 +218,19 @@ def test_a_refining_decoder_adds_its_finer_grid_to_the_estimate(tmp_path):
     """decoder_upsampling 1 decodes on 8x the model grid's voxels: the estimate grows by that grid's decoding
     (measured 1.26 GB for one 128^3 volume at demo size), whatever the mask."""
     path = write_nifti(tmp_path / "mask.nii.gz", toy_label((24, 24, 16)), np.diag([3.0, 3.0, 4.0, 1.0]))
-    plain, refining = (_generator(decoder_upsampling=k).memory_estimate(nib.load(path)) for k in (0, 1))
+    sampler = type("Sampler", (), {"decoder": None})()  # what the estimate needs of a latent diffusion sampler
+    plain, refining = (
+        _generator(decoder_upsampling=k, sampler=sampler).memory_estimate(nib.load(path)) for k in (0, 1)
+    )
     fine_voxels = 8 * int(np.prod(_generator().spatial_size))
     assert refining - plain == pytest.approx(inference._REFINED_DECODE_BYTES_PER_VOXEL * fine_voxels)
     assert 1.2e9 < inference._REFINED_DECODE_BYTES_PER_VOXEL * 128**3 < 1.6e9  # the measurement it stands for
+
+
+def test_a_generator_without_a_decoder_refuses_a_finer_decode_grid():
+    """The GAN baseline makes its image on the model grid: decoder_upsampling with it is one clear error."""
+    with pytest.raises(BundleInputError, match="decoder_upsampling"):
+        _generator(decoder_upsampling=1)
 
 
 def test_a_mask_too_large_for_the_memory_is_refused_from_its_header_before_any_generation(
