@@ -7,8 +7,9 @@ trains on it. The model-grid measures cannot see what that round trip loses (sta
 thin vessels), so each synthetic image is also compared, on its mask's grid, with the real image of the
 same mask (matched by mask name, as the classifier test's folds are) through
 :func:`scripts.evaluation.realism.paired_measures`. The ratio synthetic / real is taken per case and
-averaged over cases. Sets that exist only on the model grid come back onto the real image's grid first:
-the real set itself (what the grid alone allows) and the reconstruction row (what grid and decoder allow).
+averaged over cases. Sets that exist only on the model grid (or a refining decoder's finer grid) come back
+onto the real image's grid first: the real set itself (what the grid alone allows) and the reconstruction row
+(what grid and decoder allow).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class DeliveredGridComparison:
         return self._ratios(reference, image)
 
     def from_model_grid(self, item: Mapping[str, str], image: MetaTensor) -> dict[str, float] | None:
-        """Ratios of a model-grid image (channel first, with its affine) of a real case, resampled onto that
-        case's own grid as generation resamples its volumes."""
+        """Ratios of an image of a real case on the model grid, or on a refining decoder's finer grid (channel
+        first, with its affine), resampled onto that case's own grid as generation resamples its volumes."""
         key = self.mask_key(item)
         if key not in self.real:
             return None

@@ -38,7 +38,7 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Compose, Lambda, MapTransform
+from monai.transforms import Compose, MapTransform
 from tqdm import tqdm
 
 from scripts.core.checkpoints import load_checkpoint
@@ -53,6 +53,7 @@ from scripts.evaluation.diversity import PairwiseMsSsim
 from scripts.evaluation.fid import Fid3D, Fid25D
 from scripts.evaluation.mask_fidelity import contrast
 from scripts.evaluation.realism import classifier_two_sample_test, paired_measures
+from scripts.generation.inference import on_refined_grid
 from scripts.generation.quality_gate import HBPQualityGate
 from scripts.models.autoencoder import load_autoencoder_weights
 from scripts.models.segmentation import load_segmentation_weights, select_network
@@ -169,31 +170,46 @@ def reconstruction_volume_set(
     Every generator decodes through this decoder, so no generated set can follow the masks better
     than this row does (Dice, contrast): it shows how much of a shortfall the decoder causes and how
     much the diffusion stages. Decoded images are clipped to [0, 1] as generated ones are.
+
+    A refining decoder (``decoder_upsampling`` k) decodes, as generation does, on the grid ``2**k`` times finer
+    than the model grid, with the case's label map resampled there from its file; its encoder reads the model-grid
+    image (given as its nearest upsampling, whose means it takes). The row's model-grid image is then the mean of
+    each coarse voxel's fine voxels (what trilinear resampling onto the model grid gives), and the fine image, kept
+    as ``decoded``, is what the delivered-grid measures resample onto the case's own grid.
     """
-    if getattr(autoencoder.autoencoder, "decoder_upsampling", 0):
-        raise BundleInputError(
-            "config 'reconstruction_row': the row decodes on the model grid; a refining decoder (decoder_upsampling) "
-            "is not measured there: pass --decoder_upsampling 0 with its model-grid label-guided autoencoder"
-        )
     if any(volume_set.name == RECONSTRUCTION for volume_set in synthetic):
         raise BundleInputError(
             f"config 'synthetic': the set name {RECONSTRUCTION!r} is reserved for the reconstruction row"
         )
     load_autoencoder_weights(autoencoder.autoencoder, autoencoder_path)
+    factor = 2 ** int(getattr(autoencoder.autoencoder, "decoder_upsampling", 0))
 
-    def reconstruct(pair: dict[str, Any]) -> dict[str, Any]:
-        image = pair["image"]
-        latent = autoencoder.encode(torch.as_tensor(image)[None])
-        # a label-guided decoder reads the case's own label map, as generation reads the input mask
-        condition = (
-            real.contract.one_hot(torch.as_tensor(pair["label"])[None]).float() if autoencoder.label_guided else None
+    def decode_label(pair: dict[str, Any], path: str) -> MetaTensor:
+        """The label map the decoder reads: the model-grid one, or the file's resampled onto the refined grid."""
+        if factor == 1:
+            return pair["label"]
+        label, affine = read_nifti(path, role="label")
+        label = np.asarray(real.contract.prepare(label, path), dtype=np.float32)
+        return on_refined_grid(
+            MetaTensor(torch.as_tensor(label[None]), affine=torch.as_tensor(affine)), pair["label"], factor
         )
-        decoded = autoencoder.decode(latent, condition)[0].clamp(0.0, 1.0).cpu()
-        return {**pair, "image": MetaTensor(decoded, meta=image.meta) if isinstance(image, MetaTensor) else decoded}
 
-    transform = Compose([real.transform, Lambda(func=reconstruct)])
+    def reconstruct(item: dict[str, str]) -> dict[str, Any]:
+        pair = real.transform(dict(item))
+        image = pair["image"]
+        fine = torch.nn.functional.interpolate(torch.as_tensor(image)[None], scale_factor=factor, mode="nearest")
+        latent = autoencoder.encode(fine)
+        # a label-guided decoder reads the case's own label map, as generation reads the input mask
+        label = decode_label(pair, item["label"])
+        condition = real.contract.one_hot(torch.as_tensor(label)[None]).float() if autoencoder.label_guided else None
+        decoded = autoencoder.decode(latent, condition).clamp(0.0, 1.0).cpu()
+        out = {**pair, "decoded": MetaTensor(decoded[0], affine=label.affine) if factor > 1 else None}
+        decoded = torch.nn.functional.avg_pool3d(decoded, factor)[0] if factor > 1 else decoded[0]
+        out["image"] = MetaTensor(decoded, meta=image.meta) if isinstance(image, MetaTensor) else decoded
+        return out
+
     return VolumeSet(
-        RECONSTRUCTION, list(real.items), transform, f"{real.source} through {autoencoder_path}", real.contract
+        RECONSTRUCTION, list(real.items), reconstruct, f"{real.source} through {autoencoder_path}", real.contract
     )
 
 
@@ -465,14 +481,17 @@ class Evaluation:
     def _volumes(
         self, volume_set: VolumeSet
     ) -> Iterator[tuple[dict[str, str], torch.Tensor, torch.Tensor | None, Any]]:
-        """Each item, its preprocessed image and label as plain tensors, and the image with its metadata."""
+        """Each item, its preprocessed image and label as plain tensors, and the image with its metadata on the
+        grid it was made on (the model grid but for a refining decoder's reconstructions)."""
         order = list(volume_set.items)
         random.Random(self.seed).shuffle(order)
         for item in tqdm(order, desc=f"evaluating {volume_set.name}", unit="volume"):
             data = volume_set.transform(dict(item))
             self._check_grid(data["image"], item["image"], volume_set)
             label = _plain(data["label"]) if "label" in data else None
-            yield item, _plain(data["image"]), label, data["image"]
+            # the image on the grid it was made on (a refining decoder's reconstruction: its finer grid)
+            as_made = data["image"] if data.get("decoded") is None else data["decoded"]
+            yield item, _plain(data["image"]), label, as_made
 
     def _check_grid(self, image: Any, path: str, volume_set: VolumeSet) -> None:
         shape = tuple(image.shape[1:])
@@ -502,7 +521,7 @@ class Evaluation:
             ),
             dice,
         )
-        for item, image, label, on_model_grid in self._volumes(volume_set):
+        for item, image, label, as_made in self._volumes(volume_set):
             if not torch.isfinite(image).all():
                 raise BundleInputError(f"set {volume_set.name!r}: a preprocessed image holds NaN or Inf values")
             result.num_volumes += 1
@@ -517,8 +536,8 @@ class Evaluation:
             if self.texture_measures and volume_set.has_labels:
                 result.texture.append(paired_measures(image[0].numpy(), label[0].numpy(), self.contract.labels))
             if self.delivered is not None and volume_set.has_labels:
-                if volume_set.name in (REAL, RECONSTRUCTION):  # on the model grid only: taken back to the real grid
-                    result.delivered.append(self.delivered.from_model_grid(item, on_model_grid))
+                if volume_set.name in (REAL, RECONSTRUCTION):  # not on the real grid: taken back to it
+                    result.delivered.append(self.delivered.from_model_grid(item, as_made))
                 else:
                     result.delivered.append(self.delivered.from_files(item))
             if self.classifier_test is not None:

@@ -51,7 +51,15 @@ from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
 from scripts.generation.preview import save_pair_preview
 from scripts.generation.quality_gate import HBPQualityGate
 
-__all__ = ["output_seed", "output_prefix", "MaskToImage", "CheckedMask", "check_masks", "generate_pairs"]
+__all__ = [
+    "on_refined_grid",
+    "output_seed",
+    "output_prefix",
+    "MaskToImage",
+    "CheckedMask",
+    "check_masks",
+    "generate_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,17 @@ def refinement(factor: int) -> torch.Tensor:
     matrix[:3, :3] /= factor
     matrix[:3, 3] = (1.0 / factor - 1.0) / 2.0
     return matrix
+
+
+def on_refined_grid(on_mask_grid: MetaTensor, on_model_grid: MetaTensor, factor: int) -> MetaTensor:
+    """A label map on its own grid (``on_mask_grid``) resampled (nearest) onto the grid ``factor`` times finer than
+    the model grid of ``on_model_grid`` (:func:`refinement`): the grid a refining decoder paints on. Taken from the
+    mask as given, once, not from its model-grid copy, which would keep its blocks."""
+    fine_affine = torch.as_tensor(on_model_grid.affine, dtype=torch.float64) @ refinement(factor)
+    fine_size = [factor * int(s) for s in on_model_grid.shape[1:]]
+    return SpatialResample(mode="nearest", padding_mode="zeros")(
+        on_mask_grid, dst_affine=fine_affine, spatial_size=fine_size
+    )
 
 
 def output_seed(seed: int, name: str, sample: int, attempt: int = 0) -> int:
@@ -254,13 +273,7 @@ class MaskToImage:
         on_model_grid = self.to_model_grid(on_mask_grid)
         if self.refine == 1:
             return on_mask_grid, on_model_grid, on_model_grid
-        fine_affine = torch.as_tensor(on_model_grid.affine, dtype=torch.float64) @ refinement(self.refine)
-        fine_size = [self.refine * int(s) for s in on_model_grid.shape[1:]]
-        # from the mask as given, resampled once (not from the coarse copy, which would keep its blocks)
-        on_decode_grid = SpatialResample(mode="nearest", padding_mode="zeros")(
-            on_mask_grid, dst_affine=fine_affine, spatial_size=fine_size
-        )
-        return on_mask_grid, on_model_grid, on_decode_grid
+        return on_mask_grid, on_model_grid, on_refined_grid(on_mask_grid, on_model_grid, self.refine)
 
     def sample(
         self, on_model_grid: MetaTensor, seed: int, device: torch.device, on_decode_grid: MetaTensor | None = None

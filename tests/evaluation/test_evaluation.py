@@ -20,10 +20,13 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT, run_bundle, write_nifti
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
 from stage_helpers import TINY, common_parser, one_thread, write_autoencoder, write_unet  # noqa: F401
 
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.settings import layered_config_files
+from scripts.data.cases import read_nifti
 from scripts.data.labels import LABELS, LabelContract
 from scripts.data.pairs import find_pairs
 from scripts.evaluation.delivered import DELIVERED_MEASURES
@@ -34,9 +37,9 @@ from scripts.evaluation.evaluation import (
     Evaluation,
     load_segmenter,
     real_volume_set,
-    reconstruction_volume_set,
 )
 from scripts.evaluation.fid import Fid3D, Fid25D, SegmentationFeatures, build_fid_extractor, frechet_distance
+from scripts.generation.inference import refinement
 from scripts.models.autoencoder import load_initial_autoencoder
 from scripts.networks.feature_networks import build_feature_network
 
@@ -625,10 +628,60 @@ def test_reconstruction_row_decodes_with_the_main_jobs_decoder_by_default():
     assert chosen["configs/evaluate.yaml"][1] is True and os.path.isfile(chosen["configs/evaluate.yaml"][0])
 
 
-def test_the_reconstruction_row_refuses_a_refining_decoder_in_one_line(tmp_path):
-    """It decodes on the model grid: a decoder that outputs a finer grid is refused, naming the setting."""
-    parser = common_parser(label_guided_decoder=True, decoder_upsampling=1)
-    tiled = parser.get_parsed_content("tiled_autoencoder_def", instantiate=True)
-    with pytest.raises(BundleInputError, match="decoder_upsampling") as caught:
-        reconstruction_volume_set(None, tiled, str(tmp_path / "unused.pt"), [])
-    assert "\n" not in str(caught.value)
+@pytest.mark.slow
+def test_refining_reconstruction_row_decodes_on_the_finer_grid_with_the_mask_from_its_file(
+    report, tiny_phantoms, weights, tmp_path
+):
+    """With a refining decoder the row decodes as generation does: on the 2x finer grid, with the case's mask resampled
+    there from its file; the model-grid image is the mean of each voxel's fine voxels, and the delivered-grid
+    columns measure the fine image."""
+    guided = common_parser(label_guided_decoder=True).get_parsed_content("autoencoder_def", instantiate=True)
+    load_initial_autoencoder(guided, str(weights["autoencoder"]))
+    torch.save({"autoencoder": guided.state_dict()}, tmp_path / "guided.pt")
+    refining = common_parser(label_guided_decoder=True, decoder_upsampling=1).get_parsed_content(
+        "autoencoder_def", instantiate=True
+    )
+    load_initial_autoencoder(refining, str(tmp_path / "guided.pt"))
+    with torch.no_grad():
+        for name, parameter in refining.named_parameters():
+            if ".mlp_beta.conv.weight" in name:  # make the decoder read its label map
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "refining.pt"
+    torch.save({"autoencoder": refining.state_dict()}, path)
+    settings = dict(
+        autoencoder_path=str(path),
+        label_guided_decoder=True,
+        decoder_upsampling=1,
+        fid_2_5d_network=None,
+        fid_3d_network=None,
+    )
+    workflow = evaluate(
+        tmp_path / "out", tiny_phantoms, {"copy": str(report.parent / "copy")}, reconstruction_row=True, **settings
+    )
+    real_set, row_set = (
+        workflow.parser.get_parsed_content("real_set"),
+        workflow.parser.get_parsed_content("compared_sets")[-1],
+    )
+    item = dict(real_set.items[0])
+    real, row = real_set.transform(dict(item)), row_set.transform(dict(item))
+
+    fine_affine = torch.as_tensor(real["image"].affine, dtype=torch.float64) @ refinement(2)
+    label, affine = read_nifti(item["label"], role="label")
+    label = MetaTensor(torch.as_tensor(label[None].astype(np.float32)), affine=torch.as_tensor(affine))
+    fine_size = [2 * s for s in real["image"].shape[1:]]
+    fine_label = SpatialResample(mode="nearest")(label, dst_affine=fine_affine, spatial_size=fine_size).as_tensor()
+    blocks = torch.as_tensor(real["label"])
+    for axis in (1, 2, 3):
+        blocks = blocks.repeat_interleave(2, axis)
+    assert not torch.equal(fine_label, blocks)  # the file's mask, not the blocks of its model-grid copy
+    condition = LabelContract(LABELS).one_hot(fine_label[None].long()).float()
+    with torch.no_grad():
+        fine_image = torch.nn.functional.interpolate(torch.as_tensor(real["image"])[None], scale_factor=2)
+        expected = refining.decode(refining.encode(fine_image)[0], condition).clamp(0, 1)
+    torch.testing.assert_close(torch.as_tensor(row["decoded"])[None], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(row["decoded"].affine, dtype=torch.float64), fine_affine)
+    pooled = torch.nn.functional.avg_pool3d(expected, 2)[0]
+    torch.testing.assert_close(torch.as_tensor(row["image"]), pooled, rtol=1e-4, atol=1e-4)
+
+    rows = {r["set"]: r for r in json.loads((tmp_path / "out" / "metrics.json").read_text())["table"]}
+    assert all(np.isfinite(rows["reconstruction"][f"delivered_{name}"]) for name in DELIVERED_MEASURES)
