@@ -74,12 +74,14 @@ def run(options: BenchOptions) -> dict[str, Any]:
     # the shipped weights are the config's defaults; other weights are named as a user would name them
     paths = {}
     if Path(options.weights_dir).resolve() != MODELS.resolve():
-        guided = weights.get("label_guided_autoencoder")
+        refining = weights.get("refining_autoencoder")
+        guided = refining or weights.get("label_guided_autoencoder")
         paths = {
             "autoencoder_path": str(guided or weights["autoencoder"]),
             "diffusion_unet_path": str(weights["diffusion_unet"]),
             "controlnet_path": str(weights["controlnet"]),
             "label_guided_decoder": str(guided is not None).lower(),  # decode as the files allow
+            "decoder_upsampling": "1" if refining else "0",
         }
     mask = sorted(DEMO_MASKS.glob("*.nii*"))[0]
     mask_dir = options.work_dir / "inference_mask"

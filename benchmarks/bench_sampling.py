@@ -263,6 +263,8 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
     overrides = {
         "device": f"$torch.device({str(device)!r})",
         "label_guided_decoder": label_guided,
+        # decoded on the model grid: the main job's refining decode (2x finer) is timed by bench_inference.py
+        "decoder_upsampling": 0,
         **grid_overrides(options, grid),
     }
     if trained is None:

@@ -291,15 +291,15 @@ def write_seeded_checkpoint(
 def trained_weights(folder: Path = MODELS) -> dict[str, Path] | None:
     """Trained demo-grid weights (autoencoder, diffusion UNet, ControlNet) when all three are in ``folder``.
 
-    ``folder`` is models/ (the shipped demo weights) unless ``--weights-dir`` names another. A
-    ``label_guided_autoencoder.pt`` beside them (what the main job decodes with) is added under
-    ``label_guided_autoencoder``, and a ``diffusion_unet_guide.pt`` (the main job's autoguidance
-    UNet) under ``diffusion_unet_guide``.
+    ``folder`` is models/ (the shipped demo weights) unless ``--weights-dir`` names another. The
+    label-guided decoders beside them, ``refining_autoencoder.pt`` (what the main job decodes with) and
+    ``label_guided_autoencoder.pt`` (the same on the model grid), are added under their names, and a
+    ``diffusion_unet_guide.pt`` (the main job's autoguidance UNet) under ``diffusion_unet_guide``.
     """
     paths = {name: Path(folder) / f"{name}.pt" for name in ("autoencoder", "diffusion_unet", "controlnet")}
     if not all(p.is_file() for p in paths.values()):
         return None
-    for optional in ("label_guided_autoencoder", "diffusion_unet_guide"):
+    for optional in ("refining_autoencoder", "label_guided_autoencoder", "diffusion_unet_guide"):
         if (Path(folder) / f"{optional}.pt").is_file():
             paths[optional] = Path(folder) / f"{optional}.pt"
     return paths

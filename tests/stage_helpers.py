@@ -159,14 +159,17 @@ def build_weights(tmp_path_factory) -> dict[str, dict[str, str]]:
             "controlnet_path": str(controlnet),
             "autoguidance_unet_path": str(guide),  # every run guides (configs/inference.yaml: weight 2)
             "label_guided_decoder": False,  # a plain autoencoder (configs/inference.yaml ships a label-guided one)
+            "decoder_upsampling": 0,  # decoding on the model grid (the shipped one refines it)
         }
     return found
 
 
-def inference_workflow(output: Path, weights: dict[str, str], **settings) -> ConfigWorkflow:
+def inference_workflow(output: Path, weights: dict[str, str], **settings_given) -> ConfigWorkflow:
     """configs/inference.yaml on the tiny grid, initialized in this process (run it with ``.run()``)."""
     assert Path(os.getcwd()).resolve() == BUNDLE_ROOT
-    settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, **TINY, **weights, **settings}
+    # the tiny test autoencoders decode on the model grid (the shipped default is the refining decoder)
+    settings = {"device": "$torch.device('cpu')", "num_inference_steps": 3, "decoder_upsampling": 0, **TINY}
+    settings = {**settings, **weights, **settings_given}
     workflow = ConfigWorkflow(
         config_file=INFERENCE_CONFIG, workflow_type="infer", run_id="inference", output_dir=str(output), **settings
     )

@@ -250,4 +250,18 @@ def load_autoencoder_weights(autoencoder: torch.nn.Module, path: str, hint: str 
             f"{path}: a plain autoencoder, but --label_guided_decoder is true; pass false, or a label-guided "
             "autoencoder trained with configs/train_autoencoder.yaml --label_guided_decoder true"
         )
+    if file_guided:  # a refining decoder has more decoder levels than one on the model grid
+        stored, built = _decoder_blocks(checkpoint.get("autoencoder", checkpoint)), _decoder_blocks(
+            unwrap(autoencoder).state_dict()
+        )
+        upsampling = int(getattr(unwrap(autoencoder), "decoder_upsampling", 0))
+        if stored > built:
+            raise BundleInputError(
+                f"{path}: a refining decoder (a finer output grid), but --decoder_upsampling is {upsampling}; "
+                "pass the decoder_upsampling it was trained with (1 for models/refining_autoencoder.pt)"
+            )
+        if stored < built:
+            raise BundleInputError(
+                f"{path}: a decoder on the model grid, but --decoder_upsampling is {upsampling}; pass 0 to use it"
+            )
     return load_network_weights(autoencoder, path, "autoencoder", what, hint)

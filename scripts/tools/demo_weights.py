@@ -190,7 +190,7 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
                 "output_dir": at("refining"),
                 "patch_size": [64, 64, 64],
                 "batch_size": 2,
-                "val_interval": 2,
+                "val_interval": 6,  # a validation on the fine grid takes about as long as a training epoch
                 "label_guided_decoder": True,
                 "decoder_upsampling": 1,
                 "freeze_encoder": True,
@@ -211,7 +211,8 @@ def exports(guide_epoch: int = GUIDE_EPOCH) -> dict[str, tuple[str, str, str | N
     """What the export step writes: shipped file -> (checkpoint in the work folder, weights key, dtype)."""
     return {
         "autoencoder.pt": ("autoencoder/autoencoder/autoencoder_last.pt", "autoencoder", None),
-        "label_guided_autoencoder.pt": ("refining/autoencoder/autoencoder_last.pt", "autoencoder", None),
+        "label_guided_autoencoder.pt": ("label_guided_whole/autoencoder/autoencoder_last.pt", "autoencoder", None),
+        "refining_autoencoder.pt": ("refining/autoencoder/autoencoder_last.pt", "autoencoder", None),
         SHIPPED_UNET: ("diffusion/diffusion_unet/diffusion_unet_last.pt", "diffusion_unet", "float16"),
         "diffusion_unet_guide.pt": (
             f"diffusion/diffusion_unet/diffusion_unet_epoch{guide_epoch}.pt",

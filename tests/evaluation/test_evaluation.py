@@ -276,7 +276,7 @@ def evaluate(output: Path, dataset: Path, synthetic: dict[str, str], **settings)
         device="$torch.device('cpu')",
         real_sections=["training", "validation", "test"],
         **TINY,
-        **settings,
+        **{"decoder_upsampling": 0, **settings},  # the tiny test autoencoders decode on the model grid
     )
     workflow.initialize()
     workflow.run()
@@ -623,6 +623,7 @@ def test_reconstruction_row_decodes_with_the_main_jobs_decoder_by_default():
         chosen[config] = (
             parser.get_parsed_content("autoencoder_path"),
             parser.get_parsed_content("label_guided_decoder"),
+            parser.get_parsed_content("decoder_upsampling"),
         )
     assert chosen["configs/evaluate.yaml"] == chosen["configs/inference.yaml"]
     assert chosen["configs/evaluate.yaml"][1] is True and os.path.isfile(chosen["configs/evaluate.yaml"][0])

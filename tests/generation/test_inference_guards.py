@@ -366,6 +366,7 @@ def test_weights_that_generate_nan_are_one_error_and_nothing_is_written(weights,
         "controlnet_path": str(write_controlnet(tmp_path / "controlnet.pt", unet)),
         "autoguidance_unet_path": str(write_unet(tmp_path / "guide.pt", tmp_path / "autoencoder.pt", seed=1)),
         "label_guided_decoder": False,
+        "decoder_upsampling": 0,
     }
     _good_mask(tmp_path / "masks")
     with pytest.raises(Exception) as caught:

@@ -13,7 +13,12 @@ from stage_helpers import common_parser, write_autoencoder
 from scripts.core.errors import BundleInputError
 from scripts.data.labels import LabelContract
 from scripts.generation.sampler import LatentDiffusionSampler
-from scripts.models.autoencoder import latent_space_sha256, load_initial_autoencoder, warm_start_label_guided
+from scripts.models.autoencoder import (
+    latent_space_sha256,
+    load_autoencoder_weights,
+    load_initial_autoencoder,
+    warm_start_label_guided,
+)
 from scripts.networks.label_guided import build_autoencoder, is_label_guided
 from scripts.networks.tiled_autoencoder import TiledAutoencoder
 
@@ -225,3 +230,22 @@ def test_a_refining_decoder_needs_a_label_guided_decoder_and_start(tmp_path):
     torch.save({"autoencoder": plain.state_dict()}, path)
     with pytest.raises(BundleInputError, match="starts from a label-guided one"):
         load_initial_autoencoder(build_autoencoder(True, 5, 8, decoder_upsampling=1, **TINY_AE), str(path))
+
+
+def test_trained_weights_of_the_other_decoder_grid_are_one_line_naming_decoder_upsampling(tmp_path):
+    """A refining decoder's file with --decoder_upsampling 0, or a model-grid decoder's with 1, says which value
+    to pass instead of listing mismatched weight names; matching files load."""
+    guided, refining = (build_autoencoder(True, 5, 8, decoder_upsampling=k, **TINY_AE) for k in (0, 1))
+    for name, network in (("guided.pt", guided), ("refining.pt", refining)):
+        torch.save({"autoencoder": network.state_dict()}, tmp_path / name)
+    with pytest.raises(BundleInputError, match="a refining decoder .* --decoder_upsampling is 0") as caught:
+        load_autoencoder_weights(build_autoencoder(True, 5, 8, **TINY_AE), str(tmp_path / "refining.pt"))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BundleInputError, match="on the model grid, but --decoder_upsampling is 1; pass 0"):
+        load_autoencoder_weights(
+            build_autoencoder(True, 5, 8, decoder_upsampling=1, **TINY_AE), str(tmp_path / "guided.pt")
+        )
+    load_autoencoder_weights(
+        build_autoencoder(True, 5, 8, decoder_upsampling=1, **TINY_AE), str(tmp_path / "refining.pt")
+    )
+    load_autoencoder_weights(build_autoencoder(True, 5, 8, **TINY_AE), str(tmp_path / "guided.pt"))

@@ -69,6 +69,7 @@ def weights(tmp_path_factory) -> dict[str, str]:
         "controlnet_path": str(controlnet),
         "autoguidance_unet_path": str(write_unet(root / "guide.pt", autoencoder, seed=1)),
         "label_guided_decoder": False,  # a plain autoencoder
+        "decoder_upsampling": 0,  # on the model grid
     }
 
 
