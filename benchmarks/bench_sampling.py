@@ -267,6 +267,8 @@ def build_pipeline(options: BenchOptions, grid: str) -> Pipeline:
         "decoder_upsampling": 0,
         **grid_overrides(options, grid),
     }
+    if trained is not None:  # the file of that decoder (the config's default is the refining one)
+        overrides["autoencoder_path"] = str(trained["label_guided_autoencoder" if label_guided else "autoencoder"])
     if trained is None:
         # seeded random networks have no checkpoint for inference.yaml to read the schedule from: sample with
         # the schedule and prediction type that configs/common.yaml trains with
