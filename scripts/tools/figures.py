@@ -138,23 +138,17 @@ def save_comparison_figure(pairs_dir: str, datalist: str, dataset_dir: str, path
     return save_figure(fig, path)
 
 
-def save_grid_comparison_figure(
-    cases: Sequence[dict[str, Any]], path: str, spacing: Sequence[float], spatial_size: Sequence[int], zoom: int = 48
-) -> str:
-    """Real and synthetic images of the same masks, on the grid the pairs are delivered on and on the model grid.
+def grid_views(
+    case: dict[str, Any], spacing: Sequence[float], spatial_size: Sequence[int]
+) -> dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
+    """The images of one mask on the grid the pairs are delivered on and on the model grid.
 
-    ``cases``: per mask ``{"name", "image", "label", "sets": {title: image path}}``, the real image and mask files and
-    each set's image of that mask (any grid: it is resampled onto the real image's grid with MONAI's trilinear
-    ``ResampleToMatch``, as generation resamples its volumes). Per case, two rows: the delivered grid and the model grid
-    (``spacing``, ``spatial_size``; the evaluation's preprocessing, each image scaled by its own percentiles). Each
-    panel is the axial slice through the most HCC, cropped to a ``zoom`` mm half-width window around the liver's
-    centre so that edges and grain show; every panel has the same grey window, [0, 1.25] (the bright liver is not
-    clipped). Returns ``path``.
+    ``case``: ``{"image", "label", "sets": {title: image path}}``, the real image and mask files and each set's image of
+    that mask, on any grid. ``delivered``: every image on the real image's grid (MONAI's trilinear ``ResampleToMatch``,
+    as generation resamples its volumes), the real one scaled by its 99.5th percentile (synthetic images are already
+    on [0, 1]); ``model``: every image through the evaluation's preprocessing (``spacing``, ``spatial_size``, each
+    scaled by its own percentiles). Each grid: (images, real first; label; affine).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
@@ -162,31 +156,47 @@ def save_grid_comparison_figure(
     from scripts.data.cases import preprocessing_transforms, read_nifti
     from scripts.data.labels import LABELS, LabelContract
 
-    contract = LabelContract(LABELS)
-    model_grid = preprocessing_transforms(contract, spacing, spatial_size)
+    real, affine = read_nifti(case["image"], role="image")
+    label, _ = read_nifti(case["label"], role="label")
+    target = MetaTensor(torch.zeros((1, *label.shape)), affine=torch.as_tensor(affine))
     resample = ResampleToMatch(mode="bilinear", padding_mode="zeros")
+    delivered = [real / max(float(np.percentile(real, 99.5)), 1e-6)]
+    for path in case["sets"].values():
+        image, image_affine = read_nifti(path, role="image")
+        moved = resample(MetaTensor(torch.as_tensor(image[None]), affine=torch.as_tensor(image_affine)), img_dst=target)
+        delivered.append(moved[0].numpy())
+    model_grid = preprocessing_transforms(LabelContract(LABELS), spacing, spatial_size)
+    coarse = [model_grid({"image": p, "label": case["label"]}) for p in (case["image"], *case["sets"].values())]
+    return {
+        "delivered": (delivered, label, np.asarray(affine)),
+        "model": (
+            [c["image"][0].numpy() for c in coarse],
+            coarse[0]["label"][0].numpy(),
+            np.asarray(coarse[0]["label"].affine),
+        ),
+    }
+
+
+def save_grid_comparison_figure(
+    cases: Sequence[dict[str, Any]], path: str, spacing: Sequence[float], spatial_size: Sequence[int], zoom: int = 64
+) -> str:
+    """Real and synthetic images of the same masks, on the grid the pairs are delivered on and on the model grid.
+
+    ``cases``: per mask ``{"name", "image", "label", "sets": {title: image path}}`` (:func:`grid_views`). Per case two
+    rows, the delivered grid and the model grid; each panel is the axial slice through the most HCC, cropped to a
+    ``zoom`` mm half-width window around the liver's centre so that edges and grain show; every panel has the same
+    grey window, [0, 1.25] (the bright liver is not clipped). Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     titles = ["real", *cases[0]["sets"]]
     fig, axes = plt.subplots(2 * len(cases), len(titles), figsize=(2.6 * len(titles), 5.4 * len(cases)), squeeze=False)
     for row, case in enumerate(cases):
-        real, affine = read_nifti(case["image"], role="image")
-        label, _ = read_nifti(case["label"], role="label")
-        target = MetaTensor(torch.zeros((1, *label.shape)), affine=torch.as_tensor(affine))
-        delivered = [real / max(float(np.percentile(real, 99.5)), 1e-6)]
-        for image_path in case["sets"].values():
-            image, image_affine = read_nifti(image_path, role="image")
-            moved = resample(
-                MetaTensor(torch.as_tensor(image[None]), affine=torch.as_tensor(image_affine)), img_dst=target
-            )
-            delivered.append(moved[0].numpy())
-        paths = [case["image"], *case["sets"].values()]
-        coarse = [model_grid({"image": p, "label": case["label"]}) for p in paths]
-        for grid, (images, lab, lab_affine) in enumerate(
-            (
-                (delivered, label, affine),
-                ([c["image"][0].numpy() for c in coarse], coarse[0]["label"][0].numpy(), coarse[0]["label"].affine),
-            )
-        ):
-            views = [to_ras(image, lab, np.asarray(lab_affine)) for image in images]
+        for grid, (name, (images, label, affine)) in enumerate(grid_views(case, spacing, spatial_size).items()):
+            views = [to_ras(image, label, affine) for image in images]
             ras_label, voxel = views[0][1], views[0][2]
             z, _ = pick_slices(ras_label)
             centre = np.argwhere(ras_label[:, :, z] > 0).mean(axis=0).astype(int)
@@ -199,8 +209,8 @@ def save_grid_comparison_figure(
                 ax.set_yticks([])
                 if row == 0 and grid == 0:
                     ax.set_title(title, fontsize=9)
-            name = "delivered" if grid == 0 else "model grid"
-            axes[2 * row + grid, 0].set_ylabel(f"{case['name']}, {name}\n{np.round(voxel, 2).tolist()} mm", fontsize=8)
+            spacing_mm = np.round(voxel, 2).tolist()
+            axes[2 * row + grid, 0].set_ylabel(f"{case['name']}, {name} grid\n{spacing_mm} mm", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
