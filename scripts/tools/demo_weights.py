@@ -14,7 +14,8 @@
 6. ``refining``: the label-guided decoder given one more level (``decoder_upsampling`` 1), trained on the 2x finer
    grid (2.5 x 2.5 x 2 mm, about the phantoms' own resolution) over the same frozen encoder: generation samples on
    the model grid and decodes at the data's resolution, with the mask read there;
-7. ``export``: the shipped files (``--models_dir``, ``models/`` by default) from the runs' last checkpoints,
+7. ``export``: the shipped files (``--models_dir``, ``models/`` by default) from the runs' last checkpoints
+   (``label_guided_autoencoder.pt`` from ``label_guided_whole``, ``refining_autoencoder.pt`` from ``refining``),
    the UNets and the ControlNet in float16; their sha256 are printed for ``large_files.yml``.
 
 Every step is an ordinary bundle command (printed before it runs) with the settings below; a step whose result
