@@ -197,11 +197,11 @@ def reconstruction_volume_set(
     def reconstruct(item: dict[str, str]) -> dict[str, Any]:
         pair = real.transform(dict(item))
         image = pair["image"]
-        fine = torch.nn.functional.interpolate(torch.as_tensor(image)[None], scale_factor=factor, mode="nearest")
+        fine = torch.nn.functional.interpolate(_plain(image)[None], scale_factor=factor, mode="nearest")
         latent = autoencoder.encode(fine)
         # a label-guided decoder reads the case's own label map, as generation reads the input mask
         label = decode_label(pair, item["label"])
-        condition = real.contract.one_hot(torch.as_tensor(label)[None]).float() if autoencoder.label_guided else None
+        condition = real.contract.one_hot(_plain(label)[None]).float() if autoencoder.label_guided else None
         decoded = autoencoder.decode(latent, condition).clamp(0.0, 1.0).cpu()
         out = {**pair, "decoded": MetaTensor(decoded[0], affine=label.affine) if factor > 1 else None}
         decoded = torch.nn.functional.avg_pool3d(decoded, factor)[0] if factor > 1 else decoded[0]
