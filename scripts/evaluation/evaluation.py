@@ -746,8 +746,8 @@ class Evaluation:
                 "its two halves). `*_vs_real`: the set's mean texture and sharpness measure over the real set's "
                 "(1: as real; blur and missing grain give less). `delivered_*`: on the grid the pairs are delivered on, "
                 "each image against the real image of its mask, mean ratio over cases (row `real`: the real image "
-                "taken to the model grid and back, what the grid alone allows; `reconstruction` likewise). "
-                "n/a: not measured (null in metrics.json).",
+                "taken to the model grid and back, what the grid alone allows; `reconstruction` likewise, from a "
+                "refining decoder's finer grid). n/a: not measured (null in metrics.json).",
                 "",
                 table_of(rows, self.columns()),
                 "",
