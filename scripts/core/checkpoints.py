@@ -35,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "load_network_weights",
     "training_folder",
+    "FolderBusyError",
     "TrainingLock",
     "StageCheckpointer",
     "split_key_metric",
@@ -207,29 +208,38 @@ def training_folder(save_dir: str) -> str:
     return save_dir
 
 
+class FolderBusyError(BundleInputError):
+    """Another live process holds the folder's lock (:class:`TrainingLock`)."""
+
+
 class TrainingLock:
     """One training per checkpoint folder: ``.training.lock`` in it holds the writing process's id.
 
-    A second process that would write the same checkpoints is refused with one line; a lock whose
-    process has ended (killed, power loss) is taken over, and so is one of this very process (the
-    training configs take it first in ``initialize``, before any cache is built, and the
-    checkpointer takes it again; runs started one after another in one Python session).
+    A second process that would write the same checkpoints is refused with one line
+    (:class:`FolderBusyError`); a lock whose process has ended (killed, power loss) is taken over,
+    and so is one of this very process (the training configs take it first in ``initialize``,
+    before any cache is built, and the checkpointer takes it again; runs started one after another
+    in one Python session). ``lock_name`` and ``busy`` (with ``{pid}``) let other owners of a
+    folder use the same mechanism, e.g. one augmentation-study process per grid cell.
     """
 
-    def __init__(self, save_dir: str) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        lock_name: str = ".training.lock",
+        busy: str = "another training (process {pid}) is writing checkpoints here now; "
+        "wait for it to end or pass another --output_dir",
+    ) -> None:
         self.created = not os.path.isdir(save_dir)  # removed again at release if nothing was written into it
         training_folder(save_dir)
-        self.path = os.path.join(save_dir, ".training.lock")
+        self.path = os.path.join(save_dir, lock_name)
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and holder != os.getpid() and pid_alive(holder):
-                    raise BundleInputError(
-                        f"{save_dir}: another training (process {holder}) is writing checkpoints here now; "
-                        "wait for it to end or pass another --output_dir"
-                    ) from None
+                    raise FolderBusyError(f"{save_dir}: {busy.format(pid=holder)}") from None
                 self._remove()  # left by an ended run, or by this process
                 continue
             with os.fdopen(fd, "w") as f:

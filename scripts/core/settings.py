@@ -158,6 +158,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "synthetic": dict(type="dict"),
     "synthetic_dir": dict(type="str", optional=True),
     "synthetic_mask_dir": dict(type="str", optional=True),
+    "synthetic_name": dict(type="str"),
     "synthetic_ratio": dict(type="float", min=0.0),
     "synthetic_ratios": dict(type="list", item="float"),
     "test_fraction": dict(type="float", min=0.0, max=1.0),

@@ -50,7 +50,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from scripts.core.checkpoints import file_hash
+from scripts.core.checkpoints import FolderBusyError, TrainingLock, file_hash
 from scripts.core.errors import BundleInputError, find_input_error
 from scripts.core.outputs import markdown_table, staged_output, write_text_atomic
 from scripts.core.settings import as_bool, layered_config_files
@@ -72,6 +72,7 @@ __all__ = [
     "run_bundle_command",
     "summarise",
     "format_table",
+    "estimate_seconds_left",
     "AugmentationStudy",
 ]
 
@@ -97,6 +98,15 @@ _STUDY_KEYS = {
     "overwrite",
 }
 _LAUNCHERS = ("subprocess", "in_process")
+#: Default name of the synthetic set: its folder, its arms (``synthetic1``) and the report ``study.md``.
+DEFAULT_SYNTHETIC_NAME = "synthetic"
+#: A set's name prefixes its arms' ratio (``newmasks-hcc3``) and names folders: letters and '-' only.
+_SYNTHETIC_NAME = re.compile(r"^[A-Za-z][A-Za-z-]*$")
+#: What precedes the ratio in an arm's name (``newmasks-hcc3`` -> ``3``).
+_RATIO_OF = re.compile(r"^[A-Za-z-]+")
+#: Held in a grid cell's folder while a study process trains or evaluates it (several study
+#: processes may share one study folder, e.g. one per network, or one per kind of synthetic pairs).
+CELL_LOCK = ".study_cell.lock"
 
 
 class StudyRunError(BundleInputError):
@@ -335,6 +345,30 @@ def run_bundle_command(
 
 
 # ---------------------------------------------------------------------------------------- summary
+def _run_seconds(run: Mapping[str, Any]) -> float | None:
+    wall = run.get("wall_time_s") or {}
+    return (
+        float(sum(wall.values())) if wall.get("training") is not None and wall.get("evaluating") is not None else None
+    )
+
+
+def estimate_seconds_left(pending: Sequence[Mapping[str, Any]], timed: Sequence[Mapping[str, Any]]) -> float | None:
+    """Seconds the ``pending`` cells will take: each at the mean wall time of the ``timed`` cells of
+    its network (networks differ several-fold in cost), or of all timed cells when its network has
+    none yet; None before any cell has a recorded time."""
+    seconds = [(r["network"], s) for r in timed if (s := _run_seconds(r)) is not None]
+    if not seconds:
+        return None
+    overall = sum(s for _, s in seconds) / len(seconds)
+    by_network: dict[str, list[float]] = {}
+    for network, s in seconds:
+        by_network.setdefault(network, []).append(s)
+    return sum(
+        sum(by_network[r["network"]]) / len(by_network[r["network"]]) if r["network"] in by_network else overall
+        for r in pending
+    )
+
+
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     n = len(values)
     if n == 0:
@@ -387,7 +421,7 @@ def format_table(
 ) -> str:
     """A Markdown table: one row per key of ``table``, Dice per condition then each difference."""
     synthetic = list(conditions[1:])
-    header = [first_column, *(titles[c] for c in conditions), *(f"Δ x{c[len('synthetic'):]}" for c in synthetic)]
+    header = [first_column, *(titles[c] for c in conditions), *(f"Δ x{_RATIO_OF.sub('', c)}" for c in synthetic)]
     rows = [
         [
             row,
@@ -416,6 +450,9 @@ class AugmentationStudy:
         real_case_selection: ``first`` (the datalist's first N) or ``random`` (N drawn with ``seed``).
         seed: seed of the case draw and of synthetic generation.
         synthetic_dir: an existing folder of pairs with ``pairs.json`` to use instead of generating.
+        synthetic_name: names this synthetic set: its generated folder ``<output_dir>/<name>``, its arms
+            (``<name><ratio>``) and its report (``study_<name>.md``; ``study.md`` for the default
+            ``synthetic``). Several sets studied in one folder share the real-only runs.
         synthetic_mask_dir: a folder of label maps without images to generate from instead of the kept
             training masks (new anatomy; e.g. annotations of another modality or generated layouts).
             None of them may be a validation or test mask, by path or by content.
@@ -444,6 +481,7 @@ class AugmentationStudy:
         real_case_selection: str = "first",
         seed: int = 0,
         synthetic_dir: str | None = None,
+        synthetic_name: str = DEFAULT_SYNTHETIC_NAME,
         synthetic_mask_dir: str | None = None,
         num_renderings_per_mask: int = 2,
         edited_layouts: Mapping[str, Mapping[str, Any]] | None = None,
@@ -471,6 +509,7 @@ class AugmentationStudy:
         self.real_case_selection = real_case_selection
         self.seed = int(seed)
         self.given_synthetic_dir = os.path.abspath(synthetic_dir) if synthetic_dir else None
+        self.synthetic_name = str(synthetic_name)
         self.synthetic_mask_dir = os.path.abspath(synthetic_mask_dir) if synthetic_mask_dir else None
         self.num_renderings_per_mask = int(num_renderings_per_mask)
         self.edited_layouts = {str(k): dict(v or {}) for k, v in (edited_layouts or {}).items()}
@@ -557,6 +596,11 @@ class AugmentationStudy:
             )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise BundleInputError(f"config 'seeds' must list distinct seeds, got {self.seeds}")
+        if not _SYNTHETIC_NAME.match(self.synthetic_name) or self.synthetic_name == "real":
+            raise BundleInputError(
+                f"config 'synthetic_name' must be letters and '-', starting with a letter, and not 'real' "
+                f"(it names the arms <name><ratio> beside the real-only arm), got {self.synthetic_name!r}"
+            )
         if self.num_renderings_per_mask < 0:
             raise BundleInputError(f"config 'num_renderings_per_mask' must be >= 0, got {self.num_renderings_per_mask}")
         bad = [n for n in self.edited_layouts if not _VARIANT_NAME.match(n) or n == RENDER_VARIANT]
@@ -587,14 +631,19 @@ class AugmentationStudy:
         if self.launcher not in _LAUNCHERS:
             raise BundleInputError(f"config 'launcher' must be one of {list(_LAUNCHERS)}, got {self.launcher!r}")
 
-    @staticmethod
-    def condition_name(ratio: float) -> str:
-        return f"synthetic{ratio:g}"
+    def condition_name(self, ratio: float) -> str:
+        return f"{self.synthetic_name}{ratio:g}"
 
     def condition_title(self, condition: str) -> str:
         if condition == "real":
             return "real only"
-        return f"real + synthetic x{condition[len('synthetic'):]}"
+        return f"real + {self.synthetic_name} x{condition[len(self.synthetic_name):]}"
+
+    @property
+    def report_stem(self) -> str:
+        """``<output_dir>/<stem>.json`` and ``.md``: one report per synthetic set studied in the folder."""
+        default = self.synthetic_name == DEFAULT_SYNTHETIC_NAME
+        return "study" if default else f"study_{self.synthetic_name}"
 
     def variants(self) -> dict[str, dict[str, Any]]:
         """Variant name -> ``{"mask_editing", "num_samples_per_mask"}``."""
@@ -621,7 +670,7 @@ class AugmentationStudy:
 
     @property
     def synthetic_dir(self) -> str:
-        return self.given_synthetic_dir or os.path.join(self.output_dir, "synthetic")
+        return self.given_synthetic_dir or os.path.join(self.output_dir, self.synthetic_name)
 
     def settings(self) -> dict[str, Any]:
         """Every setting of the study, as recorded in study.json."""
@@ -638,6 +687,7 @@ class AugmentationStudy:
             "seed": self.seed,
             "synthetic_dir": self.synthetic_dir,
             "synthetic_given": self.given_synthetic_dir is not None,
+            "synthetic_name": self.synthetic_name,
             "synthetic_mask_dir": self.synthetic_mask_dir,
             "num_renderings_per_mask": self.num_renderings_per_mask,
             "edited_layouts": self.edited_layouts,
@@ -693,7 +743,7 @@ class AugmentationStudy:
                 )
             logger.info(f"synthetic pairs already complete in {self.synthetic_dir}: not generated again")
             return {"dir": self.synthetic_dir, "generated": True, "wall_time_s": recorded.get("wall_time_s")}
-        parts_root = os.path.join(self.output_dir, "synthetic_parts")
+        parts_root = os.path.join(self.output_dir, f"{self.synthetic_name}_parts")
         wall: dict[str, float] = {}
         variants = self.variants()
         for index, (name, variant) in enumerate(variants.items(), 1):
@@ -824,10 +874,33 @@ class AugmentationStudy:
             )
         run["synthetic_sha256"] = recorded
 
+    @staticmethod
+    def metrics_path(run: Mapping[str, Any]) -> str:
+        """The cell's test report: present once the cell is finished."""
+        return os.path.join(run["dir"], f"segmentation_{run['network']}", "test_metrics.json")
+
     def execute(self, run: dict[str, Any]) -> dict[str, Any]:
-        """Train and evaluate one cell of the grid unless already done; returns its record."""
+        """Train and evaluate one cell of the grid unless already done; returns its record.
+
+        While it trains, the cell's folder holds :data:`CELL_LOCK`, so several study processes can
+        share one study folder (say one per network): a cell another live process is running is
+        passed over with status ``running elsewhere`` instead of being trained twice at once.
+        """
+        if os.path.isfile(self.metrics_path(run)):
+            return self._train_and_evaluate(run)  # only reads the finished cell's report
+        try:
+            lock = TrainingLock(run["dir"], CELL_LOCK, "another study process (process {pid}) is running this cell now")
+        except FolderBusyError as e:
+            logger.warning(f"run {run['name']}: {e}; passed over")
+            return {"status": "running elsewhere", "skipped": True}
+        try:
+            return self._train_and_evaluate(run)  # checks the report again: the cell may have finished meanwhile
+        finally:
+            lock.release()
+
+    def _train_and_evaluate(self, run: dict[str, Any]) -> dict[str, Any]:
         folder = run["dir"]
-        metrics_path = os.path.join(folder, f"segmentation_{run['network']}", "test_metrics.json")
+        metrics_path = self.metrics_path(run)
         record_path = os.path.join(folder, "run.json")
         overrides = self.run_overrides(run)
         record = self.check_run_settings(run)
@@ -867,6 +940,24 @@ class AugmentationStudy:
         write_text_atomic(record_path, json.dumps(record, indent=1))
         return record
 
+    def progress_line(self, runs: Sequence[Mapping[str, Any]], index: int) -> str:
+        """How the cell ``runs[index - 1]`` went, and what is left: cells still to train and the time
+        they will take at the recorded times of finished cells (this and earlier invocations)."""
+        run = runs[index - 1]
+        took = _run_seconds(run)
+        status = run.get("status", "pending") if took is None else f"finished in {_minutes(took)}"
+        pending = [r for r in runs[index:] if not os.path.isfile(self.metrics_path(r))]
+        timed = []
+        for other in runs:
+            record_path = os.path.join(other["dir"], "run.json")
+            if other.get("wall_time_s"):
+                timed.append(other)
+            elif os.path.isfile(record_path) and os.path.isfile(self.metrics_path(other)):
+                timed.append({"network": other["network"], **_read_json(record_path)})
+        left = estimate_seconds_left(pending, timed)
+        estimate = f", about {_minutes(left)} left" if left is not None and pending else ""
+        return f"{status}; {len(pending)} runs to go{estimate}"
+
     # ------------------------------------------------------------------ report
     def write_report(self, runs: Sequence[Mapping[str, Any]], synthetic: Mapping[str, Any], started: float) -> str:
         """``study.json`` and ``study.md`` from the runs so far (atomically); returns study.md's path."""
@@ -891,9 +982,10 @@ class AugmentationStudy:
                 "runs": round(sum(v for r in runs for v in (r.get("wall_time_s") or {}).values()), 1),
             },
         }
-        write_text_atomic(os.path.join(self.output_dir, "study.json"), json.dumps(study, indent=1))
-        write_text_atomic(os.path.join(self.output_dir, "study.md"), self.markdown(runs, summary, classes, synthetic))
-        return os.path.join(self.output_dir, "study.md")
+        stem = os.path.join(self.output_dir, self.report_stem)
+        write_text_atomic(stem + ".json", json.dumps(study, indent=1))
+        write_text_atomic(stem + ".md", self.markdown(runs, summary, classes, synthetic))
+        return stem + ".md"
 
     def markdown(
         self,
@@ -920,7 +1012,7 @@ class AugmentationStudy:
                 f"generated from the {len(self.training)} training masks only ({variants}) into {self.synthetic_dir}"
             )
         lines = [
-            "# Augmentation study: real only vs real + synthetic",
+            f"# Augmentation study: real only vs real + {self.synthetic_name}",
             "",
             f"- Real data: {self.datalist}; {len(self.training)} training cases ({selection}), "
             f"{len(self.original['validation'])} validation (best epoch), "
@@ -1002,8 +1094,10 @@ class AugmentationStudy:
             logger.info(f"run {index}/{len(runs)} {run['name']} in {run['dir']}")
             try:
                 run.update(self.execute(run))
-                if run["skipped"]:
+                if run["skipped"] and run["status"] == "done":
                     logger.info(f"run {run['name']}: already finished, skipped")
+                else:
+                    logger.info(f"run {index}/{len(runs)} {run['name']}: {self.progress_line(runs, index)}")
             except StudyRunError as e:
                 run.update({"status": "failed", "error": str(e)})
                 failed.append(run)
@@ -1013,6 +1107,12 @@ class AugmentationStudy:
                     raise
             self.write_report(runs, synthetic, started)
         path = self.write_report(runs, synthetic, started)
+        elsewhere = [r["name"] for r in runs if r.get("status") == "running elsewhere"]
+        if elsewhere:
+            logger.warning(
+                f"{len(elsewhere)} runs are being run by another study process ({', '.join(elsewhere)}); "
+                f"{path} leaves them out: run the command again once that process has ended"
+            )
         if failed:
             raise StudyRunError(
                 f"{len(failed)} of {len(runs)} study runs failed: "

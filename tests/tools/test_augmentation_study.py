@@ -29,8 +29,10 @@ from scripts.core.outputs import OWNER_MARKER
 from scripts.core.settings import layered_config_files
 from scripts.data.labels import LABELS
 from scripts.tools.augmentation_study import (
+    CELL_LOCK,
     AugmentationStudy,
     check_synthetic_set,
+    estimate_seconds_left,
     format_table,
     select_real_cases,
     summarise,
@@ -314,6 +316,79 @@ def test_a_run_is_not_reported_beside_a_synthetic_set_it_did_not_train_on(study,
     _run_in_process(**settings)  # the same set again: every run is reused
 
 
+def test_a_second_synthetic_set_in_the_folder_reuses_the_real_only_runs(study, monkeypatch):
+    """Another kind of synthetic pairs studied in the same folder (--synthetic_name): the real-only
+    cells are not trained again, the new set's arms are, and it gets its own report."""
+    out, settings = study
+    ran = []
+
+    def command(role, configs, log_path, bundle_root, launcher):
+        ran.append((role, os.path.basename(os.path.dirname(log_path))))
+        if role == "evaluating":  # stands in for the real command: this cell's report, a finished one's numbers
+            metrics = Path(log_path).parent / "segmentation_unet" / "test_metrics.json"
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "runs" / "unet_synthetic1_seed0" / "segmentation_unet" / "test_metrics.json", metrics)
+        return 1.0
+
+    monkeypatch.chdir(BUNDLE_ROOT)
+    monkeypatch.setattr(study_module, "run_bundle_command", command)
+    before = (out / "study.md").read_text()
+    second = {**settings, "networks": ["unet"], "synthetic_name": "again", "synthetic_dir": str(out / "synthetic")}
+    try:
+        _run_in_process(**second)
+        assert ran == [("training", "unet_again1_seed0"), ("evaluating", "unet_again1_seed0")]
+        record = json.loads((out / "study_again.json").read_text())
+        assert [(r["name"], r["skipped"]) for r in record["runs"]] == [
+            ("unet_real_seed0", True),
+            ("unet_again1_seed0", False),
+        ]
+        markdown = (out / "study_again.md").read_text()
+        assert "| class | real only | real + again x1 | Δ x1 |" in markdown
+        assert (out / "study.md").read_text() == before  # the first set's report is its own
+    finally:
+        shutil.rmtree(out / "runs" / "unet_again1_seed0", ignore_errors=True)
+
+
+def test_a_cell_another_study_process_is_running_is_passed_over(study, monkeypatch):
+    """Two study processes sharing a folder: a cell whose lock a live process holds is not trained a
+    second time at once; it is reported as running elsewhere, and the others are collected."""
+    out, settings = study
+    cell = out / "runs" / "segresnet_real_seed0"
+    metrics = cell / "segmentation_segresnet" / "test_metrics.json"
+    kept = metrics.read_bytes()
+
+    def no_command(*args, **kwargs):
+        raise AssertionError(f"a step ran: {args}")
+
+    monkeypatch.chdir(BUNDLE_ROOT)
+    monkeypatch.setattr(study_module, "run_bundle_command", no_command)
+    metrics.unlink()  # not finished ...
+    (cell / CELL_LOCK).write_text(str(os.getppid()))  # ... and another live process is on it
+    try:
+        _run_in_process(**settings)
+        record = json.loads((out / "study.json").read_text())
+        status = {r["name"]: r["status"] for r in record["runs"]}
+        assert status == {**dict.fromkeys(RUNS, "done"), "segresnet_real_seed0": "running elsewhere"}
+        assert "| segresnet_real_seed0 | running elsewhere |" in (out / "study.md").read_text()
+    finally:
+        metrics.write_bytes(kept)
+        (cell / CELL_LOCK).unlink()
+    _run_in_process(**settings)  # that process gone: the full table again, nothing trained
+    assert all(r["status"] == "done" for r in json.loads((out / "study.json").read_text())["runs"])
+
+
+def test_time_left_is_estimated_per_network_from_finished_cells():
+    def cell(network, minutes=None):
+        wall = {"training": minutes * 60 - 30, "evaluating": 30} if minutes else {}
+        return {"network": network, "wall_time_s": wall}
+
+    timed = [cell("unet", 2), cell("unet", 4), cell("vnet", 30), cell("segresnet")]  # the last has no time yet
+    assert estimate_seconds_left([cell("unet"), cell("vnet")], timed) == pytest.approx((3 + 30) * 60)
+    # a network without a finished cell yet: the mean of all timed cells
+    assert estimate_seconds_left([cell("dynunet")], timed) == pytest.approx(12 * 60)
+    assert estimate_seconds_left([cell("unet")], [cell("unet")]) is None
+
+
 @pytest.mark.slow
 def test_command_resumes_an_interrupted_run_without_training_again(study, tmp_path):
     """The user's command (subprocess launcher): only the run lacking its test report runs again,
@@ -489,6 +564,11 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
         ({"num_real_cases": 5}, "'num_real_cases' is 5 but the datalist has 2 training cases"),
         ({"synthetic_mask_dir": "/no/such/masks"}, "config 'synthetic_mask_dir': /no/such/masks: folder not found"),
         ({"synthetic_mask_dir": ".", "synthetic_dir": "."}, "'synthetic_dir' (pairs made elsewhere) and"),
+        (
+            {"synthetic_name": "real"},
+            "'synthetic_name' must be letters and '-', starting with a letter, and not 'real'",
+        ),
+        ({"synthetic_name": "hcc2"}, "'synthetic_name' must be letters and '-'"),  # 'hcc23' would hide the ratio
     ],
 )
 def test_bad_settings_are_one_clear_error_before_any_work(change, expected, tiny_phantoms, tmp_path):
