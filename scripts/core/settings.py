@@ -116,6 +116,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "ms_ssim_levels": dict(type="int", min=1, optional=True),
     "ms_ssim_max_pairs": dict(type="int", min=1),
     "network": dict(type="str"),
+    "network_overrides": dict(type="dict"),
     "networks": dict(type="list"),
     "num_cases": dict(type="int", min=1),
     "num_crops": dict(type="int", min=1),

@@ -461,6 +461,8 @@ class AugmentationStudy:
         inference_configs / segmentation_configs: config files of the child commands (overlays allowed),
             layered on configs/common.yaml (``scripts.core.settings.layered_config_files``).
         inference_overrides / segmentation_overrides: settings passed to those commands only.
+        network_overrides: network -> segmentation settings for that network's runs only, after
+            ``segmentation_overrides`` (networks differ 20-fold in cost per step on a CPU).
         shared_overrides: settings passed to both (e.g. ``spacing``, ``spatial_size``).
         labels / label_map / device: passed to both commands.
         launcher: ``subprocess`` (default) or ``in_process`` (see :func:`run_bundle_command`).
@@ -489,6 +491,7 @@ class AugmentationStudy:
         inference_overrides: Mapping[str, Any] | None = None,
         segmentation_configs: Sequence[str] = ("configs/train_segmentation.yaml",),
         segmentation_overrides: Mapping[str, Any] | None = None,
+        network_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         shared_overrides: Mapping[str, Any] | None = None,
         labels: Mapping[str, int] | None = None,
         label_map: Mapping[int, int] | None = None,
@@ -517,6 +520,9 @@ class AugmentationStudy:
         self.segmentation_configs = [self._config_path(c) for c in layered_config_files(*segmentation_configs)]
         self.inference_overrides = self._overrides(inference_overrides, "inference_overrides")
         self.segmentation_overrides = self._overrides(segmentation_overrides, "segmentation_overrides")
+        self.network_overrides = {
+            str(n): self._overrides(o, f"network_overrides#{n}") for n, o in (network_overrides or {}).items()
+        }
         self.shared_overrides = self._overrides(shared_overrides, "shared_overrides")
         self.labels = _plain(dict(labels), "labels") if labels is not None else None
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
@@ -586,6 +592,12 @@ class AugmentationStudy:
         if not self.networks or unknown or len(set(self.networks)) != len(self.networks):
             raise BundleInputError(
                 f"config 'networks' must list distinct networks among {sorted(available)}, " f"got {self.networks}"
+            )
+        strays = sorted(set(self.network_overrides) - available)
+        if strays:
+            raise BundleInputError(
+                f"config 'network_overrides': {strays} are not networks of the segmentation config "
+                f"({sorted(available)})"
             )
         if any(not math.isfinite(r) or r <= 0 for r in self.synthetic_ratios) or len(set(self.synthetic_ratios)) != len(
             self.synthetic_ratios
@@ -695,6 +707,7 @@ class AugmentationStudy:
             "inference_overrides": self.inference_overrides,
             "segmentation_configs": self.segmentation_configs,
             "segmentation_overrides": self.segmentation_overrides,
+            "network_overrides": self.network_overrides,
             "shared_overrides": self.shared_overrides,
             "labels": self.labels,
             "label_map": self.label_map,
@@ -814,11 +827,10 @@ class AugmentationStudy:
                     )
         return runs
 
-    def real_only_epoch_length(self) -> int:
-        """Optimizer steps per epoch of the real-only arm: ceil(real training cases / batch_size)."""
-        batch_size = self.segmentation_overrides.get(
-            "batch_size", _load_configs(self.segmentation_configs).get("batch_size")
-        )
+    def real_only_epoch_length(self, network: str | None = None) -> int:
+        """Optimizer steps per epoch of ``network``'s real-only arm: ceil(real training cases / batch_size)."""
+        overrides = {**self.segmentation_overrides, **self.network_overrides.get(network, {})}
+        batch_size = overrides.get("batch_size", _load_configs(self.segmentation_configs).get("batch_size"))
         if not isinstance(batch_size, int) or batch_size < 1:
             raise BundleInputError(
                 f"config 'equal_steps' needs an integer segmentation batch_size >= 1, got {batch_size!r}"
@@ -827,7 +839,7 @@ class AugmentationStudy:
 
     def run_overrides(self, run: Mapping[str, Any]) -> dict[str, Any]:
         synthetic = run["synthetic_ratio"] > 0
-        steps = {"epoch_length": self.real_only_epoch_length()} if self.equal_steps else {}
+        steps = {"epoch_length": self.real_only_epoch_length(run["network"])} if self.equal_steps else {}
         return {
             **self._child_common(),
             "output_dir": run["dir"],
@@ -837,6 +849,7 @@ class AugmentationStudy:
             "synthetic_ratio": run["synthetic_ratio"],
             **steps,
             **self.segmentation_overrides,
+            **self.network_overrides.get(run["network"], {}),
         }
 
     def check_run_settings(self, run: Mapping[str, Any]) -> dict[str, Any]:
@@ -1018,7 +1031,9 @@ class AugmentationStudy:
             f"{len(self.original['validation'])} validation (best epoch), "
             f"{len(self.original['test'])} test (this table).",
             f"- Synthetic pairs: {source}.",
-            f"- Seeds: {self.seeds}. Segmentation overrides: {self.segmentation_overrides or 'none'}; "
+            f"- Seeds: {self.seeds}. Segmentation overrides: {self.segmentation_overrides or 'none'}"
+            + "".join(f"; {n}: {o}" for n, o in self.network_overrides.items())
+            + "; "
             f"shared: {self.shared_overrides or 'none'}.",
             "- Dice on the real test cases (a class absent from every test case: n/a); mean ± sample std over seeds "
             "where there are several; Δ = real + synthetic − real only, paired by seed.",

@@ -568,6 +568,8 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
             {"synthetic_name": "real"},
             "'synthetic_name' must be letters and '-', starting with a letter, and not 'real'",
         ),
+        ({"network_overrides": {"vnet2": {"max_epochs": 1}}}, "'network_overrides': ['vnet2'] are not networks"),
+        ({"network_overrides": {"vnet": {"seed": 1}}}, "'network_overrides#vnet': ['seed'] are set by the study"),
         ({"synthetic_name": "hcc2"}, "'synthetic_name' must be letters and '-'"),  # 'hcc23' would hide the ratio
     ],
 )
@@ -593,3 +595,19 @@ def test_equal_steps_gives_every_arm_the_real_only_arms_steps_per_epoch(tiny_pha
     assert AugmentationStudy(**settings, equal_steps=True).real_only_epoch_length() == 1  # the config's batch 2
     plain = AugmentationStudy(**settings)
     assert all("epoch_length" not in plain.run_overrides(run) for run in plain.grid())
+    # a network's own settings apply to its runs only, its steps per epoch included
+    per_network = AugmentationStudy(
+        **{**settings, "networks": ["unet", "vnet"]},
+        equal_steps=True,
+        segmentation_overrides={"max_epochs": 300},
+        network_overrides={"vnet": {"max_epochs": 100, "batch_size": 1}},
+    )
+    overrides = {(r["network"], r["condition"]): per_network.run_overrides(r) for r in per_network.grid()}
+    assert {k: (o["max_epochs"], o["epoch_length"]) for k, o in overrides.items()} == {
+        ("unet", "real"): (300, 1),
+        ("unet", "synthetic1"): (300, 1),
+        ("unet", "synthetic2"): (300, 1),
+        ("vnet", "real"): (100, 2),
+        ("vnet", "synthetic1"): (100, 2),
+        ("vnet", "synthetic2"): (100, 2),
+    }
