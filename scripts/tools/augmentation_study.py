@@ -60,6 +60,7 @@ from scripts.data.masks import mask_editor
 from scripts.data.pairs import PAIRS_MANIFEST, ROLES, find_pairs, read_pairs_manifest, write_pairs_manifest
 from scripts.generation.mask_sources import find_masks
 from scripts.models.segmentation import check_synthetic_sources
+from scripts.tools.figures import save_study_figure
 
 __all__ = [
     "RENDER_VARIANT",
@@ -998,6 +999,8 @@ class AugmentationStudy:
         stem = os.path.join(self.output_dir, self.report_stem)
         write_text_atomic(stem + ".json", json.dumps(study, indent=1))
         write_text_atomic(stem + ".md", self.markdown(runs, summary, classes, synthetic))
+        if done:
+            save_study_figure({f"real only vs real + {self.synthetic_name}": study}, stem + ".png")
         return stem + ".md"
 
     def markdown(
@@ -1045,6 +1048,8 @@ class AugmentationStudy:
                 f"## {first} Dice by network",
                 "",
                 format_table({n: t[first] for n, t in summary.items()}, self.conditions, titles, "network"),
+                "",
+                f"![{first} Dice per network and seed]({self.report_stem}.png)",
                 "",
             ]
         for network, table in summary.items():

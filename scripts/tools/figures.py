@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -244,6 +245,55 @@ def save_training_curves(log_dirs: dict[str, str], tags: Sequence[str], path: st
     return save_figure(fig, path)
 
 
+def save_study_figure(reports: Mapping[str, Mapping[str, Any]], path: str, class_name: str | None = None) -> str:
+    """Test Dice of one class per network, real only beside each synthetic arm, one point per seed.
+
+    ``reports`` maps a panel title to an augmentation study report (the content of its
+    ``study.json``: ``runs``, ``conditions``, ``classes``); one panel each, on one Dice axis.
+    ``class_name`` defaults to each report's first class (HCC). A bar marks each arm's mean, and a
+    grey line joins one seed's points across the arms of a network: the differences are paired by
+    seed. Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widest = max(len({r["network"] for r in report["runs"]}) for report in reports.values())
+    fig, axes = plt.subplots(
+        1, len(reports), figsize=(1.6 + 1.5 * widest * len(reports), 3.6), squeeze=False, sharey=True
+    )
+    for ax, (title, report) in zip(axes[0], reports.items(), strict=True):
+        name = class_name or report["classes"][0]
+        conditions = list(report["conditions"])
+        width = 0.8 / len(conditions)
+        networks = list(dict.fromkeys(r["network"] for r in report["runs"]))
+        for n, network in enumerate(networks):
+            dice = {
+                (r["condition"], r["seed"]): r["dice"][name]
+                for r in report["runs"]
+                if r["network"] == network and r.get("status") == "done" and r["dice"].get(name) is not None
+            }
+            x = {c: n + (i - (len(conditions) - 1) / 2) * width for i, c in enumerate(conditions)}
+            for seed in sorted({k for _, k in dice}):
+                arms = [c for c in conditions if (c, seed) in dice]
+                ax.plot([x[c] for c in arms], [dice[(c, seed)] for c in arms], color="0.75", lw=0.8, zorder=1)
+            for i, condition in enumerate(conditions):
+                values = [v for (c, _), v in dice.items() if c == condition]
+                label = report["conditions"][condition] if n == 0 else None
+                ax.scatter([x[condition]] * len(values), values, s=16, color=f"C{i}", zorder=2, label=label)
+                if values:
+                    ax.hlines(np.mean(values), x[condition] - 0.4 * width, x[condition] + 0.4 * width, color=f"C{i}")
+        ax.set_xticks(range(len(networks)), networks, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    shown = class_name or next(iter(reports.values()))["classes"][0]
+    axes[0, 0].set_ylabel(f"{shown} Dice on the real test cases", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def save_dataset_figure(dataset_dir: str, num_cases: int = 4, section: str = "training") -> str:
     """Figure of the first ``num_cases`` cases of a dataset's datalist, written to ``<dataset_dir>/figures/``."""
     import nibabel as nib
@@ -264,13 +314,23 @@ def save_dataset_figure(dataset_dir: str, num_cases: int = 4, section: str = "tr
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Regenerate ``docs/figures/phantoms.png`` from fixed seeds."""
+    """Regenerate ``docs/figures/phantoms.png`` from fixed seeds, or with ``--study_reports`` the
+    augmentation study figure of several reports side by side."""
     from scripts.tools.phantom import generate_phantom
 
     p = argparse.ArgumentParser(description="Documentation figures.")
     p.add_argument("--out", default=os.path.join("docs", "figures", "phantoms.png"))
     p.add_argument("--seeds", default="0,4,8,11")
+    p.add_argument("--study_reports", nargs="+", metavar="TITLE=STUDY_JSON", help="one panel per study report")
     a = p.parse_args(argv)
+    if a.study_reports:
+        reports = {}
+        for item in a.study_reports:
+            title, _, report_path = item.rpartition("=")
+            with open(report_path) as f:
+                reports[title or report_path] = json.load(f)
+        print(save_study_figure(reports, a.out))
+        return
     seeds = [int(s) for s in a.seeds.split(",")]
     cases = [generate_phantom(s) for s in seeds]
     titles = [f"seed {s}: {c.info['axcodes']}, HCC x{c.info['n_hcc']}" for s, c in zip(seeds, cases, strict=True)]

@@ -170,6 +170,7 @@ def test_study_runs_the_grid_and_writes_the_table(study, tiny_phantoms):
             f"{liver['difference']['synthetic1']['mean']:+.3f} |"
         ) in markdown
     assert "| segresnet_synthetic1_seed0 | done | 1 / 1 |" in markdown
+    assert "![hcc Dice per network and seed](study.png)" in markdown and (out / "study.png").stat().st_size > 1000
     assert not list(out.glob(".*.tmp")) and not (out / "synthetic_parts").exists()
 
 
@@ -345,6 +346,7 @@ def test_a_second_synthetic_set_in_the_folder_reuses_the_real_only_runs(study, m
         markdown = (out / "study_again.md").read_text()
         assert "| class | real only | real + again x1 | Δ x1 |" in markdown
         assert (out / "study.md").read_text() == before  # the first set's report is its own
+        assert (out / "study_again.png").read_bytes()[:4] == b"\x89PNG" and "(study_again.png)" in markdown
     finally:
         shutil.rmtree(out / "runs" / "unet_again1_seed0", ignore_errors=True)
 

@@ -12,7 +12,7 @@ import numpy as np
 from conftest import write_nifti
 from scipy.ndimage import binary_erosion
 
-from scripts.tools.figures import grid_views, save_grid_comparison_figure
+from scripts.tools.figures import grid_views, main, save_grid_comparison_figure, save_study_figure
 
 
 def _case(tiny_phantoms: Path, tmp_path: Path) -> dict:
@@ -59,3 +59,29 @@ def test_grid_comparison_figure_is_a_png_with_two_rows_per_case(tiny_phantoms, t
     assert Path(one).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height = lambda p: int.from_bytes(Path(p).read_bytes()[20:24], "big")  # noqa: E731 (PNG IHDR height)
     assert height(two) > 1.8 * height(one)
+
+
+def _report(networks: list[str], conditions: dict[str, str], seeds: int = 3) -> dict:
+    """A study.json-like report: HCC Dice rising with the arm's index, one run left unfinished."""
+    runs = [
+        {"network": n, "condition": c, "seed": k, "status": "done", "dice": {"hcc": 0.2 + 0.1 * i + 0.01 * k}}
+        for n in networks
+        for k in range(seeds)
+        for i, c in enumerate(conditions)
+    ]
+    runs[-1] = {**runs[-1], "status": "failed", "dice": None}
+    return {"classes": ["hcc", "liver"], "conditions": conditions, "runs": runs}
+
+
+def test_study_figure_has_one_panel_per_report_and_comes_from_the_command_line(tmp_path):
+    kinds = {"real": "real only", "new1": "real + new x1", "new3": "real + new x3"}
+    one = save_study_figure({"new masks": _report(["unet", "vnet"], kinds)}, str(tmp_path / "one.png"))
+    reports = {"a": _report(["unet", "vnet"], kinds), "b": _report(["unet"], {"real": "real only", "re3": "x3"})}
+    paths = []
+    for title, report in reports.items():
+        paths.append(f"{title}={tmp_path / (title + '.json')}")
+        (tmp_path / f"{title}.json").write_text(json.dumps(report))
+    main(["--out", str(tmp_path / "two.png"), "--study_reports", *paths])
+    width = lambda p: int.from_bytes(Path(p).read_bytes()[16:20], "big")  # noqa: E731 (PNG IHDR width)
+    assert Path(one).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert width(tmp_path / "two.png") > 1.5 * width(one)  # a second panel as wide
