@@ -66,6 +66,7 @@ FALSE_WORDS = ("false", "0", "no")
 #: means the same in every workflow). A config lists the settings it reads in ``setting_checks`` (name ->
 #: value); an entry may narrow the rule here with ``{value: ..., <rule keys>}`` (e.g. ``optional: true``).
 SETTING_RULES: dict[str, dict[str, Any]] = {
+    "acquisition_noise": dict(type="list", length=2, item="float", optional=True),
     "adv_weight": dict(type="float", min=0.0),
     "adversarial_warmup_epochs": dict(type="int", min=0),
     "amp": dict(type="bool"),
@@ -76,8 +77,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "class_loss_weights": dict(type="dict"),
     "classifier_test": dict(type="dict", optional=True, null_text=True),  # the evaluation reads null text as off
     "conditioning_scale": dict(type="float", min=0.0),
-    "crop_neg": dict(type="float", min=0.0),
-    "crop_pos": dict(type="float", min=0.0),
+    "crop_ratios": dict(type="list", item="float", item_min=0.0),
     "d_lr": dict(type="float", min=0.0),
     "datalist": dict(type="str", optional=True),
     "decoder_upsampling": dict(type="int", min=0, max=2),

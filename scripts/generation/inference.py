@@ -11,7 +11,8 @@ For every input mask ``X.nii.gz`` the pipeline
    grid or, with a refining decoder (``decoder_upsampling``), on the finer grid aligned with it;
 5. judges the volume as decoded against its mask (``scripts.generation.quality_gate``), sampling again
    with a new seed while it fails, up to the gate's ``max_tries``;
-6. resamples the kept image onto the input mask's own grid (``ResampleToMatch``) and writes
+6. resamples the kept image onto the input mask's own grid (``ResampleToMatch``), adds acquisition noise
+   there (``scripts.generation.acquisition_noise``, drawn from the output's seed) and writes
    ``X_image.nii.gz`` beside ``X_label.nii.gz``, the (remapped, edited) mask with the input's
    voxels, shape, affine and header, so the two always lie on the same grid.
 
@@ -48,6 +49,7 @@ from scripts.core.settings import as_bool
 from scripts.data.cases import load_nifti_header, read_nifti
 from scripts.data.labels import LabelContract
 from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
+from scripts.generation.acquisition_noise import AcquisitionNoise
 from scripts.generation.preview import save_pair_preview
 from scripts.generation.quality_gate import HBPQualityGate
 
@@ -148,6 +150,8 @@ class MaskToImage:
         decoder_upsampling: levels the decoder adds above the model grid (``configs/common.yaml``): the image
             comes out on the ``2**k`` times finer grid aligned with the model grid, which the decoder's label
             map is resampled onto, from the mask as given.
+        noise: acquisition noise added on the mask's grid, drawn from each output's seed
+            (``scripts.generation.acquisition_noise``; None: the decoded image as it is).
     """
 
     def __init__(
@@ -160,8 +164,10 @@ class MaskToImage:
         output_range: Sequence[float] | None = None,
         memory_check: bool = True,
         decoder_upsampling: int = 0,
+        noise: AcquisitionNoise | None = None,
     ) -> None:
         self.sampler = sampler
+        self.noise = noise
         self.refine = 2 ** int(decoder_upsampling)
         if self.refine > 1 and not hasattr(sampler, "decoder"):  # e.g. the GAN baseline: it makes the image itself
             raise BundleInputError(
@@ -293,19 +299,30 @@ class MaskToImage:
     def to_mask_grid_image(
         self, generated: torch.Tensor, on_decode_grid: MetaTensor, on_mask_grid: MetaTensor
     ) -> np.ndarray:
-        """A generated image (on ``on_decode_grid``'s grid) resampled onto the mask's grid (float32), in ``output_range``."""
+        """A generated image (on ``on_decode_grid``'s grid) resampled onto the mask's grid (float32), on [0, 1]."""
         image = MetaTensor(generated, affine=on_decode_grid.affine, meta={"space": "RAS"})
-        image = self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
+        return self.to_mask_grid(image, img_dst=on_mask_grid)[0].numpy().astype(np.float32)
+
+    def deliver(
+        self, generated: torch.Tensor, on_decode_grid: MetaTensor, on_mask_grid: MetaTensor, seed: int
+    ) -> tuple[np.ndarray, float | None]:
+        """What is written: the generated image on the mask's grid with acquisition noise drawn from
+        ``seed`` (when ``noise`` is set), in ``output_range``; and the relative noise level drawn."""
+        image = self.to_mask_grid_image(generated, on_decode_grid, on_mask_grid)
+        level = None
+        if self.noise is not None:
+            image, level = self.noise(image, on_mask_grid[0].numpy(), seed)
+            image = np.clip(image, 0.0, 1.0)  # the [0, 1] scale of the training images (clipped percentile scaling)
         if self.output_range is not None:
             low, high = self.output_range
             image = low + (high - low) * image
-        return image
+        return image, level
 
     def __call__(self, label: np.ndarray, affine: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
         """Image (float32, the label's shape) generated from ``label`` with ``seed``."""
         on_mask_grid, on_model_grid, on_decode_grid = self.on_grids(label, affine)
         generated = self.sample(on_model_grid, seed, device, on_decode_grid)
-        return self.to_mask_grid_image(generated, on_decode_grid, on_mask_grid)
+        return self.deliver(generated, on_decode_grid, on_mask_grid, seed)[0]
 
 
 def _save(array: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
@@ -436,7 +453,7 @@ def _write_pair(
             sample,
             device,
         )
-    image = generator.to_mask_grid_image(generated, on_decode_grid, on_mask_grid)
+    image, noise_level = generator.deliver(generated, on_decode_grid, on_mask_grid, case_seed)
     names = {role: pair_file_name(prefix, role) for role in ROLES}
     _save(image, nifti, os.path.join(folder, names["image"]), np.float32)
     _save(edited, nifti, os.path.join(folder, names["label"]), _label_dtype(nifti, edited))
@@ -448,6 +465,7 @@ def _write_pair(
         "sample": sample,
         "seed": case_seed,
         "edits": summary,
+        **({} if noise_level is None else {"acquisition_noise": round(noise_level, 5)}),
         **({} if gate_record is None else {"quality_gate": gate_record}),
     }
 

@@ -864,7 +864,19 @@ class AugmentationStudy:
                 f"({_differences(record.get('overrides') or {}, overrides)}); "
                 "choose another --output_dir or remove that folder"
             )
+        recipe = record.get("recipe_sha256")
+        if recipe is not None and recipe != self.recipe_sha256:  # a config's defaults changed under the study
+            raise BundleInputError(
+                f"{run['dir']}: this run was trained with other segmentation configs ({', '.join(self.segmentation_configs)} "
+                "changed since); choose another --output_dir or remove that folder"
+            )
         return record
+
+    @property
+    def recipe_sha256(self) -> str:
+        """sha256 of the merged segmentation configs (comments aside): what the overrides leave to their defaults."""
+        content = json.dumps(_load_configs(self.segmentation_configs), sort_keys=True, default=str)
+        return hashlib.sha256(content.encode()).hexdigest()
 
     def check_synthetic_identity(self, run: dict[str, Any], sha256: str) -> None:
         """Tie a synthetic run to the set it trains on: a run started on another set is an error.
@@ -919,6 +931,8 @@ class AugmentationStudy:
         overrides = self.run_overrides(run)
         record = self.check_run_settings(run)
         record = {**record, **{k: v for k, v in run.items() if k != "dir"}, "dir": folder, "overrides": overrides}
+        if not os.path.isfile(metrics_path):  # the recipe it trains with (a finished run keeps what it recorded)
+            record["recipe_sha256"] = self.recipe_sha256
         wall = dict(record.get("wall_time_s") or {})
         if os.path.isfile(metrics_path):
             record["skipped"] = True

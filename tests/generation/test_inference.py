@@ -94,7 +94,8 @@ def test_pairs_keep_the_input_mask_and_its_grid(pairs, mask_dir):
 
 def test_image_follows_the_mask_in_the_world_whatever_its_storage_order(weights, tmp_path):
     """The same physical mask stored LPS and stored RAS gives the same image, voxel for voxel:
-    orientation and anisotropic spacing are handled in world coordinates both ways."""
+    orientation and anisotropic spacing are handled in world coordinates both ways (acquisition noise
+    off: white noise is drawn voxel by voxel in storage order, and has no orientation to keep)."""
     label, affine = _lps_mask()
     ras_affine = affine.copy()
     ras_affine[:2, :2] *= -1  # x and y axes reversed...
@@ -103,7 +104,7 @@ def test_image_follows_the_mask_in_the_world_whatever_its_storage_order(weights,
     write_nifti(tmp_path / "ras" / "case.nii.gz", label[::-1, ::-1].copy(), ras_affine)
     images = {}
     for order in ("lps", "ras"):
-        out = infer(tmp_path / f"out_{order}", weights["ddpm"], mask_dir=str(tmp_path / order))
+        out = infer(tmp_path / f"out_{order}", weights["ddpm"], mask_dir=str(tmp_path / order), acquisition_noise=None)
         images[order] = np.asanyarray(nib.load(out / "case_image.nii.gz").dataobj)
     assert images["lps"].std() > 1e-3
     assert np.allclose(images["lps"], images["ras"][::-1, ::-1], atol=1e-4)
@@ -565,8 +566,9 @@ def test_a_refining_decoder_generates_on_the_finer_grid_aligned_with_the_model_g
     )
     generated = generator.sample(on_model_grid, record["seed"], torch.device("cpu"), on_decode_grid)
     assert generated.shape[1:] == on_decode_grid.shape[1:]
-    image = generator.to_mask_grid_image(generated, on_decode_grid, generator.on_grids(label, affine)[0])
+    image, level = generator.deliver(generated, on_decode_grid, generator.on_grids(label, affine)[0], record["seed"])
     np.testing.assert_allclose(np.asanyarray(written.dataobj), image, atol=1e-6)
+    assert record["acquisition_noise"] == pytest.approx(level, abs=1e-5) and 0.025 <= level <= 0.045
     gate = workflow.parser.get_parsed_content("quality_gate")
     verdict = gate(generated[0].numpy(), on_decode_grid[0].numpy().astype(np.int64))
     assert record["quality_gate"]["attempts"][0]["contrast"] == verdict["contrast"]

@@ -413,7 +413,7 @@ def test_command_resumes_an_interrupted_run_without_training_again(study, tmp_pa
     assert record["settings"]["launcher"] == "subprocess"
 
 
-def test_changed_settings_under_a_study_folder_are_refused(study, monkeypatch):
+def test_changed_settings_under_a_study_folder_are_refused(study, monkeypatch, tmp_path):
     out, settings = study
     monkeypatch.chdir(BUNDLE_ROOT)
     changed = {**settings, "segmentation_overrides": {**settings["segmentation_overrides"], "max_epochs": 2}}
@@ -424,6 +424,12 @@ def test_changed_settings_under_a_study_folder_are_refused(study, monkeypatch):
     with pytest.raises(Exception) as caught:
         _run_in_process(**{**settings, "num_real_cases": 2})
     assert "started with other real cases" in str(find_input_error(caught.value))
+    # a default of the segmentation configs changed under finished runs: not reused as if trained with it
+    overlay = tmp_path / "other_flips.yaml"
+    overlay.write_text("flip_prob: 0.25\n")
+    with pytest.raises(Exception) as caught:
+        _run_in_process(**{**settings, "segmentation_configs": ["configs/train_segmentation.yaml", str(overlay)]})
+    assert "this run was trained with other segmentation configs" in str(find_input_error(caught.value))
 
 
 # ---------------------------------------------------------------- the guard
