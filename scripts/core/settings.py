@@ -66,7 +66,7 @@ FALSE_WORDS = ("false", "0", "no")
 #: means the same in every workflow). A config lists the settings it reads in ``setting_checks`` (name ->
 #: value); an entry may narrow the rule here with ``{value: ..., <rule keys>}`` (e.g. ``optional: true``).
 SETTING_RULES: dict[str, dict[str, Any]] = {
-    "acquisition_noise": dict(type="list", length=2, item="float", optional=True),
+    "acquisition_noise": dict(type="list", length=2, item="float", optional=True, null_text=True),
     "adv_weight": dict(type="float", min=0.0),
     "adversarial_warmup_epochs": dict(type="int", min=0),
     "amp": dict(type="bool"),

@@ -20,6 +20,7 @@ import numpy as np
 from monai.transforms import RandRicianNoise
 
 from scripts.core.errors import BundleInputError
+from scripts.core.settings import as_optional
 
 __all__ = ["AcquisitionNoise", "acquisition_noise"]
 
@@ -54,6 +55,7 @@ class AcquisitionNoise:
 def acquisition_noise(relative_sigma: Sequence[float] | None, reference_label: int) -> AcquisitionNoise | None:
     """The config's ``acquisition_noise`` setting (``[low, high]`` or null; its type is checked with the
     other settings) as a noise step: None for null or ``[0, 0]``, no noise."""
+    relative_sigma = as_optional(relative_sigma)  # --acquisition_noise null arrives as text
     if relative_sigma is None:
         return None
     low, high = (float(v) for v in relative_sigma)

@@ -44,6 +44,7 @@ def test_the_noise_added_is_the_level_drawn_and_within_the_range():
 def test_no_noise_when_off_or_without_a_liver():
     image, label = _smooth_case()
     assert acquisition_noise(None, LABELS["liver"]) is None
+    assert acquisition_noise("null", LABELS["liver"]) is None  # as --acquisition_noise null arrives
     assert acquisition_noise([0.0, 0.0], LABELS["liver"]) is None
     unchanged, level = acquisition_noise([0.03, 0.03], LABELS["liver"])(image, np.zeros_like(label), 0)
     assert unchanged is image and level is None
