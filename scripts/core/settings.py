@@ -129,7 +129,7 @@ SETTING_RULES: dict[str, dict[str, Any]] = {
     "num_workers": dict(type="int", min=0),
     "onednn_convolutions": dict(type="bool"),
     "output_dir": dict(type="str"),
-    "output_intensity_range": dict(type="list", length=2, item="float", optional=True),
+    "output_intensity_range": dict(type="list", length=2, item="float", optional=True, null_text=True),
     "overwrite": dict(type="bool"),
     "patch_size": dict(type="list", length=3, item="int"),
     "perceptual_weight": dict(type="float", min=0.0),

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from scripts.core.errors import BundleInputError, require_finite
 from scripts.core.memory import available_memory, format_bytes
 from scripts.core.outputs import staged_output
-from scripts.core.settings import as_bool
+from scripts.core.settings import as_bool, as_optional
 from scripts.data.cases import load_nifti_header, read_nifti
 from scripts.data.labels import LabelContract
 from scripts.data.pairs import ROLES, pair_file_name, write_pairs_manifest
@@ -178,6 +178,7 @@ class MaskToImage:
         self.memory_check = as_bool(memory_check, "memory_check")
         self.contract = contract
         self.editor = editor
+        output_range = as_optional(output_range)  # --output_intensity_range null arrives as text
         self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
         # the label half of scripts.data.cases.preprocessing_transforms, on a label already read and checked
         self.to_model_grid = Compose(

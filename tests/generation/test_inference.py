@@ -625,6 +625,21 @@ def test_bad_settings_are_one_error_before_any_work(setting, value, expected, we
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
 
 
+def test_null_on_the_command_line_turns_list_settings_off(weights, mask_dir, tmp_path):
+    """`--output_intensity_range null --acquisition_noise null` arrive as the text 'null': both are off."""
+    out = infer(
+        tmp_path / "out",
+        weights["ddpm"],
+        mask_dir=str(mask_dir),
+        output_intensity_range="null",
+        acquisition_noise="null",
+    )
+    records = json.loads((out / "pairs.json").read_text())["pairs"]
+    assert records and all("acquisition_noise" not in r for r in records)
+    image = np.asanyarray(nib.load(out / records[0]["image"]).dataobj)
+    assert 0.0 <= image.min() and image.max() <= 1.0
+
+
 def test_comparison_figure_puts_each_real_image_beside_the_one_generated_from_its_mask(
     weights, tiny_phantoms, tmp_path
 ):
