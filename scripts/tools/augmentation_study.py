@@ -108,6 +108,8 @@ _RATIO_OF = re.compile(r"^[A-Za-z-]+")
 #: Held in a grid cell's folder while a study process trains or evaluates it (several study
 #: processes may share one study folder, e.g. one per network, or one per kind of synthetic pairs).
 CELL_LOCK = ".study_cell.lock"
+# Real-only Dice below this: the network has not learned the class, and its comparison answers nothing
+LEARNED_DICE = 0.05
 
 
 class StudyRunError(BundleInputError):
@@ -403,10 +405,34 @@ def summarise(runs: Sequence[Mapping[str, Any]], conditions: Sequence[str], clas
             difference = {}
             for c in conditions[1:]:
                 other = by_condition.get(c, {})
-                difference[c] = _stats([other[s] - real[s] for s in sorted(set(real) & set(other))])
+                deltas = [other[s] - real[s] for s in sorted(set(real) & set(other))]
+                difference[c] = {**_stats(deltas), "up": sum(d > 0 for d in deltas)}
             table[row] = {"dice": cells, "difference": difference}
         summary[network] = table
     return summary
+
+
+def verdict(real: Mapping[str, Any], difference: Mapping[str, Any], floor: float = LEARNED_DICE) -> str:
+    """Plain-words answer to "does the gain exceed its seed spread?" for one network and condition.
+
+    ``real``: the real-only arm's stats; ``difference``: the paired differences' stats with ``up``
+    (seeds where synthetic pairs helped). Beyond the spread: the mean difference is larger than
+    the sample std of the differences. A real-only arm below ``floor`` has not learned the class,
+    so its comparison says nothing about augmentation.
+    """
+    n = difference.get("n", 0)
+    if not n or real.get("mean") is None:
+        return "no paired seeds yet"
+    if real["mean"] < floor:
+        return f"real only has not learned it (Dice {real['mean']:.3f} < {floor}): no answer"
+    seeds = f"up in {difference['up']} of {n} seeds"
+    if difference["std"] is None:
+        return f"one seed, no spread ({seeds})"
+    if difference["mean"] > difference["std"]:
+        return f"gain beyond its seed spread ({seeds})"
+    if difference["mean"] < -difference["std"]:
+        return f"loss beyond its seed spread ({seeds})"
+    return f"within its seed spread ({seeds})"
 
 
 def _cell(stats: Mapping[str, Any], signed: bool = False) -> str:
@@ -1004,6 +1030,7 @@ class AugmentationStudy:
             "classes": classes,
             "runs": [{k: v for k, v in r.items() if k != "overrides"} for r in runs],
             "summary": summary,
+            "verdicts": self.verdicts(summary, classes[0]) if classes else {},
             "wall_time_s": {
                 "this_invocation": round(time.perf_counter() - started, 1),
                 "synthetic_generation": round(_generation_seconds(synthetic), 1),
@@ -1016,6 +1043,17 @@ class AugmentationStudy:
         if done:
             save_study_figure({f"real only vs real + {self.synthetic_name}": study}, stem + ".png")
         return stem + ".md"
+
+    def verdicts(self, summary: Mapping[str, Any], first: str) -> dict[str, dict[str, str]]:
+        """Network -> synthetic condition -> :func:`verdict` for the first reported class."""
+        return {
+            network: {
+                c: verdict(table[first]["dice"][self.conditions[0]], table[first]["difference"][c])
+                for c in self.conditions[1:]
+            }
+            for network, table in summary.items()
+            if first in table
+        }
 
     def markdown(
         self,
@@ -1058,12 +1096,21 @@ class AugmentationStudy:
         ]
         if summary and classes:
             first = classes[0]
+            verdicts = self.verdicts(summary, first)
             lines += [
                 f"## {first} Dice by network",
                 "",
                 format_table({n: t[first] for n, t in summary.items()}, self.conditions, titles, "network"),
                 "",
                 f"![{first} Dice per network and seed]({self.report_stem}.png)",
+                "",
+                f"Does the {first} gain exceed its seed spread?",
+                "",
+                *(
+                    f"- {network}: "
+                    + "; ".join(f"x{_RATIO_OF.sub('', c)} {text}" for c, text in verdicts[network].items())
+                    for network in verdicts
+                ),
                 "",
             ]
         for network, table in summary.items():

@@ -36,6 +36,7 @@ from scripts.tools.augmentation_study import (
     format_table,
     select_real_cases,
     summarise,
+    verdict,
 )
 
 CONFIG = layered_config_files("configs/augmentation_study.yaml")
@@ -170,6 +171,13 @@ def test_study_runs_the_grid_and_writes_the_table(study, tiny_phantoms):
             f"{liver['difference']['synthetic1']['mean']:+.3f} |"
         ) in markdown
     assert "| segresnet_synthetic1_seed0 | done | 1 / 1 |" in markdown
+    # the per-network answer to "does the HCC gain exceed its seed spread?", in the report and its record
+    assert "Does the hcc gain exceed its seed spread?" in markdown
+    for network in NETWORKS:
+        hcc = record["summary"][network]["hcc"]
+        answer = verdict(hcc["dice"]["real"], hcc["difference"]["synthetic1"])
+        assert record["verdicts"][network] == {"synthetic1": answer}
+        assert f"- {network}: x1 {answer}" in markdown
     assert "![hcc Dice per network and seed](study.png)" in markdown and (out / "study.png").stat().st_size > 1000
     assert not list(out.glob(".*.tmp")) and not (out / "synthetic_parts").exists()
 
@@ -551,12 +559,38 @@ def test_summary_over_seeds_gives_mean_std_and_paired_difference():
     synthetic = table["hcc"]["dice"]["synthetic1"]
     assert synthetic["mean"] == pytest.approx(0.7) and synthetic["n"] == 2
     # paired by seed: +0.1 and +0.3; seed 2 has no real-only partner
-    assert table["hcc"]["difference"]["synthetic1"] == {"mean": 0.2, "std": pytest.approx(0.141421, abs=1e-6), "n": 2}
+    assert table["hcc"]["difference"]["synthetic1"] == {
+        "mean": 0.2,
+        "std": pytest.approx(0.141421, abs=1e-6),
+        "n": 2,
+        "up": 2,
+    }
     assert table["liver"]["difference"]["synthetic1"]["n"] == 2
     titles = {"real": "real only", "synthetic1": "real + synthetic x1"}
     text = format_table(table, ["real", "synthetic1"], titles, "class")
     assert text.splitlines()[0] == "| class | real only | real + synthetic x1 | Δ x1 |"
     assert "| hcc | 0.500 ± 0.141 | 0.700 ± 0.283 | +0.200 ± 0.141 |" in text
+
+
+@pytest.mark.parametrize(
+    "real_mean, deltas, expected",
+    [
+        (0.4, [0.10, 0.12, 0.08], "gain beyond its seed spread (up in 3 of 3 seeds)"),
+        (0.4, [0.10, -0.05, 0.02], "within its seed spread (up in 2 of 3 seeds)"),
+        (0.4, [-0.08, -0.07, -0.09], "loss beyond its seed spread (up in 0 of 3 seeds)"),
+        (0.4, [0.10], "one seed, no spread (up in 1 of 1 seeds)"),
+        (0.01, [0.30, 0.31, 0.29], "real only has not learned it (Dice 0.010 < 0.05): no answer"),
+        (0.4, [], "no paired seeds yet"),
+    ],
+)
+def test_verdict_answers_whether_the_gain_exceeds_its_seed_spread(real_mean, deltas, expected):
+    runs = [
+        {"network": "unet", "condition": c, "seed": s, "dice": {"hcc": v}, "mean_dice": v}
+        for s, d in enumerate(deltas or [None])
+        for c, v in (("real", real_mean), ("synthetic3", None if d is None else real_mean + d))
+    ]
+    table = summarise(runs, ["real", "synthetic3"], ["hcc"])["unet"]["hcc"]
+    assert verdict(table["dice"]["real"], table["difference"]["synthetic3"]) == expected
 
 
 @pytest.mark.parametrize(
