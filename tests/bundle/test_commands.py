@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import BUNDLE_ROOT, run_bundle
 from monai.bundle import ConfigWorkflow
 
 from scripts.core.errors import find_input_error
 from scripts.core.settings import layered_config_files
+from scripts.evaluation.realism import noise_level
 
 DEMO_DATA = layered_config_files("configs/demo_data.yaml")
+
+
+def _liver_noise(dataset) -> float:
+    """The Rician noise level of the first phantom's liver, relative to its median (0 for a noise-free image)."""
+    first = json.loads((dataset / "datalist.json").read_text())["training"][0]
+    image = np.asarray(nib.load(dataset / first["image"]).dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(dataset / first["label"]).dataobj)
+    return noise_level(image, label == 1)
 
 
 @pytest.mark.slow
@@ -26,6 +37,7 @@ def test_demo_data_command_writes_dataset_and_refuses_to_overwrite(tmp_path):
     assert [len(datalist[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
     assert len(list((dataset / "imagesTr").glob("*.nii.gz"))) == 3
     assert (dataset / "figures" / "phantoms.png").stat().st_size > 10_000
+    assert 0.015 < _liver_noise(dataset) < 0.06  # the default Rician sigma, 2-5 % of the liver
     before = sorted(p.stat().st_mtime_ns for p in dataset.rglob("*.nii.gz"))
 
     second = run_bundle(*args)
@@ -82,10 +94,12 @@ def test_misspelt_setting_is_refused_and_no_means_no(tmp_path):
     assert not dataset.exists()
 
     quiet = run_bundle(
-        "--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3", "--save_figure", "false"
-    )
+        "--config_file", str(DEMO_DATA), "--dataset_dir", str(dataset), "--num_cases", "3", "--save_figure", "false",
+        "--phantom#noise_sigma_range", "[0.0, 0.0]",  # noise-free phantoms: targets for a decoder that renders no noise
+    )  # fmt: skip
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert (dataset / "datalist.json").is_file() and not (dataset / "figures").exists()
+    assert _liver_noise(dataset) < 0.006  # what remains is partial volume at vessel edges
 
 
 TASKS = [
