@@ -84,6 +84,7 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
     autoencoder = at("autoencoder", "autoencoder", "autoencoder_last.pt")
     stage1 = {"batch_size": 2, "val_interval": 3, "key_metric": "val_recon_contrast"}
     clean = {"dataset_dir": at("clean_data")}
+    phantoms = {"num_cases": 300, "seed": 1000, "save_figure": False}  # the same cases in both datasets
     refining = {  # the refining decoder's steps, on the finer grid over the frozen encoder
         **FINE_GRID,
         "patch_size": [64, 64, 64],
@@ -103,7 +104,7 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
             "data",
             ["configs/demo_data.yaml"],
             "",  # its default entry point
-            {**data, "num_cases": 300, "seed": 1000, "save_figure": False},
+            {**data, **phantoms},
             "data/datalist.json",
             training=False,
         ),
@@ -220,7 +221,7 @@ def recipe(work_dir: str, guide_epoch: int = GUIDE_EPOCH) -> list[Step]:
             "clean_data",
             ["configs/demo_data.yaml"],
             "",
-            {**clean, "num_cases": 300, "seed": 1000, "save_figure": False, "phantom#noise_sigma_range": [0.0, 0.0]},
+            {**clean, **phantoms, "phantom#noise_sigma_range": [0.0, 0.0]},
             "clean_data/datalist.json",
             training=False,
         ),
